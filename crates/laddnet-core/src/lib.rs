@@ -1,0 +1,18 @@
+//! laddnet's pure domain: identifiers, operator roles and the error kinds
+//! every crate maps its errors onto. No I/O lives here.
+//!
+//! - [`ChargerId`] and friends: validated newtypes, so an id that reached a
+//!   handler has already been checked.
+//! - [`Role`]: what an operator certificate allows.
+//! - [`ErrorKind`]: the coarse classes that the node maps to gRPC codes in
+//!   one table.
+
+#![forbid(unsafe_code)]
+
+mod error;
+mod ids;
+mod role;
+
+pub use error::{ErrorKind, HasKind};
+pub use ids::{ChargerId, IdError, OperatorName, SiteId};
+pub use role::Role;

@@ -1,0 +1,316 @@
+//! The node's typed configuration: a TOML file (unknown fields refused)
+//! plus `LADDNET_*` environment overrides. `LADDNET_SECTION__KEY=value`
+//! sets `[section] key = value` (the value parsed as TOML, else taken as a
+//! string): `LADDNET_LISTEN__MTLS=0.0.0.0:7443`.
+//!
+//! Secrets are never in the file: the CA passphrase comes from
+//! `LADDNET_CA_PASSPHRASE`, the key-encryption key from a key file.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Environment variables that are not config overrides.
+const NOT_OVERRIDES: &[&str] = &["LADDNET_CA_PASSPHRASE", "LADDNET_LOG"];
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Where the store, the CA and credentials live. Relative paths are
+    /// relative to the config file.
+    pub data_dir: PathBuf,
+    #[serde(default)]
+    pub node: NodeSection,
+    #[serde(default)]
+    pub listen: ListenSection,
+    #[serde(default)]
+    pub tls: TlsSection,
+    #[serde(default)]
+    pub grpc: GrpcSection,
+    #[serde(default)]
+    pub ca: CaSection,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeSection {
+    /// The node's name: the CN of its certificate.
+    pub name: String,
+    /// Seconds a charger may stay silent before it is considered gone.
+    pub heartbeat_interval_s: u32,
+}
+
+impl Default for NodeSection {
+    fn default() -> Self {
+        Self { name: "node-1".into(), heartbeat_interval_s: 60 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenSection {
+    /// The mutual-TLS listener: chargers, operators, nodes.
+    pub mtls: SocketAddr,
+    /// The enrollment listener: server-side TLS only.
+    pub enrollment: SocketAddr,
+}
+
+impl Default for ListenSection {
+    fn default() -> Self {
+        Self { mtls: "127.0.0.1:7443".parse().unwrap_or_else(|_| unreachable!()), enrollment: "127.0.0.1:7444".parse().unwrap_or_else(|_| unreachable!()) }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsSection {
+    /// DNS names and IP addresses in the node's server certificate.
+    pub server_names: Vec<String>,
+    /// A TLS handshake that takes longer is dropped (slowloris).
+    pub handshake_timeout_ms: u64,
+    /// Handshakes in progress at once; more wait in the kernel's backlog.
+    pub max_pending_handshakes: usize,
+    /// How often the CRL is re-read from the store (revocations made on
+    /// other nodes take at most this long to apply).
+    pub crl_poll_ms: u64,
+}
+
+impl Default for TlsSection {
+    fn default() -> Self {
+        Self {
+            server_names: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
+            handshake_timeout_ms: 5_000,
+            max_pending_handshakes: 1_024,
+            crl_poll_ms: 2_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct GrpcSection {
+    /// Largest message accepted or sent, in bytes.
+    pub max_message_bytes: usize,
+    pub max_concurrent_streams: u32,
+    pub max_header_list_bytes: u32,
+    pub keepalive_interval_s: u64,
+    pub keepalive_timeout_s: u64,
+    /// Connections are closed gracefully after this age (0 = never).
+    pub max_connection_age_s: u64,
+    pub max_page_size: u32,
+    pub default_page_size: u32,
+}
+
+impl Default for GrpcSection {
+    fn default() -> Self {
+        Self {
+            max_message_bytes: 256 * 1024,
+            max_concurrent_streams: 16,
+            max_header_list_bytes: 16 * 1024,
+            keepalive_interval_s: 20,
+            keepalive_timeout_s: 10,
+            max_connection_age_s: 0,
+            max_page_size: 1_000,
+            default_page_size: 100,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CaSection {
+    /// The CA directory; default `<data_dir>/ca`.
+    pub dir: Option<PathBuf>,
+    /// The key-encryption key file; default `<data_dir>/kek`. Ignored when
+    /// `LADDNET_CA_PASSPHRASE` is set.
+    pub key_file: Option<PathBuf>,
+    /// The certificate policy; default: the compiled-in `pki/policy.toml`.
+    pub policy: Option<PathBuf>,
+}
+
+impl Default for CaSection {
+    fn default() -> Self {
+        Self { dir: None, key_file: None, policy: None }
+    }
+}
+
+/// Why the configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path}: {reason}")]
+    File { path: PathBuf, reason: String },
+    #[error("environment override {var}: {reason}")]
+    Env { var: String, reason: String },
+    #[error("config: {0}")]
+    Invalid(String),
+}
+
+impl NodeConfig {
+    /// A config for `data_dir` with every default.
+    pub fn for_data_dir(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            node: Default::default(),
+            listen: Default::default(),
+            tls: Default::default(),
+            grpc: Default::default(),
+            ca: Default::default(),
+        }
+    }
+
+    /// Reads `path`, applies `LADDNET_*` overrides from `env`, validates.
+    pub fn load(path: &Path, env: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::File { path: path.into(), reason: e.to_string() })?;
+        let mut cfg = Self::parse(&text, env).map_err(|e| match e {
+            ConfigError::Invalid(reason) => ConfigError::File { path: path.into(), reason },
+            other => other,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        cfg.resolve_relative(base);
+        Ok(cfg)
+    }
+
+    /// Parses TOML text with overrides (no relative-path resolution).
+    pub fn parse(text: &str, env: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        for (var, value) in env {
+            let Some(rest) = var.strip_prefix("LADDNET_") else { continue };
+            if NOT_OVERRIDES.contains(&var.as_str()) {
+                continue;
+            }
+            let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
+            if path.iter().any(|p| p.is_empty()) {
+                return Err(ConfigError::Env { var, reason: "empty key segment".into() });
+            }
+            let parsed = toml::from_str::<toml::Table>(&format!("v = {value}"))
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .unwrap_or(toml::Value::String(value.clone()));
+            let mut node = &mut table;
+            for seg in &path[..path.len() - 1] {
+                let entry = node.entry(seg.clone()).or_insert_with(|| toml::Value::Table(Default::default()));
+                node = entry
+                    .as_table_mut()
+                    .ok_or_else(|| ConfigError::Env { var: var.clone(), reason: format!("{seg} is not a section") })?;
+            }
+            node.insert(path[path.len() - 1].clone(), parsed);
+        }
+        let cfg: NodeConfig = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Invalid(e.to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn resolve_relative(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.data_dir);
+        for p in [&mut self.ca.dir, &mut self.ca.key_file, &mut self.ca.policy].into_iter().flatten() {
+            fix(p);
+        }
+    }
+
+    /// Checks values that types alone do not.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: &str| Err(ConfigError::Invalid(m.into()));
+        if laddnet_core::ChargerId::new(self.node.name.clone()).is_err() {
+            return bad("node.name must be 1 to 48 characters of A-Z a-z 0-9 . _ -");
+        }
+        if self.tls.server_names.is_empty() {
+            return bad("tls.server_names must name at least one DNS name or IP address");
+        }
+        if !(100..=60_000).contains(&self.tls.handshake_timeout_ms) {
+            return bad("tls.handshake_timeout_ms must be 100 to 60000");
+        }
+        if self.tls.max_pending_handshakes == 0 {
+            return bad("tls.max_pending_handshakes must be at least 1");
+        }
+        if self.tls.crl_poll_ms < 100 {
+            return bad("tls.crl_poll_ms must be at least 100");
+        }
+        if !(1024..=64 * 1024 * 1024).contains(&self.grpc.max_message_bytes) {
+            return bad("grpc.max_message_bytes must be 1 KiB to 64 MiB");
+        }
+        if self.grpc.max_concurrent_streams == 0 {
+            return bad("grpc.max_concurrent_streams must be at least 1");
+        }
+        if self.grpc.keepalive_interval_s == 0 || self.grpc.keepalive_timeout_s == 0 {
+            return bad("grpc.keepalive_interval_s and grpc.keepalive_timeout_s must be at least 1");
+        }
+        if self.grpc.default_page_size == 0 || self.grpc.default_page_size > self.grpc.max_page_size {
+            return bad("grpc.default_page_size must be 1 to grpc.max_page_size");
+        }
+        if self.node.heartbeat_interval_s == 0 {
+            return bad("node.heartbeat_interval_s must be at least 1");
+        }
+        Ok(())
+    }
+
+    pub fn ca_dir(&self) -> PathBuf {
+        self.ca.dir.clone().unwrap_or_else(|| self.data_dir.join("ca"))
+    }
+    pub fn key_file(&self) -> PathBuf {
+        self.ca.key_file.clone().unwrap_or_else(|| self.data_dir.join("kek"))
+    }
+    pub fn store_path(&self) -> PathBuf {
+        self.data_dir.join("store.redb")
+    }
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.tls.handshake_timeout_ms)
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(v: &[(&str, &str)]) -> Vec<(String, String)> {
+        v.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+    }
+
+    #[test]
+    fn overrides_apply_and_are_typed() {
+        let cfg = NodeConfig::parse(
+            "data_dir = \"d\"\n[grpc]\nmax_concurrent_streams = 8\n",
+            env(&[
+                ("LADDNET_LISTEN__MTLS", "0.0.0.0:9000"),
+                ("LADDNET_GRPC__MAX_CONCURRENT_STREAMS", "32"),
+                ("LADDNET_CA_PASSPHRASE", "not a config key"),
+                ("HOME", "/root"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(cfg.listen.mtls.port(), 9000);
+        assert_eq!(cfg.grpc.max_concurrent_streams, 32);
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_values_are_named() {
+        let e = NodeConfig::parse("data_dir = \"d\"\n[grpc]\nmax_streams = 8\n", []).unwrap_err().to_string();
+        assert!(e.contains("max_streams"), "{e}");
+        let e = NodeConfig::parse("data_dir = \"d\"\n", env(&[("LADDNET_TLS__HANDSHAKE_TIMEOUT_MS", "5")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("tls.handshake_timeout_ms"), "{e}");
+        let e = NodeConfig::parse("data_dir = \"d\"\n[listen]\nmtls = \"nonsense\"\n", []).unwrap_err().to_string();
+        assert!(e.contains("mtls") || e.contains("socket address"), "{e}");
+    }
+
+    #[test]
+    fn default_config_round_trips() {
+        let cfg = NodeConfig::for_data_dir("/tmp/x");
+        let again = NodeConfig::parse(&cfg.to_toml(), []).unwrap();
+        assert_eq!(cfg, again);
+    }
+}

@@ -1,0 +1,27 @@
+//! The laddnet node: the mutual-TLS gRPC services, their configuration and
+//! the `laddnet` binary.
+//!
+//! - [`config`]: typed TOML config with `LADDNET_*` overrides.
+//! - [`transport`]: TLS termination (rustls with the CRL, handshake
+//!   deadline, TCP_NODELAY) in front of tonic, and revocable connections.
+//! - [`identity`]: the caller, from its certificate and the CA's record.
+//! - [`services`]: `ChargerService`, `EnrollmentService`, `PkiService`,
+//!   `OperatorService`, plus `grpc.health.v1` and reflection.
+//! - [`node`]: start and graceful shutdown.
+//! - [`bootstrap`]: a new data dir with CA, admin credentials and configs.
+//! - [`status`]: the one table from domain errors to gRPC codes.
+
+#![forbid(unsafe_code)]
+
+pub mod bootstrap;
+pub mod config;
+pub mod identity;
+pub mod node;
+pub mod services;
+pub mod state;
+pub mod status;
+pub mod transport;
+
+pub use bootstrap::{CtlConfig, InitOutput, init_data_dir, write_ctl_config};
+pub use config::NodeConfig;
+pub use node::RunningNode;

@@ -1,0 +1,161 @@
+//! `laddnet`: run a node, or bring up a whole local network with `up`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use laddnet_core::OperatorName;
+use laddnet_node::{NodeConfig, RunningNode, init_data_dir};
+
+#[derive(Parser)]
+#[command(name = "laddnet", version, about = "laddnet: EV charging network manager")]
+struct Cli {
+    /// Log as JSON lines instead of text.
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create the data dir if needed (CA, admin credentials, configs), then
+    /// run a node on it until Ctrl-C. Running it again resumes.
+    Up {
+        #[arg(long, default_value = "laddnet-data", env = "LADDNET_DATA_DIR")]
+        data_dir: PathBuf,
+        /// Address of the mutual-TLS listener (port 0 picks a free one).
+        #[arg(long)]
+        mtls_addr: Option<std::net::SocketAddr>,
+        #[arg(long)]
+        enrollment_addr: Option<std::net::SocketAddr>,
+    },
+    /// Run a node from a config file.
+    Node {
+        #[arg(long, short, default_value = "laddnet-data/laddnet.toml", env = "LADDNET_CONFIG")]
+        config: PathBuf,
+    },
+    /// Create a data dir: CA, key-encryption key, store, admin credentials.
+    Init {
+        #[arg(long, default_value = "laddnet-data")]
+        data_dir: PathBuf,
+        #[arg(long, default_value = "admin")]
+        admin: String,
+    },
+    /// Check a config file (with LADDNET_* overrides) and print it resolved.
+    Validate {
+        #[arg(long, short, default_value = "laddnet-data/laddnet.toml", env = "LADDNET_CONFIG")]
+        config: PathBuf,
+    },
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LADDNET_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,h2=warn,hyper=warn,tower=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn load(config: &PathBuf) -> anyhow::Result<NodeConfig> {
+    Ok(NodeConfig::load(config, std::env::vars())?)
+}
+
+async fn wait_for_ctrl_c() {
+    if tokio::signal::ctrl_c().await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+async fn up(data_dir: PathBuf, mtls: Option<std::net::SocketAddr>, enroll: Option<std::net::SocketAddr>) -> anyhow::Result<()> {
+    let config_path = data_dir.join("laddnet.toml");
+    if !config_path.exists() {
+        let cfg = NodeConfig::for_data_dir(&data_dir);
+        let admin = OperatorName::new("admin").map_err(|e| anyhow::anyhow!(e))?;
+        let out = tokio::task::spawn_blocking(move || init_data_dir(&cfg, &admin)).await??;
+        eprintln!("created a new CA and admin credentials in {}", data_dir.display());
+        eprintln!("  root CA serial {}", out.root_serial);
+    } else {
+        eprintln!("resuming from {}", data_dir.display());
+    }
+    let mut cfg = load(&config_path)?;
+    if let Some(a) = mtls {
+        cfg.listen.mtls = a;
+    }
+    if let Some(a) = enroll {
+        cfg.listen.enrollment = a;
+    }
+    let node = RunningNode::start(cfg.clone()).await?;
+    // laddctl reads this file: rewrite it with the address really bound.
+    let mut bound = cfg.clone();
+    bound.listen.mtls = node.mtls_addr;
+    let creds = data_dir.join("credentials");
+    let ctl_path = data_dir.join("laddctl.toml");
+    laddnet_node::write_ctl_config(&ctl_path, &bound, &creds.join("admin.crt"), &creds.join("admin.key"))?;
+    let ctl_abs = std::fs::canonicalize(&ctl_path).unwrap_or(ctl_path);
+    println!("laddnet is up");
+    println!("  chargers and operators (mutual TLS): {}", node.mtls_addr);
+    println!("  charger enrollment (server TLS):     {}", node.enrollment_addr);
+    println!("  laddctl config: {}", ctl_abs.display());
+    println!("  try: LADDCTL_CONFIG={} laddctl pki list", ctl_abs.display());
+    println!("Ctrl-C stops the node.");
+    let state = node.state.clone();
+    let summary = tokio::spawn(async move {
+        let mut last = None;
+        loop {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let now = (state.chargers.len(), state.conns.connections(), state.crl_number());
+            if last != Some(now) {
+                println!("chargers connected: {:>5}   mTLS connections: {:>5}   CRL #{}", now.0, now.1, now.2);
+                last = Some(now);
+            }
+        }
+    });
+    wait_for_ctrl_c().await;
+    summary.abort();
+    eprintln!("stopping…");
+    node.shutdown().await;
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    init_logging(cli.log_json);
+    let result: anyhow::Result<()> = async {
+        match cli.cmd {
+            Cmd::Up { data_dir, mtls_addr, enrollment_addr } => up(data_dir, mtls_addr, enrollment_addr).await,
+            Cmd::Node { config } => {
+                let node = RunningNode::start(load(&config)?).await?;
+                println!("serving: mutual TLS on {}, enrollment on {}", node.mtls_addr, node.enrollment_addr);
+                wait_for_ctrl_c().await;
+                node.shutdown().await;
+                Ok(())
+            }
+            Cmd::Init { data_dir, admin } => {
+                let admin = OperatorName::new(admin).map_err(|e| anyhow::anyhow!(e))?;
+                let cfg = NodeConfig::for_data_dir(&data_dir);
+                let out = tokio::task::spawn_blocking(move || init_data_dir(&cfg, &admin)).await??;
+                println!("node config:    {}", out.config_path.display());
+                println!("laddctl config: {}", out.ctl_config_path.display());
+                Ok(())
+            }
+            Cmd::Validate { config } => {
+                let cfg = load(&config).with_context(|| "invalid configuration")?;
+                laddnet_node::node::load_policy(&cfg)?;
+                println!("{}", cfg.to_toml());
+                eprintln!("{}: valid", config.display());
+                Ok(())
+            }
+        }
+    }
+    .await;
+    if let Err(e) = result {
+        eprintln!("laddnet: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,272 @@
+//! Starting and stopping a node: the store, the CA, the node's own
+//! certificate, both listeners and the revocation poller.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use anyhow::Context;
+use laddnet_pki::{Ca, CaFiles, Clock, Policy, Subject};
+use laddnet_proto::v1::charger_service_server::ChargerServiceServer;
+use laddnet_proto::v1::enrollment_service_server::EnrollmentServiceServer;
+use laddnet_proto::v1::operator_service_server::OperatorServiceServer;
+use laddnet_proto::v1::pki_service_server::PkiServiceServer;
+use laddnet_store::{RedbStore, SharedStore};
+use laddnet_vault::KeySource;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use crate::config::NodeConfig;
+use crate::identity::CaIdentityCheck;
+use crate::services::{charger::Charger, enrollment::Enrollment, enrollment::RateLimiter, operator::Operator, pki::Pki};
+use crate::state::NodeState;
+use crate::transport::{AcceptorSettings, accept_loop};
+
+/// Where the key-encryption key comes from: `LADDNET_CA_PASSPHRASE` when
+/// set, else the key file.
+pub fn key_source(config: &NodeConfig) -> KeySource {
+    match std::env::var("LADDNET_CA_PASSPHRASE") {
+        Ok(p) if !p.is_empty() => KeySource::Passphrase(laddnet_vault::Secret::new(p)),
+        _ => KeySource::KeyFile(config.key_file()),
+    }
+}
+
+pub fn load_policy(config: &NodeConfig) -> anyhow::Result<Policy> {
+    Ok(match &config.ca.policy {
+        Some(p) => Policy::load(p)?,
+        None => Policy::default(),
+    })
+}
+
+pub fn open_store(config: &NodeConfig) -> anyhow::Result<SharedStore> {
+    std::fs::create_dir_all(&config.data_dir).with_context(|| format!("creating {}", config.data_dir.display()))?;
+    let store = RedbStore::open(config.store_path()).with_context(|| format!("opening {}", config.store_path().display()))?;
+    Ok(Arc::new(store))
+}
+
+/// A node that is serving.
+pub struct RunningNode {
+    pub mtls_addr: SocketAddr,
+    pub enrollment_addr: SocketAddr,
+    pub state: Arc<NodeState>,
+    shutdown: CancellationToken,
+    health: HealthReporter,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl RunningNode {
+    /// Starts a node from its config, on the wall clock.
+    pub async fn start(config: NodeConfig) -> anyhow::Result<Self> {
+        Self::start_with(config, laddnet_pki::system_clock()).await
+    }
+
+    /// Starts a node whose CA reads time from `clock` (tests move it).
+    pub async fn start_with(config: NodeConfig, clock: Clock) -> anyhow::Result<Self> {
+        config.validate()?;
+        let policy = load_policy(&config)?;
+        let store = open_store(&config)?;
+        let files = CaFiles::new(config.ca_dir());
+        if !files.exists() {
+            anyhow::bail!(
+                "no CA in {}: run `laddctl pki init --data-dir {}` (or `laddnet up`) first",
+                files.dir.display(),
+                config.data_dir.display()
+            );
+        }
+        let source = key_source(&config);
+        let (ca, node_cert, node_key) = {
+            let (config, store) = (config.clone(), store.clone());
+            tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+                let ca = Ca::open(&files, policy, &source, store, clock).context("opening the CA")?;
+                let subject = Subject::Node { name: config.node.name.clone(), sans: config.tls.server_names.clone() };
+                // The node mints its own server certificate at every start:
+                // its key lives only in memory.
+                let (issued, key) = ca.issue_with_new_key(&subject, "system").context("issuing the node certificate")?;
+                Ok((Arc::new(ca), issued, key))
+            })
+            .await??
+        };
+        let chain = laddnet_pki::tls::certs_from_pem(&node_cert.chain_pem)?;
+        let key = laddnet_pki::tls::key_from_pem(&node_key)?;
+        let (crl, revoked) = {
+            let ca = ca.clone();
+            tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+                let crl = ca.crl_record()?.context("the CA has no CRL")?;
+                Ok((crl, ca.revoked_serials()?))
+            })
+            .await??
+        };
+        let mtls_cfg = laddnet_pki::tls::mtls_server_config(
+            ca.root_pem(),
+            laddnet_pki::tls::crl_from_pem(&crl.pem)?,
+            chain.clone(),
+            key.clone_key(),
+        )?;
+        let enroll_cfg = laddnet_pki::tls::server_only_config(chain.clone(), key.clone_key())?;
+        let mtls_shared = Arc::new(RwLock::new(mtls_cfg));
+        let state = Arc::new(NodeState::new(
+            config.clone(),
+            ca.clone(),
+            store,
+            mtls_shared.clone(),
+            chain,
+            key,
+            revoked.into_iter().collect::<HashSet<_>>(),
+            crl.number,
+        ));
+
+        let mtls_listener = TcpListener::bind(config.listen.mtls)
+            .await
+            .with_context(|| format!("binding the mutual-TLS listener on {}", config.listen.mtls))?;
+        let enroll_listener = TcpListener::bind(config.listen.enrollment)
+            .await
+            .with_context(|| format!("binding the enrollment listener on {}", config.listen.enrollment))?;
+        let mtls_addr = mtls_listener.local_addr()?;
+        let enrollment_addr = enroll_listener.local_addr()?;
+
+        let shutdown = CancellationToken::new();
+        let (health, health_service) = tonic_health::server::health_reporter();
+        for name in ["", "laddnet.v1.ChargerService", "laddnet.v1.PkiService", "laddnet.v1.OperatorService", "laddnet.v1.EnrollmentService"] {
+            health.set_service_status(name, ServingStatus::Serving).await;
+        }
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(laddnet_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+
+        let g = &config.grpc;
+        let limit = g.max_message_bytes;
+        let server = || {
+            let mut s = Server::builder()
+                .max_concurrent_streams(g.max_concurrent_streams)
+                .http2_max_header_list_size(g.max_header_list_bytes)
+                .http2_keepalive_interval(Some(Duration::from_secs(g.keepalive_interval_s)))
+                .http2_keepalive_timeout(Some(Duration::from_secs(g.keepalive_timeout_s)));
+            if g.max_connection_age_s > 0 {
+                s = s.max_connection_age(Duration::from_secs(g.max_connection_age_s));
+            }
+            s
+        };
+
+        let identity_check = Arc::new(CaIdentityCheck::new(ca.clone(), state.revoked.clone()));
+        let mtls_incoming = accept_loop(
+            mtls_listener,
+            AcceptorSettings {
+                tls: mtls_shared,
+                handshake_timeout: config.handshake_timeout(),
+                max_pending: config.tls.max_pending_handshakes,
+                identity_check: Some(identity_check),
+                registry: state.conns.clone(),
+            },
+            shutdown.clone(),
+        );
+        let enroll_incoming = accept_loop(
+            enroll_listener,
+            AcceptorSettings {
+                tls: Arc::new(RwLock::new(enroll_cfg)),
+                handshake_timeout: config.handshake_timeout(),
+                max_pending: config.tls.max_pending_handshakes,
+                identity_check: None,
+                registry: state.conns.clone(),
+            },
+            shutdown.clone(),
+        );
+
+        let mtls_router = server()
+            .add_service(health_service.clone())
+            .add_service(reflection.clone())
+            .add_service(
+                ChargerServiceServer::new(Charger { state: state.clone() })
+                    .max_decoding_message_size(limit)
+                    .max_encoding_message_size(limit),
+            )
+            .add_service(
+                PkiServiceServer::new(Pki { state: state.clone() })
+                    .max_decoding_message_size(limit)
+                    .max_encoding_message_size(limit),
+            )
+            .add_service(
+                OperatorServiceServer::new(Operator { state: state.clone() })
+                    .max_decoding_message_size(limit)
+                    .max_encoding_message_size(limit),
+            );
+        let e = &ca.policy().enrollment;
+        let enroll_router = server()
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(
+                EnrollmentServiceServer::new(Enrollment { state: state.clone(), limiter: RateLimiter::new(e.per_minute, e.burst) })
+                    .max_decoding_message_size(limit)
+                    .max_encoding_message_size(limit),
+            );
+
+        let mut tasks = Vec::new();
+        let stop = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            let r = mtls_router
+                .serve_with_incoming_shutdown(ReceiverStream::new(mtls_incoming), stop.cancelled_owned())
+                .await;
+            if let Err(e) = r {
+                tracing::error!(error = %e, "mutual-TLS server stopped");
+            }
+        }));
+        let stop = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            let r = enroll_router
+                .serve_with_incoming_shutdown(ReceiverStream::new(enroll_incoming), stop.cancelled_owned())
+                .await;
+            if let Err(e) = r {
+                tracing::error!(error = %e, "enrollment server stopped");
+            }
+        }));
+        tasks.push(tokio::spawn(revocation_poller(state.clone(), shutdown.clone())));
+
+        tracing::info!(mtls = %mtls_addr, enrollment = %enrollment_addr, store = "redb", "node serving");
+        Ok(Self { mtls_addr, enrollment_addr, state, shutdown, health, tasks })
+    }
+
+    /// Graceful shutdown: health flips to NOT_SERVING, listeners stop
+    /// accepting, in-flight requests drain.
+    pub async fn shutdown(self) {
+        for name in ["", "laddnet.v1.ChargerService", "laddnet.v1.PkiService", "laddnet.v1.OperatorService", "laddnet.v1.EnrollmentService"] {
+            self.health.set_service_status(name, ServingStatus::NotServing).await;
+        }
+        self.shutdown.cancel();
+        for t in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+        }
+        tracing::info!("node stopped");
+    }
+}
+
+/// Applies revocations made anywhere (another node, another process) and
+/// re-signs the CRL when half its validity has passed.
+async fn revocation_poller(state: Arc<NodeState>, shutdown: CancellationToken) {
+    let every = Duration::from_millis(state.config.tls.crl_poll_ms);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let ca = state.ca.clone();
+        let refreshed = tokio::task::spawn_blocking(move || -> Result<bool, laddnet_pki::PkiError> {
+            let Some(crl) = ca.crl_record()? else { return Ok(false) };
+            if ca.now() >= crl.this_update + (crl.next_update - crl.this_update) / 2 {
+                ca.refresh_crl("system")?;
+                return Ok(true);
+            }
+            Ok(false)
+        })
+        .await;
+        if let Ok(Err(e)) = refreshed {
+            tracing::error!(error = %e, "CRL refresh failed");
+        }
+        state.apply_revocations().await;
+    }
+}

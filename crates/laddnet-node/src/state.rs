@@ -1,0 +1,204 @@
+//! What every handler shares: the CA, the store, the live chargers, the
+//! revoked serials and the mutual-TLS configuration that carries the CRL.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use laddnet_core::{ChargerId, SiteId};
+use laddnet_pki::Ca;
+use laddnet_proto::v1;
+use laddnet_store::SharedStore;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::config::NodeConfig;
+use crate::services::rfc3339;
+use crate::transport::{ConnRegistry, SharedTlsConfig};
+
+pub struct NodeState {
+    pub config: NodeConfig,
+    pub ca: Arc<Ca>,
+    pub store: SharedStore,
+    pub chargers: ChargerRegistry,
+    pub revoked: Arc<RwLock<HashSet<String>>>,
+    pub conns: Arc<ConnRegistry>,
+    pub mtls: SharedTlsConfig,
+    pub(crate) node_chain: Vec<CertificateDer<'static>>,
+    pub(crate) node_key: PrivateKeyDer<'static>,
+    crl_number: AtomicU64,
+}
+
+impl NodeState {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        config: NodeConfig,
+        ca: Arc<Ca>,
+        store: SharedStore,
+        mtls: SharedTlsConfig,
+        node_chain: Vec<CertificateDer<'static>>,
+        node_key: PrivateKeyDer<'static>,
+        revoked: HashSet<String>,
+        crl_number: u64,
+    ) -> Self {
+        Self {
+            config,
+            ca,
+            store,
+            chargers: ChargerRegistry::default(),
+            revoked: Arc::new(RwLock::new(revoked)),
+            conns: Arc::new(ConnRegistry::default()),
+            mtls,
+            node_chain,
+            node_key,
+            crl_number: AtomicU64::new(crl_number),
+        }
+    }
+
+    pub fn is_revoked(&self, serial: &str) -> bool {
+        self.revoked.read().unwrap_or_else(|p| p.into_inner()).contains(serial)
+    }
+
+    /// Re-reads the CRL and the revoked serials from the store. When they
+    /// changed: new handshakes get the new CRL, and live connections of
+    /// newly revoked certificates are closed.
+    pub async fn apply_revocations(&self) {
+        let ca = self.ca.clone();
+        let loaded = tokio::task::spawn_blocking(move || Ok::<_, laddnet_pki::PkiError>((ca.crl_record()?, ca.revoked_serials()?))).await;
+        let (crl, serials) = match loaded {
+            Ok(Ok((Some(crl), serials))) => (crl, serials),
+            Ok(Ok((None, _))) => return,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "cannot read revocations; keeping the last good CRL");
+                return;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "revocation reload task failed");
+                return;
+            }
+        };
+        let fresh: Vec<String> = {
+            let mut set = self.revoked.write().unwrap_or_else(|p| p.into_inner());
+            serials.into_iter().filter(|s| set.insert(s.clone())).collect()
+        };
+        for serial in &fresh {
+            let n = self.conns.close_serial(serial);
+            tracing::info!(serial = %serial, connections = n, "revoked certificate disconnected");
+        }
+        if self.crl_number.load(Ordering::Acquire) != crl.number {
+            match self.rebuild_mtls(&crl.pem) {
+                Ok(()) => {
+                    self.crl_number.store(crl.number, Ordering::Release);
+                    tracing::info!(crl_number = crl.number, "CRL applied");
+                }
+                // A CRL that does not parse must not take the node down:
+                // keep serving with the last good one.
+                Err(e) => tracing::error!(error = %e, crl_number = crl.number, "CRL refused; keeping the last good one"),
+            }
+        }
+    }
+
+    fn rebuild_mtls(&self, crl_pem: &str) -> Result<(), laddnet_pki::PkiError> {
+        let crl = laddnet_pki::tls::crl_from_pem(crl_pem)?;
+        laddnet_pki::summarize_crl(crl_pem.as_bytes())?;
+        let cfg = laddnet_pki::tls::mtls_server_config(self.ca.root_pem(), crl, self.node_chain.clone(), self.node_key.clone_key())?;
+        *self.mtls.write().unwrap_or_else(|p| p.into_inner()) = cfg;
+        Ok(())
+    }
+
+    pub fn crl_number(&self) -> u64 {
+        self.crl_number.load(Ordering::Acquire)
+    }
+}
+
+/// What a charger said when it booted.
+#[derive(Debug, Clone, Default)]
+pub struct BootInfo {
+    pub vendor: String,
+    pub model: String,
+    pub firmware_version: String,
+}
+
+struct Attached {
+    conn: u64,
+    serial: String,
+    site: Option<SiteId>,
+    boot: BootInfo,
+    since: i64,
+    last_heartbeat: i64,
+}
+
+/// The chargers attached to this node: one live stream per charger id.
+#[derive(Default)]
+pub struct ChargerRegistry {
+    next: AtomicU64,
+    live: Mutex<BTreeMap<String, Attached>>,
+}
+
+fn now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+impl ChargerRegistry {
+    /// Registers a stream; refused while another live one holds the id, so
+    /// a second connection can never evict the first.
+    pub fn attach(&self, id: &ChargerId, serial: &str, site: Option<SiteId>, boot: BootInfo) -> Result<u64, ()> {
+        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        if live.contains_key(id.as_str()) {
+            return Err(());
+        }
+        let conn = self.next.fetch_add(1, Ordering::Relaxed);
+        let t = now();
+        live.insert(id.to_string(), Attached { conn, serial: serial.into(), site, boot, since: t, last_heartbeat: t });
+        Ok(conn)
+    }
+
+    pub fn heartbeat(&self, id: &ChargerId, conn: u64) {
+        if let Some(a) = self.live.lock().unwrap_or_else(|p| p.into_inner()).get_mut(id.as_str()) {
+            if a.conn == conn {
+                a.last_heartbeat = now();
+            }
+        }
+    }
+
+    pub fn detach(&self, id: &ChargerId, conn: u64) {
+        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        if live.get(id.as_str()).is_some_and(|a| a.conn == conn) {
+            live.remove(id.as_str());
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.live.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Chargers after `after` in id order, at most `limit`, and whether more remain.
+    pub fn page(&self, after: Option<&str>, limit: usize) -> (Vec<v1::Charger>, bool) {
+        use std::ops::Bound;
+        let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        let lower = match after {
+            Some(a) => Bound::Excluded(a.to_string()),
+            None => Bound::Unbounded,
+        };
+        let mut it = live.range((lower, Bound::Unbounded));
+        let rows: Vec<_> = it
+            .by_ref()
+            .take(limit)
+            .map(|(id, a)| v1::Charger {
+                charger_id: id.clone(),
+                connected: true,
+                vendor: a.boot.vendor.clone(),
+                model: a.boot.model.clone(),
+                firmware_version: a.boot.firmware_version.clone(),
+                connected_since: rfc3339(a.since),
+                last_heartbeat: rfc3339(a.last_heartbeat),
+                certificate_serial: a.serial.clone(),
+                site_id: a.site.as_ref().map(|s| s.to_string()).unwrap_or_default(),
+            })
+            .collect();
+        (rows, it.next().is_some())
+    }
+}

@@ -1,0 +1,156 @@
+//! laddnet's durable state: a transactional, ordered key-value store shaped
+//! like FoundationDB's transactions, so the same code runs on the embedded
+//! default and on a FoundationDB cluster.
+//!
+//! - [`Store`] / [`Transaction`]: get, set, clear, range reads and atomic add
+//!   inside a closure that the store retries on conflict. The closure may
+//!   run more than once: it must have no side effects outside the
+//!   transaction. Writes that must happen once carry an idempotency key
+//!   written in the same transaction ([`Transaction::claim_once`]).
+//! - [`RedbStore`]: the embedded default, one file in the data dir.
+//! - [`keys`]: tuple-encoded keys (`foundationdb-tuple`), shared by all
+//!   backends so the layout is the same everywhere.
+//!
+//! The trait is synchronous: a transaction is a short burst of work, and
+//! async callers run it on `spawn_blocking` so no executor thread blocks on
+//! disk. FoundationDB's own limits (key 10 kB, value 100 kB, transaction
+//! 10 MB) are enforced by every backend, so code that fits the embedded
+//! store fits FoundationDB too.
+
+#![forbid(unsafe_code)]
+
+mod error;
+pub mod keys;
+mod redb_store;
+
+use std::sync::Arc;
+
+pub use error::StoreError;
+pub use redb_store::RedbStore;
+
+/// FoundationDB's limit on a key's size.
+pub const MAX_KEY_BYTES: usize = 10_000;
+/// FoundationDB's limit on a value's size.
+pub const MAX_VALUE_BYTES: usize = 100_000;
+/// FoundationDB's limit on the bytes a transaction writes.
+pub const MAX_TRANSACTION_BYTES: usize = 10_000_000;
+
+/// One key-value pair from a range read.
+pub type KeyValue = (Vec<u8>, Vec<u8>);
+
+/// The operations available inside a transaction.
+pub trait Transaction {
+    fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+    fn set(&mut self, key: &[u8], value: &[u8]) -> Result<(), StoreError>;
+    fn clear(&mut self, key: &[u8]) -> Result<(), StoreError>;
+    /// Keys in `[begin, end)`, ascending (or descending with `reverse`), at
+    /// most `limit` of them (0 = no limit).
+    fn get_range(
+        &mut self,
+        begin: &[u8],
+        end: &[u8],
+        limit: usize,
+        reverse: bool,
+    ) -> Result<Vec<KeyValue>, StoreError>;
+    /// Adds `delta` to the little-endian i64 at `key` (absent = 0), as
+    /// FoundationDB's `ADD` mutation does.
+    fn atomic_add(&mut self, key: &[u8], delta: i64) -> Result<(), StoreError>;
+
+    /// Records `key` as done and returns true the first time; false when an
+    /// earlier commit already claimed it. Write the effect in the same
+    /// transaction and a retried commit can never apply twice.
+    fn claim_once(&mut self, key: &[u8]) -> Result<bool, StoreError> {
+        if self.get(key)?.is_some() {
+            return Ok(false);
+        }
+        self.set(key, b"")?;
+        Ok(true)
+    }
+}
+
+/// A transactional ordered key-value store.
+pub trait Store: Send + Sync + 'static {
+    /// Runs `f` in a read-write transaction and commits it, running `f`
+    /// again on a retryable conflict. An `Err` from `f` aborts the
+    /// transaction: nothing it wrote is kept.
+    fn run(&self, f: &mut dyn FnMut(&mut dyn Transaction) -> Result<(), StoreError>) -> Result<(), StoreError>;
+
+    /// Runs `f` in a read-only snapshot. Writes inside it are refused.
+    fn read(&self, f: &mut dyn FnMut(&mut dyn Transaction) -> Result<(), StoreError>) -> Result<(), StoreError>;
+
+    /// Which backend this is, for logs and `laddnet config validate`.
+    fn backend(&self) -> &'static str;
+}
+
+/// A shared store handle.
+pub type SharedStore = Arc<dyn Store>;
+
+/// Typed helpers over [`Store::run`] and [`Store::read`]: the closure
+/// returns the caller's own result and error types.
+pub trait StoreExt {
+    fn transact<T, E, F>(&self, f: F) -> Result<T, E>
+    where
+        E: From<StoreError>,
+        F: FnMut(&mut dyn Transaction) -> Result<T, E>;
+
+    fn snapshot<T, E, F>(&self, f: F) -> Result<T, E>
+    where
+        E: From<StoreError>,
+        F: FnMut(&mut dyn Transaction) -> Result<T, E>;
+}
+
+fn adapt<T, E: From<StoreError>>(
+    run: impl FnOnce(&mut dyn FnMut(&mut dyn Transaction) -> Result<(), StoreError>) -> Result<(), StoreError>,
+    mut f: impl FnMut(&mut dyn Transaction) -> Result<T, E>,
+) -> Result<T, E> {
+    let mut out: Option<Result<T, E>> = None;
+    let result = run(&mut |tx| match f(tx) {
+        Ok(v) => {
+            out = Some(Ok(v));
+            Ok(())
+        }
+        Err(e) => {
+            out = Some(Err(e));
+            Err(StoreError::Aborted)
+        }
+    });
+    match (result, out) {
+        (Ok(()), Some(out)) => out,
+        (Err(StoreError::Aborted), Some(Err(e))) => Err(e),
+        (Err(e), _) => Err(e.into()),
+        (Ok(()), None) => Err(StoreError::Internal("transaction closure did not run".into()).into()),
+    }
+}
+
+impl<S: Store + ?Sized> StoreExt for S {
+    fn transact<T, E, F>(&self, f: F) -> Result<T, E>
+    where
+        E: From<StoreError>,
+        F: FnMut(&mut dyn Transaction) -> Result<T, E>,
+    {
+        adapt(|g| self.run(g), f)
+    }
+
+    fn snapshot<T, E, F>(&self, f: F) -> Result<T, E>
+    where
+        E: From<StoreError>,
+        F: FnMut(&mut dyn Transaction) -> Result<T, E>,
+    {
+        adapt(|g| self.read(g), f)
+    }
+}
+
+/// The range that holds every key starting with `prefix`.
+pub fn prefix_range(prefix: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    let mut end = prefix.to_vec();
+    // Strip trailing 0xff bytes, then increment the last byte: the first key
+    // greater than every key with this prefix.
+    while end.last() == Some(&0xff) {
+        end.pop();
+    }
+    match end.last_mut() {
+        Some(b) => *b += 1,
+        None => end = vec![0xff; 1],
+    }
+    (prefix.to_vec(), end)
+}

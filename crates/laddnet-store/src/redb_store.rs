@@ -1,0 +1,228 @@
+use std::path::Path;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+use crate::{
+    KeyValue, MAX_KEY_BYTES, MAX_TRANSACTION_BYTES, MAX_VALUE_BYTES, Store, StoreError, Transaction,
+};
+
+const KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
+
+/// The embedded default: one redb file, ACID, fsync on every commit.
+///
+/// redb runs one write transaction at a time, so transactions never
+/// conflict here; reads run on snapshots beside the writer.
+pub struct RedbStore {
+    db: Database,
+}
+
+impl RedbStore {
+    /// Opens the store file, creating it if absent.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
+        let db = Database::create(path.as_ref()).map_err(StoreError::io)?;
+        // Make sure the table exists so read transactions can open it.
+        let tx = db.begin_write().map_err(StoreError::io)?;
+        tx.open_table(KV).map_err(StoreError::io)?;
+        tx.commit().map_err(StoreError::io)?;
+        Ok(Self { db })
+    }
+}
+
+fn check_key(key: &[u8]) -> Result<(), StoreError> {
+    if key.len() > MAX_KEY_BYTES {
+        return Err(StoreError::KeyTooLarge(key.len()));
+    }
+    Ok(())
+}
+
+struct WriteTx<'a> {
+    table: redb::Table<'a, &'static [u8], &'static [u8]>,
+    written: usize,
+}
+
+impl WriteTx<'_> {
+    fn count(&mut self, n: usize) -> Result<(), StoreError> {
+        self.written += n;
+        if self.written > MAX_TRANSACTION_BYTES {
+            return Err(StoreError::TransactionTooLarge(self.written));
+        }
+        Ok(())
+    }
+}
+
+fn range_of<T: ReadableTable<&'static [u8], &'static [u8]>>(
+    table: &T,
+    begin: &[u8],
+    end: &[u8],
+    limit: usize,
+    reverse: bool,
+) -> Result<Vec<KeyValue>, StoreError> {
+    if begin >= end {
+        return Ok(Vec::new());
+    }
+    let iter = table.range::<&[u8]>(begin..end).map_err(StoreError::io)?;
+    let limit = if limit == 0 { usize::MAX } else { limit };
+    let mut out = Vec::new();
+    let mut push = |item: Result<(redb::AccessGuard<'_, &[u8]>, redb::AccessGuard<'_, &[u8]>), redb::StorageError>| {
+        let (k, v) = item.map_err(StoreError::io)?;
+        out.push((k.value().to_vec(), v.value().to_vec()));
+        Ok::<_, StoreError>(())
+    };
+    if reverse {
+        for item in iter.rev().take(limit) {
+            push(item)?;
+        }
+    } else {
+        for item in iter.take(limit) {
+            push(item)?;
+        }
+    }
+    Ok(out)
+}
+
+impl Transaction for WriteTx<'_> {
+    fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        check_key(key)?;
+        Ok(self.table.get(key).map_err(StoreError::io)?.map(|v| v.value().to_vec()))
+    }
+
+    fn set(&mut self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        check_key(key)?;
+        if value.len() > MAX_VALUE_BYTES {
+            return Err(StoreError::ValueTooLarge(value.len()));
+        }
+        self.count(key.len() + value.len())?;
+        self.table.insert(key, value).map_err(StoreError::io)?;
+        Ok(())
+    }
+
+    fn clear(&mut self, key: &[u8]) -> Result<(), StoreError> {
+        check_key(key)?;
+        self.count(key.len())?;
+        self.table.remove(key).map_err(StoreError::io)?;
+        Ok(())
+    }
+
+    fn get_range(&mut self, begin: &[u8], end: &[u8], limit: usize, reverse: bool) -> Result<Vec<KeyValue>, StoreError> {
+        range_of(&self.table, begin, end, limit, reverse)
+    }
+
+    fn atomic_add(&mut self, key: &[u8], delta: i64) -> Result<(), StoreError> {
+        let current = match self.get(key)? {
+            None => 0,
+            Some(v) => {
+                let mut buf = [0u8; 8];
+                let n = v.len().min(8);
+                buf[..n].copy_from_slice(&v[..n]);
+                i64::from_le_bytes(buf)
+            }
+        };
+        self.set(key, &current.wrapping_add(delta).to_le_bytes())
+    }
+}
+
+struct ReadTx {
+    table: redb::ReadOnlyTable<&'static [u8], &'static [u8]>,
+}
+
+impl Transaction for ReadTx {
+    fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        check_key(key)?;
+        Ok(self.table.get(key).map_err(StoreError::io)?.map(|v| v.value().to_vec()))
+    }
+    fn set(&mut self, _: &[u8], _: &[u8]) -> Result<(), StoreError> {
+        Err(StoreError::ReadOnly)
+    }
+    fn clear(&mut self, _: &[u8]) -> Result<(), StoreError> {
+        Err(StoreError::ReadOnly)
+    }
+    fn get_range(&mut self, begin: &[u8], end: &[u8], limit: usize, reverse: bool) -> Result<Vec<KeyValue>, StoreError> {
+        range_of(&self.table, begin, end, limit, reverse)
+    }
+    fn atomic_add(&mut self, _: &[u8], _: i64) -> Result<(), StoreError> {
+        Err(StoreError::ReadOnly)
+    }
+}
+
+impl Store for RedbStore {
+    fn run(&self, f: &mut dyn FnMut(&mut dyn Transaction) -> Result<(), StoreError>) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(StoreError::io)?;
+        {
+            let table = txn.open_table(KV).map_err(StoreError::io)?;
+            let mut tx = WriteTx { table, written: 0 };
+            if let Err(e) = f(&mut tx) {
+                drop(tx);
+                txn.abort().map_err(StoreError::io)?;
+                return Err(e);
+            }
+        }
+        txn.commit().map_err(StoreError::io)
+    }
+
+    fn read(&self, f: &mut dyn FnMut(&mut dyn Transaction) -> Result<(), StoreError>) -> Result<(), StoreError> {
+        let txn = self.db.begin_read().map_err(StoreError::io)?;
+        let table = txn.open_table(KV).map_err(StoreError::io)?;
+        f(&mut ReadTx { table })
+    }
+
+    fn backend(&self) -> &'static str {
+        "redb"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{StoreExt, keys};
+
+    fn store() -> (tempfile::TempDir, RedbStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RedbStore::open(dir.path().join("t.redb")).unwrap();
+        (dir, s)
+    }
+
+    #[test]
+    fn set_get_range_and_abort() {
+        let (_d, s) = store();
+        s.transact(|tx| {
+            for i in 0..5i64 {
+                tx.set(&keys::pack(&("a", i)), &[i as u8])?;
+            }
+            tx.set(&keys::pack(&("b", 0i64)), b"x")
+        })
+        .unwrap();
+        let (b, e) = keys::tuple_range(&("a",));
+        let rows = s.snapshot(|tx| tx.get_range(&b, &e, 0, false)).unwrap();
+        assert_eq!(rows.len(), 5);
+        let rev = s.snapshot(|tx| tx.get_range(&b, &e, 2, true)).unwrap();
+        assert_eq!(rev.iter().map(|r| r.1[0]).collect::<Vec<_>>(), vec![4, 3]);
+
+        // An aborted transaction leaves nothing behind.
+        let r: Result<(), StoreError> = s.transact(|tx| {
+            tx.set(b"half", b"written")?;
+            Err(StoreError::Internal("boom".into()))
+        });
+        assert!(r.is_err());
+        assert_eq!(s.snapshot(|tx| tx.get(b"half")).unwrap(), None);
+    }
+
+    #[test]
+    fn atomic_add_and_claim_once() {
+        let (_d, s) = store();
+        for _ in 0..3 {
+            s.transact(|tx| tx.atomic_add(b"n", 7)).unwrap();
+        }
+        let v = s.snapshot(|tx| tx.get(b"n")).unwrap().unwrap();
+        assert_eq!(i64::from_le_bytes(v.try_into().unwrap()), 21);
+        assert!(s.transact(|tx| tx.claim_once(b"once")).unwrap());
+        assert!(!s.transact(|tx| tx.claim_once(b"once")).unwrap());
+    }
+
+    #[test]
+    fn limits_are_enforced_and_reads_are_read_only() {
+        let (_d, s) = store();
+        let big = vec![0u8; MAX_VALUE_BYTES + 1];
+        assert!(matches!(s.transact(|tx| tx.set(b"k", &big)), Err(StoreError::ValueTooLarge(_))));
+        assert!(matches!(s.snapshot(|tx| tx.set(b"k", b"v")), Err(StoreError::ReadOnly)));
+    }
+}
