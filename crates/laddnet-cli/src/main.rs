@@ -1,1 +1,493 @@
-fn main(){}
+//! `laddctl`: the command line for operators and security teams. It talks
+//! gRPC over mutual TLS with an operator certificate; `laddctl pki init`
+//! alone works offline, creating a CA in a data dir.
+//!
+//! Configuration: `--config FILE`, else `LADDCTL_CONFIG`, else
+//! `./laddctl.toml`, else `./laddnet-data/laddctl.toml` (what `laddnet up`
+//! writes). Every command prints a table, or JSON with `--output json`.
+//! Errors go to stderr, naming the problem, with exit code 1 (2 for usage).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, anyhow, bail};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use laddnet_node::CtlConfig;
+use laddnet_proto::v1;
+use laddnet_proto::v1::operator_service_client::OperatorServiceClient;
+use laddnet_proto::v1::pki_service_client::PkiServiceClient;
+use serde_json::{Value, json};
+use tonic::transport::Channel;
+
+#[derive(Parser)]
+#[command(name = "laddctl", version, about = "Operate a laddnet network")]
+struct Cli {
+    /// laddctl.toml to use.
+    #[arg(long, global = true, env = "LADDCTL_CONFIG")]
+    config: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, short, global = true, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Certificates, enrollment tokens, revocation, CRL and the audit log.
+    #[command(subcommand)]
+    Pki(PkiCmd),
+    /// Operator certificates.
+    #[command(subcommand)]
+    Operators(OperatorsCmd),
+    /// Chargers.
+    #[command(subcommand)]
+    Chargers(ChargersCmd),
+    /// Who the node thinks you are.
+    Whoami,
+    /// Print shell completions.
+    Completions { shell: clap_complete::Shell },
+}
+
+#[derive(Subcommand)]
+enum PkiCmd {
+    /// Create a CA, admin credentials and configs in a data dir (offline).
+    Init {
+        #[arg(long, default_value = "laddnet-data")]
+        data_dir: PathBuf,
+        #[arg(long, default_value = "admin")]
+        admin: String,
+        /// A certificate policy TOML (default: the compiled-in pki/policy.toml).
+        #[arg(long)]
+        policy: Option<PathBuf>,
+    },
+    /// One-time enrollment tokens for new chargers.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// List issued certificates.
+    List {
+        #[arg(long)]
+        profile: Option<String>,
+        #[arg(long)]
+        subject: Option<String>,
+        #[arg(long)]
+        status: Option<String>,
+        #[command(flatten)]
+        page: PageArgs,
+    },
+    /// Show one certificate.
+    Show {
+        serial: String,
+        /// Print the certificate PEM too.
+        #[arg(long)]
+        pem: bool,
+    },
+    /// Issue a successor for a certificate. With --csr, for the key in that
+    /// CSR; otherwise a new key is made here and written to --out-dir.
+    Renew {
+        serial: String,
+        #[arg(long)]
+        csr: Option<PathBuf>,
+        #[arg(long, default_value = ".")]
+        out_dir: PathBuf,
+    },
+    /// Revoke a certificate; its live connections are closed.
+    Revoke {
+        serial: String,
+        /// unspecified, key-compromise, ca-compromise, affiliation-changed,
+        /// superseded, cessation-of-operation, certificate-hold, privilege-withdrawn
+        #[arg(long, default_value = "unspecified")]
+        reason: String,
+    },
+    /// Show the current CRL; --out writes its PEM.
+    Crl {
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// The audit log; `audit verify` checks its hash chain.
+    Audit {
+        #[command(subcommand)]
+        cmd: Option<AuditCmd>,
+        #[command(flatten)]
+        page: PageArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCmd {
+    /// Check the hash chain: detects altered and removed entries.
+    Verify,
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Create a token for a charger id (shown once).
+    Create {
+        charger_id: String,
+        /// Lifetime in seconds (default: the policy's).
+        #[arg(long, default_value_t = 0)]
+        ttl: u32,
+        #[arg(long)]
+        site: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum OperatorsCmd {
+    /// Issue an operator certificate; the key is made here and written to --out-dir.
+    Issue {
+        name: String,
+        /// viewer, operator, billing, security-admin or admin
+        #[arg(long)]
+        role: String,
+        #[arg(long, default_value = ".")]
+        out_dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum ChargersCmd {
+    /// Chargers connected now.
+    List {
+        #[command(flatten)]
+        page: PageArgs,
+    },
+}
+
+#[derive(clap::Args)]
+struct PageArgs {
+    /// Rows per page (default: the server's).
+    #[arg(long, default_value_t = 0)]
+    page_size: u32,
+    /// Continue from a previous page's next_page_token.
+    #[arg(long, default_value = "")]
+    page_token: String,
+    /// Fetch every page.
+    #[arg(long)]
+    all: bool,
+}
+
+impl PageArgs {
+    fn req(&self, token: &str) -> v1::PageRequest {
+        v1::PageRequest { page_size: self.page_size, page_token: token.to_string() }
+    }
+}
+
+fn find_config(explicit: Option<&Path>) -> anyhow::Result<(PathBuf, CtlConfig)> {
+    let path = match explicit {
+        Some(p) => p.to_path_buf(),
+        None => ["laddctl.toml", "laddnet-data/laddctl.toml"]
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.exists())
+            .ok_or_else(|| anyhow!("no laddctl config: pass --config FILE, set LADDCTL_CONFIG, or run from the directory where `laddnet up` ran"))?,
+    };
+    let text = std::fs::read_to_string(&path).with_context(|| format!("config {}", path.display()))?;
+    let mut cfg: CtlConfig = toml::from_str(&text).with_context(|| format!("config {}", path.display()))?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    for p in [&mut cfg.ca_cert, &mut cfg.cert, &mut cfg.key] {
+        if p.is_relative() {
+            *p = base.join(&*p);
+        }
+    }
+    Ok((path, cfg))
+}
+
+async fn channel(explicit: Option<&Path>) -> anyhow::Result<Channel> {
+    let (_, cfg) = find_config(explicit)?;
+    let read = |p: &Path| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
+    let (root, chain, key) = (read(&cfg.ca_cert)?, read(&cfg.cert)?, read(&cfg.key)?);
+    let tls = laddnet_pki::tls::client_config(&root, Some((&chain, &key)))?;
+    laddnet_node::client::connect(&cfg.endpoint, &cfg.server_name, tls).await
+}
+
+/// Prints rows as an aligned table, or the JSON value.
+fn emit(output: Output, json_value: Value, headers: &[&str], rows: Vec<Vec<String>>) {
+    let mut out = std::io::stdout().lock();
+    if output == Output::Json {
+        let _ = writeln!(out, "{}", serde_json::to_string_pretty(&json_value).unwrap_or_default());
+        return;
+    }
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
+    let _ = writeln!(out, "{}", line(headers.iter().map(|h| h.to_string()).collect()));
+    for r in rows {
+        let _ = writeln!(out, "{}", line(r));
+    }
+}
+
+fn cert_json(c: &v1::CertificateInfo) -> Value {
+    json!({
+        "serial": c.serial, "profile": c.profile, "subject": c.subject, "organisation": c.organisation,
+        "role": c.role, "site_id": c.site_id, "not_before": c.not_before, "not_after": c.not_after,
+        "status": c.status, "revocation_reason": c.revocation_reason, "revoked_at": c.revoked_at,
+        "renewed_from": c.renewed_from,
+    })
+}
+
+fn cert_row(c: &v1::CertificateInfo) -> Vec<String> {
+    vec![c.serial.clone(), c.profile.clone(), c.subject.clone(), c.role.clone(), c.status.clone(), c.not_after.clone()]
+}
+
+const CERT_HEADERS: &[&str] = &["SERIAL", "PROFILE", "SUBJECT", "ROLE", "STATUS", "NOT AFTER"];
+
+fn write_key_and_cert(dir: &Path, stem: &str, key: &str, chain: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let (key_path, cert_path) = (dir.join(format!("{stem}.key")), dir.join(format!("{stem}.crt")));
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(&key_path).with_context(|| format!("writing {} (it must not exist yet)", key_path.display()))?;
+    f.write_all(key.as_bytes())?;
+    std::fs::write(&cert_path, chain).with_context(|| format!("writing {}", cert_path.display()))?;
+    Ok((key_path, cert_path))
+}
+
+fn file_stem(s: &str) -> String {
+    s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let out = cli.output;
+    let cfg = cli.config.as_deref();
+    match cli.cmd {
+        Cmd::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "laddctl", &mut std::io::stdout());
+        }
+        Cmd::Pki(PkiCmd::Init { data_dir, admin, policy }) => {
+            let admin = laddnet_core::OperatorName::new(admin).map_err(|e| anyhow!(e))?;
+            let mut node_cfg = laddnet_node::NodeConfig::for_data_dir(&data_dir);
+            node_cfg.ca.policy = policy;
+            let o = tokio::task::spawn_blocking(move || laddnet_node::init_data_dir(&node_cfg, &admin)).await??;
+            emit(
+                out,
+                json!({"config": o.config_path, "laddctl_config": o.ctl_config_path, "root_serial": o.root_serial, "admin_serial": o.admin_serial}),
+                &["WHAT", "VALUE"],
+                vec![
+                    vec!["node config".into(), o.config_path.display().to_string()],
+                    vec!["laddctl config".into(), o.ctl_config_path.display().to_string()],
+                    vec!["root serial".into(), o.root_serial],
+                    vec!["admin serial".into(), o.admin_serial],
+                ],
+            );
+            eprintln!("the sealed root key is {}/ca/root-key.sealed.json: move it offline; a node never needs it", data_dir.display());
+        }
+        Cmd::Pki(PkiCmd::Token(TokenCmd::Create { charger_id, ttl, site })) => {
+            let mut c = PkiServiceClient::new(channel(cfg).await?);
+            let t = c
+                .create_enrollment_token(v1::CreateEnrollmentTokenRequest { charger_id, ttl_seconds: ttl, site_id: site.unwrap_or_default() })
+                .await?
+                .into_inner();
+            emit(
+                out,
+                json!({"token": t.token, "charger_id": t.charger_id, "expires_at": t.expires_at}),
+                &["CHARGER", "TOKEN", "EXPIRES"],
+                vec![vec![t.charger_id, t.token, t.expires_at]],
+            );
+        }
+        Cmd::Pki(PkiCmd::List { profile, subject, status, page }) => {
+            let mut c = PkiServiceClient::new(channel(cfg).await?);
+            let mut token = page.page_token.clone();
+            let mut all = Vec::new();
+            loop {
+                let r = c
+                    .list_certificates(v1::ListCertificatesRequest {
+                        page: Some(page.req(&token)),
+                        profile: profile.clone().unwrap_or_default(),
+                        subject: subject.clone().unwrap_or_default(),
+                        status: status.clone().unwrap_or_default(),
+                    })
+                    .await?
+                    .into_inner();
+                all.extend(r.certificates);
+                token = r.next_page_token;
+                if !page.all || token.is_empty() {
+                    break;
+                }
+            }
+            emit(
+                out,
+                json!({"certificates": all.iter().map(cert_json).collect::<Vec<_>>(), "next_page_token": token}),
+                CERT_HEADERS,
+                all.iter().map(cert_row).collect(),
+            );
+            if out == Output::Table && !token.is_empty() {
+                eprintln!("more: --page-token {token}");
+            }
+        }
+        Cmd::Pki(PkiCmd::Show { serial, pem }) => {
+            let mut c = PkiServiceClient::new(channel(cfg).await?);
+            let info = c.get_certificate(v1::GetCertificateRequest { serial }).await?.into_inner();
+            let mut j = cert_json(&info);
+            j["certificate_pem"] = json!(info.certificate_pem);
+            let mut rows: Vec<Vec<String>> = j
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter(|(k, _)| *k != "certificate_pem")
+                .map(|(k, v)| vec![k.clone(), v.as_str().unwrap_or_default().to_string()])
+                .collect();
+            if pem {
+                rows.push(vec!["certificate_pem".into(), info.certificate_pem.clone()]);
+            }
+            emit(out, j, &["FIELD", "VALUE"], rows);
+        }
+        Cmd::Pki(PkiCmd::Renew { serial, csr, out_dir }) => {
+            let mut c = PkiServiceClient::new(channel(cfg).await?);
+            let (key, csr_pem) = match csr {
+                Some(p) => (None, std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?),
+                None => {
+                    let (k, c) = laddnet_pki::new_key_and_csr("renewal")?;
+                    (Some(k), c)
+                }
+            };
+            let r = c.renew_certificate(v1::PkiRenewRequest { serial, csr_pem }).await?.into_inner();
+            let info = r.certificate.ok_or_else(|| anyhow!("the node returned no certificate"))?;
+            let written = match key {
+                Some(k) => {
+                    let (kp, cp) = write_key_and_cert(&out_dir, &file_stem(&format!("{}-{}", info.subject, &info.serial[..8])), &k, &r.chain_pem)?;
+                    format!("{} {}", cp.display(), kp.display())
+                }
+                None => {
+                    let p = out_dir.join(format!("{}.crt", file_stem(&info.serial)));
+                    std::fs::write(&p, &r.chain_pem).with_context(|| format!("writing {}", p.display()))?;
+                    p.display().to_string()
+                }
+            };
+            let mut j = cert_json(&info);
+            j["files"] = json!(written);
+            emit(out, j, CERT_HEADERS, vec![cert_row(&info)]);
+        }
+        Cmd::Pki(PkiCmd::Revoke { serial, reason }) => {
+            let mut c = PkiServiceClient::new(channel(cfg).await?);
+            let info = c.revoke_certificate(v1::RevokeCertificateRequest { serial, reason }).await?.into_inner();
+            emit(out, cert_json(&info), CERT_HEADERS, vec![cert_row(&info)]);
+        }
+        Cmd::Pki(PkiCmd::Crl { out: file }) => {
+            let mut c = PkiServiceClient::new(channel(cfg).await?);
+            let crl = c.get_crl(v1::GetCrlRequest {}).await?.into_inner();
+            let summary = laddnet_pki::summarize_crl(crl.crl_pem.as_bytes())?;
+            if let Some(f) = file {
+                std::fs::write(&f, &crl.crl_pem).with_context(|| format!("writing {}", f.display()))?;
+            }
+            emit(
+                out,
+                json!({"crl_number": crl.crl_number, "this_update": crl.this_update, "next_update": crl.next_update, "revoked": summary.revoked_serials, "pem": crl.crl_pem}),
+                &["NUMBER", "THIS UPDATE", "NEXT UPDATE", "REVOKED"],
+                vec![vec![crl.crl_number.to_string(), crl.this_update, crl.next_update, summary.revoked_serials.len().to_string()]],
+            );
+        }
+        Cmd::Pki(PkiCmd::Audit { cmd: Some(AuditCmd::Verify), .. }) => {
+            let mut c = PkiServiceClient::new(channel(cfg).await?);
+            let v = c.verify_audit(v1::VerifyAuditRequest {}).await?.into_inner();
+            emit(
+                out,
+                json!({"ok": v.ok, "entries": v.entries, "first_bad_seq": v.first_bad_seq, "problem": v.problem}),
+                &["OK", "ENTRIES", "FIRST BAD", "PROBLEM"],
+                vec![vec![v.ok.to_string(), v.entries.to_string(), if v.ok { String::new() } else { v.first_bad_seq.to_string() }, v.problem.clone()]],
+            );
+            if !v.ok {
+                bail!("audit log is broken at entry {}: {}", v.first_bad_seq, v.problem);
+            }
+        }
+        Cmd::Pki(PkiCmd::Audit { cmd: None, page }) => {
+            let mut c = PkiServiceClient::new(channel(cfg).await?);
+            let mut token = page.page_token.clone();
+            let mut all = Vec::new();
+            loop {
+                let r = c.list_audit_entries(v1::ListAuditEntriesRequest { page: Some(page.req(&token)) }).await?.into_inner();
+                all.extend(r.entries);
+                token = r.next_page_token;
+                if !page.all || token.is_empty() {
+                    break;
+                }
+            }
+            emit(
+                out,
+                json!({"entries": all.iter().map(|e| json!({"seq": e.seq, "at": e.at, "kind": e.kind, "actor": e.actor, "subject": e.subject, "detail": e.detail, "hash": e.hash})).collect::<Vec<_>>(), "next_page_token": token}),
+                &["SEQ", "AT", "KIND", "ACTOR", "SUBJECT", "DETAIL"],
+                all.iter().map(|e| vec![e.seq.to_string(), e.at.clone(), e.kind.clone(), e.actor.clone(), e.subject.clone(), e.detail.clone()]).collect(),
+            );
+        }
+        Cmd::Operators(OperatorsCmd::Issue { name, role, out_dir }) => {
+            let mut c = PkiServiceClient::new(channel(cfg).await?);
+            let (key, csr_pem) = laddnet_pki::new_key_and_csr(&name)?;
+            let r = c.issue_operator_certificate(v1::IssueOperatorCertificateRequest { name, role, csr_pem }).await?.into_inner();
+            let info = r.certificate.ok_or_else(|| anyhow!("the node returned no certificate"))?;
+            let (kp, cp) = write_key_and_cert(&out_dir, &file_stem(&info.subject), &key, &r.chain_pem)?;
+            let mut j = cert_json(&info);
+            j["certificate_file"] = json!(cp);
+            j["key_file"] = json!(kp);
+            emit(out, j, CERT_HEADERS, vec![cert_row(&info)]);
+            if out == Output::Table {
+                eprintln!("wrote {} and {}", cp.display(), kp.display());
+            }
+        }
+        Cmd::Chargers(ChargersCmd::List { page }) => {
+            let mut c = OperatorServiceClient::new(channel(cfg).await?);
+            let mut token = page.page_token.clone();
+            let mut all = Vec::new();
+            loop {
+                let r = c.list_chargers(v1::ListChargersRequest { page: Some(page.req(&token)) }).await?.into_inner();
+                all.extend(r.chargers);
+                token = r.next_page_token;
+                if !page.all || token.is_empty() {
+                    break;
+                }
+            }
+            emit(
+                out,
+                json!({"chargers": all.iter().map(|c| json!({"charger_id": c.charger_id, "connected": c.connected, "vendor": c.vendor, "model": c.model, "firmware_version": c.firmware_version, "connected_since": c.connected_since, "last_heartbeat": c.last_heartbeat, "certificate_serial": c.certificate_serial, "site_id": c.site_id})).collect::<Vec<_>>(), "next_page_token": token}),
+                &["CHARGER", "SITE", "VENDOR", "MODEL", "FIRMWARE", "SINCE", "LAST HEARTBEAT"],
+                all.iter().map(|c| vec![c.charger_id.clone(), c.site_id.clone(), c.vendor.clone(), c.model.clone(), c.firmware_version.clone(), c.connected_since.clone(), c.last_heartbeat.clone()]).collect(),
+            );
+        }
+        Cmd::Whoami => {
+            let mut c = OperatorServiceClient::new(channel(cfg).await?);
+            let w = c.who_am_i(v1::WhoAmIRequest {}).await?.into_inner();
+            emit(
+                out,
+                json!({"name": w.name, "role": w.role, "serial": w.serial, "not_after": w.not_after}),
+                &["NAME", "ROLE", "SERIAL", "NOT AFTER"],
+                vec![vec![w.name, w.role, w.serial, w.not_after]],
+            );
+        }
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli).await {
+        match e.downcast_ref::<tonic::Status>() {
+            Some(s) => eprintln!("laddctl: {:?}: {}", s.code(), s.message()),
+            None => eprintln!("laddctl: {e:#}"),
+        }
+        std::process::exit(1);
+    }
+}

@@ -14,6 +14,7 @@
 #![forbid(unsafe_code)]
 
 pub mod bootstrap;
+pub mod client;
 pub mod config;
 pub mod identity;
 pub mod node;
