@@ -1,1 +1,290 @@
+//! The end-to-end test harness: a real node on loopback (port 0) in a
+//! temporary data dir, with a clock the test can move, and helpers that act
+//! as chargers, operators and attackers with real certificates.
 
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+use laddnet_core::{OperatorName, Role};
+use laddnet_node::{NodeConfig, RunningNode};
+use laddnet_proto::v1;
+use laddnet_proto::v1::charger_service_client::ChargerServiceClient;
+use laddnet_proto::v1::enrollment_service_client::EnrollmentServiceClient;
+use laddnet_proto::v1::pki_service_client::PkiServiceClient;
+use rustls::ClientConfig;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+
+pub use laddnet_node;
+pub use laddnet_pki;
+
+/// A clock the test moves: the wall clock plus an offset.
+#[derive(Clone, Default)]
+pub struct TestClock {
+    offset: Arc<AtomicI64>,
+}
+
+impl TestClock {
+    pub fn advance_days(&self, days: i64) {
+        self.offset.fetch_add(days * 86_400, Ordering::SeqCst);
+    }
+    pub fn clock(&self) -> laddnet_pki::Clock {
+        let offset = self.offset.clone();
+        Arc::new(move || time::OffsetDateTime::now_utc().unix_timestamp() + offset.load(Ordering::SeqCst))
+    }
+}
+
+/// Credentials: chain PEM (leaf first) and key PEM.
+#[derive(Clone, Debug)]
+pub struct Creds {
+    pub chain_pem: String,
+    pub key_pem: String,
+    pub serial: String,
+}
+
+pub struct TestNode {
+    pub dir: tempfile::TempDir,
+    pub config: NodeConfig,
+    pub node: Option<RunningNode>,
+    pub clock: TestClock,
+    pub root_pem: String,
+    pub admin: Creds,
+}
+
+impl TestNode {
+    /// A fresh CA and node with test-friendly timings.
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(tweak: impl FnOnce(&mut NodeConfig)) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = NodeConfig::for_data_dir(dir.path().join("data"));
+        config.listen.mtls = "127.0.0.1:0".parse().unwrap();
+        config.listen.enrollment = "127.0.0.1:0".parse().unwrap();
+        config.tls.handshake_timeout_ms = 1_000;
+        config.tls.crl_poll_ms = 200;
+        tweak(&mut config);
+        let init_cfg = config.clone();
+        tokio::task::spawn_blocking(move || {
+            laddnet_node::init_data_dir(&init_cfg, &OperatorName::new("admin").unwrap()).expect("init")
+        })
+        .await
+        .unwrap();
+        let creds = config.data_dir.join("credentials");
+        let chain_pem = std::fs::read_to_string(creds.join("admin.crt")).unwrap();
+        let key_pem = std::fs::read_to_string(creds.join("admin.key")).unwrap();
+        let serial = laddnet_pki::summarize_certificate(&laddnet_pki::tls::certs_from_pem(&chain_pem).unwrap()[0])
+            .unwrap()
+            .serial;
+        let root_pem = std::fs::read_to_string(config.ca_dir().join("root.crt")).unwrap();
+        let clock = TestClock::default();
+        let node = RunningNode::start_with(config.clone(), clock.clock()).await.expect("node starts");
+        Self { dir, config, node: Some(node), clock, root_pem, admin: Creds { chain_pem, key_pem, serial } }
+    }
+
+    pub fn node(&self) -> &RunningNode {
+        self.node.as_ref().expect("node running")
+    }
+
+    pub fn mtls_endpoint(&self) -> String {
+        format!("https://{}", self.node().mtls_addr)
+    }
+
+    pub fn tls(&self, creds: Option<&Creds>) -> Arc<ClientConfig> {
+        laddnet_pki::tls::client_config(&self.root_pem, creds.map(|c| (c.chain_pem.as_str(), c.key_pem.as_str()))).unwrap()
+    }
+
+    /// A channel to the mutual-TLS listener presenting `creds`.
+    pub async fn channel(&self, creds: &Creds) -> anyhow::Result<Channel> {
+        laddnet_node::client::connect(&self.mtls_endpoint(), "localhost", self.tls(Some(creds))).await
+    }
+
+    pub async fn pki(&self) -> PkiServiceClient<Channel> {
+        PkiServiceClient::new(self.channel(&self.admin).await.expect("admin connects"))
+    }
+
+    pub async fn enrollment(&self) -> EnrollmentServiceClient<Channel> {
+        let ch = laddnet_node::client::connect(&format!("https://{}", self.node().enrollment_addr), "localhost", self.tls(None))
+            .await
+            .expect("enrollment listener reachable");
+        EnrollmentServiceClient::new(ch)
+    }
+
+    pub async fn token(&self, charger_id: &str) -> String {
+        self.pki()
+            .await
+            .create_enrollment_token(v1::CreateEnrollmentTokenRequest {
+                charger_id: charger_id.into(),
+                ttl_seconds: 0,
+                site_id: String::new(),
+            })
+            .await
+            .expect("token created")
+            .into_inner()
+            .token
+    }
+
+    /// Enrolls a charger the way a real one does: new key, CSR, token.
+    pub async fn enroll(&self, charger_id: &str) -> Creds {
+        let token = self.token(charger_id).await;
+        let (key, csr) = laddnet_pki::new_key_and_csr(charger_id).unwrap();
+        let r = self
+            .enrollment()
+            .await
+            .enroll(v1::EnrollRequest { charger_id: charger_id.into(), token, csr_pem: csr })
+            .await
+            .expect("enrolled")
+            .into_inner();
+        Creds { chain_pem: r.chain_pem, key_pem: key.to_string(), serial: r.certificate.unwrap().serial }
+    }
+
+    /// Issues an operator certificate with `role`.
+    pub async fn operator(&self, name: &str, role: Role) -> Creds {
+        let (key, csr) = laddnet_pki::new_key_and_csr(name).unwrap();
+        let r = self
+            .pki()
+            .await
+            .issue_operator_certificate(v1::IssueOperatorCertificateRequest { name: name.into(), role: role.to_string(), csr_pem: csr })
+            .await
+            .expect("operator issued")
+            .into_inner();
+        Creds { chain_pem: r.chain_pem, key_pem: key.to_string(), serial: r.certificate.unwrap().serial }
+    }
+
+    /// The intermediate CA's issuer, read from disk as an attacker holding
+    /// the key would: for forging certificates the CA never recorded.
+    pub fn raw_issuer(&self) -> rcgen::Issuer<'static, rcgen::KeyPair> {
+        let files = laddnet_pki::CaFiles::new(self.config.ca_dir());
+        let sealed: laddnet_vault::SealedBox =
+            serde_json::from_slice(&std::fs::read(files.intermediate_key()).unwrap()).unwrap();
+        let der = laddnet_vault::open(
+            &laddnet_vault::KeySource::KeyFile(self.config.key_file()),
+            b"laddnet/ca/intermediate-key/v1",
+            &sealed,
+        )
+        .unwrap();
+        let key = rcgen::KeyPair::try_from(der.as_slice()).unwrap();
+        let cert_pem = std::fs::read_to_string(files.intermediate_cert()).unwrap();
+        rcgen::Issuer::from_ca_cert_pem(&cert_pem, key).unwrap()
+    }
+
+    pub fn intermediate_pem(&self) -> String {
+        std::fs::read_to_string(laddnet_pki::CaFiles::new(self.config.ca_dir()).intermediate_cert()).unwrap()
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.config.data_dir.clone()
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(n) = self.node.take() {
+            n.shutdown().await;
+        }
+    }
+}
+
+/// A charger's open Attach stream.
+pub struct Attached {
+    pub tx: mpsc::Sender<v1::ChargerMessage>,
+    pub rx: tonic::Streaming<v1::CentralMessage>,
+    next_id: u64,
+}
+
+impl Attached {
+    pub async fn heartbeat(&mut self) -> anyhow::Result<v1::CentralMessage> {
+        self.next_id += 1;
+        self.tx
+            .send(v1::ChargerMessage { msg_id: self.next_id, payload: Some(v1::charger_message::Payload::Heartbeat(v1::Heartbeat {})) })
+            .await?;
+        let m = tokio::time::timeout(Duration::from_secs(10), self.rx.message())
+            .await??
+            .ok_or_else(|| anyhow::anyhow!("stream ended"))?;
+        Ok(m)
+    }
+}
+
+/// Opens the Attach stream and sends boot claiming `claimed_id`; returns
+/// once the node accepted the boot, or its refusal.
+pub async fn attach(channel: Channel, claimed_id: &str) -> Result<Attached, tonic::Status> {
+    let (tx, rx) = mpsc::channel(16);
+    tx.send(v1::ChargerMessage {
+        msg_id: 1,
+        payload: Some(v1::charger_message::Payload::Boot(v1::Boot {
+            charger_id: claimed_id.into(),
+            vendor: "laddnet-test".into(),
+            model: "T1".into(),
+            firmware_version: "1.0".into(),
+        })),
+    })
+    .await
+    .unwrap();
+    let mut client = ChargerServiceClient::new(channel);
+    let mut rx_stream = client.attach(ReceiverStream::new(rx)).await?.into_inner();
+    match rx_stream.message().await? {
+        Some(v1::CentralMessage { payload: Some(v1::central_message::Payload::BootAccepted(_)), .. }) => {
+            Ok(Attached { tx, rx: rx_stream, next_id: 1 })
+        }
+        other => Err(tonic::Status::internal(format!("unexpected first reply {other:?}"))),
+    }
+}
+
+/// Polls `f` until it returns true or `within` passes.
+pub async fn eventually<F, Fut>(within: Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if f().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Signs a certificate directly with the intermediate's key (bypassing the
+/// CA's records), from `params` for a fresh key. Returns (chain PEM, key PEM).
+pub fn forge(node: &TestNode, params: rcgen::CertificateParams) -> Creds {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &node.raw_issuer()).unwrap();
+    let serial = laddnet_pki::summarize_certificate(cert.der()).unwrap().serial;
+    Creds { chain_pem: format!("{}{}", cert.pem(), node.intermediate_pem()), key_pem: key.serialize_pem(), serial }
+}
+
+/// Parameters of a charger-like certificate, for tests to bend.
+pub fn charger_params(cn: &str) -> rcgen::CertificateParams {
+    let mut p = rcgen::CertificateParams::default();
+    p.distinguished_name = rcgen::DistinguishedName::new();
+    p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+    p.is_ca = rcgen::IsCa::ExplicitNoCa;
+    p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    p.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+    let now = time::OffsetDateTime::now_utc();
+    p.not_before = now - time::Duration::hours(1);
+    p.not_after = now + time::Duration::days(30);
+    let mut serial = [0u8; 17];
+    serial[0] = 1;
+    serial[1..9].copy_from_slice(&now.unix_timestamp_nanos().to_be_bytes()[8..]);
+    p.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
+    p.use_authority_key_identifier_extension = true;
+    p
+}
+
+/// Whether an RPC over a channel with `creds` gets any answer from the node.
+pub async fn served(node: &TestNode, creds: &Creds) -> bool {
+    let Ok(ch) = node.channel(creds).await else { return false };
+    let mut health = tonic_health_client(ch);
+    health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.is_ok()
+}
+
+fn tonic_health_client(ch: Channel) -> tonic_health::pb::health_client::HealthClient<Channel> {
+    tonic_health::pb::health_client::HealthClient::new(ch)
+}
