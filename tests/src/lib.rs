@@ -82,8 +82,21 @@ impl TestNode {
             .serial;
         let root_pem = std::fs::read_to_string(config.ca_dir().join("root.crt")).unwrap();
         let clock = TestClock::default();
-        let node = RunningNode::start_with(config.clone(), clock.clock()).await.expect("node starts");
-        Self { dir, config, node: Some(node), clock, root_pem, admin: Creds { chain_pem, key_pem, serial } }
+        let node = RunningNode::start_with(config.clone(), clock.clock())
+            .await
+            .expect("node starts");
+        Self {
+            dir,
+            config,
+            node: Some(node),
+            clock,
+            root_pem,
+            admin: Creds {
+                chain_pem,
+                key_pem,
+                serial,
+            },
+        }
     }
 
     pub fn node(&self) -> &RunningNode {
@@ -95,7 +108,11 @@ impl TestNode {
     }
 
     pub fn tls(&self, creds: Option<&Creds>) -> Arc<ClientConfig> {
-        laddnet_pki::tls::client_config(&self.root_pem, creds.map(|c| (c.chain_pem.as_str(), c.key_pem.as_str()))).unwrap()
+        laddnet_pki::tls::client_config(
+            &self.root_pem,
+            creds.map(|c| (c.chain_pem.as_str(), c.key_pem.as_str())),
+        )
+        .unwrap()
     }
 
     /// A channel to the mutual-TLS listener presenting `creds`.
@@ -108,9 +125,13 @@ impl TestNode {
     }
 
     pub async fn enrollment(&self) -> EnrollmentServiceClient<Channel> {
-        let ch = laddnet_node::client::connect(&format!("https://{}", self.node().enrollment_addr), "localhost", self.tls(None))
-            .await
-            .expect("enrollment listener reachable");
+        let ch = laddnet_node::client::connect(
+            &format!("https://{}", self.node().enrollment_addr),
+            "localhost",
+            self.tls(None),
+        )
+        .await
+        .expect("enrollment listener reachable");
         EnrollmentServiceClient::new(ch)
     }
 
@@ -135,11 +156,19 @@ impl TestNode {
         let r = self
             .enrollment()
             .await
-            .enroll(v1::EnrollRequest { charger_id: charger_id.into(), token, csr_pem: csr })
+            .enroll(v1::EnrollRequest {
+                charger_id: charger_id.into(),
+                token,
+                csr_pem: csr,
+            })
             .await
             .expect("enrolled")
             .into_inner();
-        Creds { chain_pem: r.chain_pem, key_pem: key.to_string(), serial: r.certificate.unwrap().serial }
+        Creds {
+            chain_pem: r.chain_pem,
+            key_pem: key.to_string(),
+            serial: r.certificate.unwrap().serial,
+        }
     }
 
     /// Issues an operator certificate with `role`.
@@ -148,11 +177,19 @@ impl TestNode {
         let r = self
             .pki()
             .await
-            .issue_operator_certificate(v1::IssueOperatorCertificateRequest { name: name.into(), role: role.to_string(), csr_pem: csr })
+            .issue_operator_certificate(v1::IssueOperatorCertificateRequest {
+                name: name.into(),
+                role: role.to_string(),
+                csr_pem: csr,
+            })
             .await
             .expect("operator issued")
             .into_inner();
-        Creds { chain_pem: r.chain_pem, key_pem: key.to_string(), serial: r.certificate.unwrap().serial }
+        Creds {
+            chain_pem: r.chain_pem,
+            key_pem: key.to_string(),
+            serial: r.certificate.unwrap().serial,
+        }
     }
 
     /// The intermediate CA's issuer, read from disk as an attacker holding
@@ -198,7 +235,10 @@ impl Attached {
     pub async fn heartbeat(&mut self) -> anyhow::Result<v1::CentralMessage> {
         self.next_id += 1;
         self.tx
-            .send(v1::ChargerMessage { msg_id: self.next_id, payload: Some(v1::charger_message::Payload::Heartbeat(v1::Heartbeat {})) })
+            .send(v1::ChargerMessage {
+                msg_id: self.next_id,
+                payload: Some(v1::charger_message::Payload::Heartbeat(v1::Heartbeat {})),
+            })
             .await?;
         let m = tokio::time::timeout(Duration::from_secs(10), self.rx.message())
             .await??
@@ -225,9 +265,14 @@ pub async fn attach(channel: Channel, claimed_id: &str) -> Result<Attached, toni
     let mut client = ChargerServiceClient::new(channel);
     let mut rx_stream = client.attach(ReceiverStream::new(rx)).await?.into_inner();
     match rx_stream.message().await? {
-        Some(v1::CentralMessage { payload: Some(v1::central_message::Payload::BootAccepted(_)), .. }) => {
-            Ok(Attached { tx, rx: rx_stream, next_id: 1 })
-        }
+        Some(v1::CentralMessage {
+            payload: Some(v1::central_message::Payload::BootAccepted(_)),
+            ..
+        }) => Ok(Attached {
+            tx,
+            rx: rx_stream,
+            next_id: 1,
+        }),
         other => Err(tonic::Status::internal(format!("unexpected first reply {other:?}"))),
     }
 }
@@ -256,7 +301,11 @@ pub fn forge(node: &TestNode, params: rcgen::CertificateParams) -> Creds {
     let key = rcgen::KeyPair::generate().unwrap();
     let cert = params.signed_by(&key, &node.raw_issuer()).unwrap();
     let serial = laddnet_pki::summarize_certificate(cert.der()).unwrap().serial;
-    Creds { chain_pem: format!("{}{}", cert.pem(), node.intermediate_pem()), key_pem: key.serialize_pem(), serial }
+    Creds {
+        chain_pem: format!("{}{}", cert.pem(), node.intermediate_pem()),
+        key_pem: key.serialize_pem(),
+        serial,
+    }
 }
 
 /// Parameters of a charger-like certificate, for tests to bend.
@@ -280,9 +329,14 @@ pub fn charger_params(cn: &str) -> rcgen::CertificateParams {
 
 /// Whether an RPC over a channel with `creds` gets any answer from the node.
 pub async fn served(node: &TestNode, creds: &Creds) -> bool {
-    let Ok(ch) = node.channel(creds).await else { return false };
+    let Ok(ch) = node.channel(creds).await else {
+        return false;
+    };
     let mut health = tonic_health_client(ch);
-    health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.is_ok()
+    health
+        .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+        .await
+        .is_ok()
 }
 
 fn tonic_health_client(ch: Channel) -> tonic_health::pb::health_client::HealthClient<Channel> {

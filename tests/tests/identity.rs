@@ -11,12 +11,19 @@ async fn audit_has(node: &TestNode, kind: &str, needle: &str) -> bool {
     let entries = node
         .pki()
         .await
-        .list_audit_entries(v1::ListAuditEntriesRequest { page: Some(v1::PageRequest { page_size: 1000, page_token: String::new() }) })
+        .list_audit_entries(v1::ListAuditEntriesRequest {
+            page: Some(v1::PageRequest {
+                page_size: 1000,
+                page_token: String::new(),
+            }),
+        })
         .await
         .unwrap()
         .into_inner()
         .entries;
-    entries.iter().any(|e| e.kind == kind && (e.detail.contains(needle) || e.subject.contains(needle)))
+    entries
+        .iter()
+        .any(|e| e.kind == kind && (e.detail.contains(needle) || e.subject.contains(needle)))
 }
 
 #[tokio::test]
@@ -24,7 +31,10 @@ async fn charger_claiming_another_id_is_refused_and_recorded() {
     let node = TestNode::start().await;
     let a = node.enroll("CP-A").await;
     node.enroll("CP-B").await;
-    let err = attach(node.channel(&a).await.unwrap(), "CP-B").await.err().expect("refused");
+    let err = attach(node.channel(&a).await.unwrap(), "CP-B")
+        .await
+        .err()
+        .expect("refused");
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
     assert!(err.message().contains("CP-A"), "{}", err.message());
     assert!(audit_has(&node, "security-event", "CP-B").await);
@@ -44,7 +54,11 @@ async fn foreign_ca_is_refused() {
     let issuer = rcgen::Issuer::new(ca, &key);
     let leaf_key = rcgen::KeyPair::generate().unwrap();
     let leaf = charger_params("CP-A").signed_by(&leaf_key, &issuer).unwrap();
-    let creds = Creds { chain_pem: format!("{}{}", leaf.pem(), ca_cert.pem()), key_pem: leaf_key.serialize_pem(), serial: String::new() };
+    let creds = Creds {
+        chain_pem: format!("{}{}", leaf.pem(), ca_cert.pem()),
+        key_pem: leaf_key.serialize_pem(),
+        serial: String::new(),
+    };
     assert!(!served(&node, &creds).await);
     let genuine = node.enroll("CP-A").await;
     assert!(served(&node, &genuine).await, "the control case must be served");
@@ -72,7 +86,10 @@ async fn server_auth_only_and_ca_true_leaves_are_refused() {
     assert!(!served(&node, &forge(&node, server_only)).await);
     let mut ca_leaf = charger_params("CP-CA");
     ca_leaf.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_leaf.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature, rcgen::KeyUsagePurpose::KeyCertSign];
+    ca_leaf.key_usages = vec![
+        rcgen::KeyUsagePurpose::DigitalSignature,
+        rcgen::KeyUsagePurpose::KeyCertSign,
+    ];
     assert!(!served(&node, &forge(&node, ca_leaf)).await);
 }
 
@@ -83,7 +100,14 @@ async fn certificate_the_ca_never_recorded_is_refused() {
     let node = TestNode::start().await;
     let forged = forge(&node, charger_params("CP-FORGED"));
     assert!(!served(&node, &forged).await);
-    assert!(eventually(Duration::from_secs(5), || audit_has(&node, "auth-refused", "not issued by this CA")).await);
+    assert!(
+        eventually(Duration::from_secs(5), || audit_has(
+            &node,
+            "auth-refused",
+            "not issued by this CA"
+        ))
+        .await
+    );
 }
 
 #[tokio::test]
@@ -105,7 +129,11 @@ async fn no_client_certificate_gets_nothing() {
             }
         }
     };
-    assert!(got.is_empty(), "the server sent {} bytes of application data to a client without a certificate", got.len());
+    assert!(
+        got.is_empty(),
+        "the server sent {} bytes of application data to a client without a certificate",
+        got.len()
+    );
 }
 
 #[tokio::test]
@@ -114,7 +142,11 @@ async fn roles_are_enforced() {
     let viewer = node.operator("Vera Viewer", Role::Viewer).await;
     let mut pki = laddnet_proto::v1::pki_service_client::PkiServiceClient::new(node.channel(&viewer).await.unwrap());
     let err = pki
-        .create_enrollment_token(v1::CreateEnrollmentTokenRequest { charger_id: "CP-1".into(), ttl_seconds: 0, site_id: String::new() })
+        .create_enrollment_token(v1::CreateEnrollmentTokenRequest {
+            charger_id: "CP-1".into(),
+            ttl_seconds: 0,
+            site_id: String::new(),
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied);
@@ -122,16 +154,26 @@ async fn roles_are_enforced() {
 
     let security = node.operator("Sam Security", Role::SecurityAdmin).await;
     let mut pki = laddnet_proto::v1::pki_service_client::PkiServiceClient::new(node.channel(&security).await.unwrap());
-    pki.create_enrollment_token(v1::CreateEnrollmentTokenRequest { charger_id: "CP-1".into(), ttl_seconds: 0, site_id: String::new() })
-        .await
-        .unwrap();
+    pki.create_enrollment_token(v1::CreateEnrollmentTokenRequest {
+        charger_id: "CP-1".into(),
+        ttl_seconds: 0,
+        site_id: String::new(),
+    })
+    .await
+    .unwrap();
 
     // A charger's certificate opens no operator door.
     let charger = node.enroll("CP-1").await;
     let mut pki = laddnet_proto::v1::pki_service_client::PkiServiceClient::new(node.channel(&charger).await.unwrap());
-    let err = pki.list_certificates(v1::ListCertificatesRequest::default()).await.unwrap_err();
+    let err = pki
+        .list_certificates(v1::ListCertificatesRequest::default())
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied);
     // And an operator cannot attach as a charger.
-    let err = attach(node.channel(&viewer).await.unwrap(), "Vera Viewer").await.err().unwrap();
+    let err = attach(node.channel(&viewer).await.unwrap(), "Vera Viewer")
+        .await
+        .err()
+        .unwrap();
     assert_eq!(err.code(), tonic::Code::PermissionDenied);
 }

@@ -9,7 +9,11 @@ use laddnet_proto::v1::charger_service_client::ChargerServiceClient;
 use laddnet_tests::*;
 
 fn openssl(args: &[&str], dir: &std::path::Path) -> std::process::Output {
-    Command::new("openssl").args(args).current_dir(dir).output().expect("openssl is installed (.ci/run installs it)")
+    Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl is installed (.ci/run installs it)")
 }
 
 /// A CSR made by openssl, an implementation independent of ours.
@@ -19,14 +23,27 @@ fn openssl_csr(dir: &std::path::Path, name: &str, args: &[&str]) -> String {
     all.push(&subj);
     all.extend_from_slice(args);
     let out = openssl(&all, dir);
-    assert!(out.status.success(), "openssl req failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "openssl req failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     std::fs::read_to_string(dir.join("r.csr")).unwrap()
 }
 
-async fn enroll_with(node: &TestNode, id: &str, token: String, csr: String) -> Result<v1::EnrollResponse, tonic::Status> {
+async fn enroll_with(
+    node: &TestNode,
+    id: &str,
+    token: String,
+    csr: String,
+) -> Result<v1::EnrollResponse, tonic::Status> {
     node.enrollment()
         .await
-        .enroll(v1::EnrollRequest { charger_id: id.into(), token, csr_pem: csr })
+        .enroll(v1::EnrollRequest {
+            charger_id: id.into(),
+            token,
+            csr_pem: csr,
+        })
         .await
         .map(|r| r.into_inner())
 }
@@ -36,7 +53,9 @@ async fn tokens_are_single_use_bound_to_one_charger_and_expire() {
     let node = TestNode::start().await;
     let token = node.token("CP-1").await;
     let (_, csr) = laddnet_pki::new_key_and_csr("CP-1").unwrap();
-    let err = enroll_with(&node, "CP-2", token.clone(), csr.clone()).await.unwrap_err();
+    let err = enroll_with(&node, "CP-2", token.clone(), csr.clone())
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied);
     assert!(err.message().contains("another charger"), "{}", err.message());
     enroll_with(&node, "CP-1", token.clone(), csr.clone()).await.unwrap();
@@ -59,11 +78,20 @@ async fn enrollment_is_rate_limited_per_address() {
     let mut codes = Vec::new();
     for _ in 0..burst + 3 {
         let r = client
-            .enroll(v1::EnrollRequest { charger_id: "CP-X".into(), token: "ldt_wrong".into(), csr_pem: String::new() })
+            .enroll(v1::EnrollRequest {
+                charger_id: "CP-X".into(),
+                token: "ldt_wrong".into(),
+                csr_pem: String::new(),
+            })
             .await;
         codes.push(r.unwrap_err().code());
     }
-    assert!(codes[..burst as usize].iter().all(|c| *c != tonic::Code::ResourceExhausted), "{codes:?}");
+    assert!(
+        codes[..burst as usize]
+            .iter()
+            .all(|c| *c != tonic::Code::ResourceExhausted),
+        "{codes:?}"
+    );
     assert_eq!(*codes.last().unwrap(), tonic::Code::ResourceExhausted, "{codes:?}");
 }
 
@@ -74,7 +102,11 @@ async fn weak_or_broken_csrs_are_not_signed() {
     let cases: Vec<(&str, Vec<&str>, &str)> = vec![
         ("rsa 1024", vec!["-newkey", "rsa:1024"], "too weak"),
         ("sha1", vec!["-newkey", "rsa:2048", "-sha1"], "SHA-1"),
-        ("secp256k1", vec!["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:secp256k1"], "curve"),
+        (
+            "secp256k1",
+            vec!["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:secp256k1"],
+            "curve",
+        ),
     ];
     for (what, args, expect) in cases {
         let csr = openssl_csr(dir.path(), "CP-W", &args);
@@ -128,7 +160,10 @@ async fn issued_certificate_comes_from_policy_not_from_the_csr() {
     assert!(!s.is_ca);
     assert!(s.client_auth && !s.server_auth);
     let (_, cert) = x509_parser::parse_x509_certificate(&leaf).unwrap();
-    assert!(cert.subject_alternative_name().unwrap().is_none(), "no SAN from the CSR");
+    assert!(
+        cert.subject_alternative_name().unwrap().is_none(),
+        "no SAN from the CSR"
+    );
     let eku = cert.extended_key_usage().unwrap().unwrap().value;
     assert!(!eku.code_signing && eku.other.is_empty());
     let ku = cert.key_usage().unwrap().unwrap().value;
@@ -137,13 +172,49 @@ async fn issued_certificate_comes_from_policy_not_from_the_csr() {
     assert_eq!((s.not_after - s.not_before + 300) / 86_400, 365);
 
     // And an independent verifier accepts it against the CA chain.
-    std::fs::write(dir.path().join("leaf.pem"), pem::encode(&pem::Pem::new("CERTIFICATE", leaf))).unwrap();
+    std::fs::write(
+        dir.path().join("leaf.pem"),
+        pem::encode(&pem::Pem::new("CERTIFICATE", leaf)),
+    )
+    .unwrap();
     std::fs::write(dir.path().join("root.pem"), &node.root_pem).unwrap();
     std::fs::write(dir.path().join("int.pem"), node.intermediate_pem()).unwrap();
-    let out = openssl(&["verify", "-CAfile", "root.pem", "-untrusted", "int.pem", "-purpose", "sslclient", "leaf.pem"], dir.path());
-    assert!(out.status.success(), "openssl verify: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    let out = openssl(&["verify", "-CAfile", "root.pem", "-untrusted", "int.pem", "-purpose", "sslserver", "leaf.pem"], dir.path());
-    assert!(!out.status.success(), "a charger certificate must not pass as a server certificate");
+    let out = openssl(
+        &[
+            "verify",
+            "-CAfile",
+            "root.pem",
+            "-untrusted",
+            "int.pem",
+            "-purpose",
+            "sslclient",
+            "leaf.pem",
+        ],
+        dir.path(),
+    );
+    assert!(
+        out.status.success(),
+        "openssl verify: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = openssl(
+        &[
+            "verify",
+            "-CAfile",
+            "root.pem",
+            "-untrusted",
+            "int.pem",
+            "-purpose",
+            "sslserver",
+            "leaf.pem",
+        ],
+        dir.path(),
+    );
+    assert!(
+        !out.status.success(),
+        "a charger certificate must not pass as a server certificate"
+    );
 }
 
 #[tokio::test]
@@ -194,7 +265,11 @@ async fn renewal_opens_in_the_window_overlaps_and_never_for_revoked() {
                 .renew_certificate(v1::RenewCertificateRequest { csr_pem: csr })
                 .await?
                 .into_inner();
-            Ok::<_, tonic::Status>(Creds { chain_pem: r.chain_pem, key_pem: key.to_string(), serial: r.certificate.unwrap().serial })
+            Ok::<_, tonic::Status>(Creds {
+                chain_pem: r.chain_pem,
+                key_pem: key.to_string(),
+                serial: r.certificate.unwrap().serial,
+            })
         }
     };
     let err = renew(old.clone()).await.unwrap_err();
@@ -207,15 +282,34 @@ async fn renewal_opens_in_the_window_overlaps_and_never_for_revoked() {
     // Both work during the overlap, and only one stream at a time.
     assert!(served(&node, &old).await);
     assert!(served(&node, &new).await);
-    let info = node.pki().await.get_certificate(v1::GetCertificateRequest { serial: new.serial.clone() }).await.unwrap().into_inner();
+    let info = node
+        .pki()
+        .await
+        .get_certificate(v1::GetCertificateRequest {
+            serial: new.serial.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(info.renewed_from, old.serial);
-    let old_info = node.pki().await.get_certificate(v1::GetCertificateRequest { serial: old.serial.clone() }).await.unwrap().into_inner();
+    let old_info = node
+        .pki()
+        .await
+        .get_certificate(v1::GetCertificateRequest {
+            serial: old.serial.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(old_info.status, "valid", "renewal never revokes the predecessor");
 
     // A revoked certificate cannot renew, by any door.
     node.pki()
         .await
-        .revoke_certificate(v1::RevokeCertificateRequest { serial: new.serial.clone(), reason: "key-compromise".into() })
+        .revoke_certificate(v1::RevokeCertificateRequest {
+            serial: new.serial.clone(),
+            reason: "key-compromise".into(),
+        })
         .await
         .unwrap();
     assert!(renew(new.clone()).await.is_err());
@@ -223,7 +317,10 @@ async fn renewal_opens_in_the_window_overlaps_and_never_for_revoked() {
     let err = node
         .pki()
         .await
-        .renew_certificate(v1::PkiRenewRequest { serial: new.serial.clone(), csr_pem: csr })
+        .renew_certificate(v1::PkiRenewRequest {
+            serial: new.serial.clone(),
+            csr_pem: csr,
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);
@@ -239,10 +336,19 @@ async fn revocation_closes_the_live_stream_and_refuses_the_next_handshake() {
     let mut other = attach(node.channel(&bystander).await.unwrap(), "CP-B").await.unwrap();
     live.heartbeat().await.unwrap();
 
-    let before = node.pki().await.get_crl(v1::GetCrlRequest {}).await.unwrap().into_inner();
+    let before = node
+        .pki()
+        .await
+        .get_crl(v1::GetCrlRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     node.pki()
         .await
-        .revoke_certificate(v1::RevokeCertificateRequest { serial: creds.serial.clone(), reason: "key-compromise".into() })
+        .revoke_certificate(v1::RevokeCertificateRequest {
+            serial: creds.serial.clone(),
+            reason: "key-compromise".into(),
+        })
         .await
         .unwrap();
     let started = tokio::time::Instant::now();
@@ -250,7 +356,10 @@ async fn revocation_closes_the_live_stream_and_refuses_the_next_handshake() {
     let ended = tokio::time::timeout(Duration::from_secs(5), async {
         loop {
             match live.rx.message().await {
-                Ok(Some(v1::CentralMessage { payload: Some(v1::central_message::Payload::Closing(_)), .. })) => continue,
+                Ok(Some(v1::CentralMessage {
+                    payload: Some(v1::central_message::Payload::Closing(_)),
+                    ..
+                })) => continue,
                 Ok(Some(_)) => continue,
                 Ok(None) | Err(_) => break,
             }
@@ -262,21 +371,33 @@ async fn revocation_closes_the_live_stream_and_refuses_the_next_handshake() {
     assert!(!served(&node, &creds).await, "the next handshake must fail");
     other.heartbeat().await.expect("other chargers are unaffected");
 
-    let after = node.pki().await.get_crl(v1::GetCrlRequest {}).await.unwrap().into_inner();
+    let after = node
+        .pki()
+        .await
+        .get_crl(v1::GetCrlRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     assert!(after.crl_number > before.crl_number);
     let summary = laddnet_pki::summarize_crl(after.crl_pem.as_bytes()).unwrap();
     assert!(summary.revoked_serials.contains(&creds.serial));
     let err = node
         .pki()
         .await
-        .revoke_certificate(v1::RevokeCertificateRequest { serial: creds.serial.clone(), reason: "".into() })
+        .revoke_certificate(v1::RevokeCertificateRequest {
+            serial: creds.serial.clone(),
+            reason: "".into(),
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);
     let err = node
         .pki()
         .await
-        .revoke_certificate(v1::RevokeCertificateRequest { serial: bystander.serial.clone(), reason: "bored".into() })
+        .revoke_certificate(v1::RevokeCertificateRequest {
+            serial: bystander.serial.clone(),
+            reason: "bored".into(),
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
@@ -291,7 +412,14 @@ async fn crl_number_only_grows_and_next_update_is_refreshed() {
     let mut last = first.number;
     for i in 0..3 {
         let c = node.enroll(&format!("CP-{i}")).await;
-        node.pki().await.revoke_certificate(v1::RevokeCertificateRequest { serial: c.serial, reason: String::new() }).await.unwrap();
+        node.pki()
+            .await
+            .revoke_certificate(v1::RevokeCertificateRequest {
+                serial: c.serial,
+                reason: String::new(),
+            })
+            .await
+            .unwrap();
         let n = ca.crl_record().unwrap().unwrap().number;
         assert!(n > last);
         last = n;
@@ -306,6 +434,15 @@ async fn crl_number_only_grows_and_next_update_is_refreshed() {
     assert!(refreshed);
     let now = ca.crl_record().unwrap().unwrap();
     assert!(now.next_update > first.next_update + 86_000);
-    let served_crl = node.enrollment().await.get_crl(v1::GetCrlRequest {}).await.unwrap().into_inner();
-    assert!(served_crl.crl_number >= now.number, "the CRL is served to whoever verifies");
+    let served_crl = node
+        .enrollment()
+        .await
+        .get_crl(v1::GetCrlRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        served_crl.crl_number >= now.number,
+        "the CRL is served to whoever verifies"
+    );
 }

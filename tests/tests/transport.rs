@@ -37,7 +37,10 @@ async fn tls12_only_with_aead_suites_and_nothing_older() {
         .await
         .unwrap();
     let suite = format!("{:?}", tls.get_ref().1.negotiated_cipher_suite().unwrap().suite());
-    assert!(suite.contains("ECDHE") && (suite.contains("GCM") || suite.contains("CHACHA20")), "{suite}");
+    assert!(
+        suite.contains("ECDHE") && (suite.contains("GCM") || suite.contains("CHACHA20")),
+        "{suite}"
+    );
 
     // openssl, independently: no static-RSA or CBC suite, no TLS 1.1 ...
     let addr = node.node().mtls_addr.to_string();
@@ -46,22 +49,48 @@ async fn tls12_only_with_aead_suites_and_nothing_older() {
     std::fs::write(dir.path().join("k.pem"), &creds.key_pem).unwrap();
     // ... while the same client with an ECDHE + AEAD suite gets through (the control).
     let mut cmd = std::process::Command::new("openssl");
-    cmd.args(["s_client", "-connect", &addr, "-servername", "localhost", "-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-GCM-SHA256"])
-        .arg("-cert")
-        .arg(dir.path().join("c.pem"))
-        .arg("-key")
-        .arg(dir.path().join("k.pem"))
-        .stdin(std::process::Stdio::null());
-    let out = tokio::task::spawn_blocking(move || cmd.output()).await.unwrap().expect("openssl installed");
+    cmd.args([
+        "s_client",
+        "-connect",
+        &addr,
+        "-servername",
+        "localhost",
+        "-tls1_2",
+        "-cipher",
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+    ])
+    .arg("-cert")
+    .arg(dir.path().join("c.pem"))
+    .arg("-key")
+    .arg(dir.path().join("k.pem"))
+    .stdin(std::process::Stdio::null());
+    let out = tokio::task::spawn_blocking(move || cmd.output())
+        .await
+        .unwrap()
+        .expect("openssl installed");
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("ECDHE-ECDSA-AES128-GCM-SHA256") && !text.contains("Cipher is (NONE)"), "control failed: {text}");
-    for args in [vec!["-tls1_2", "-cipher", "AES128-SHA"], vec!["-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-SHA"], vec!["-tls1_1"]] {
+    assert!(
+        text.contains("ECDHE-ECDSA-AES128-GCM-SHA256") && !text.contains("Cipher is (NONE)"),
+        "control failed: {text}"
+    );
+    for args in [
+        vec!["-tls1_2", "-cipher", "AES128-SHA"],
+        vec!["-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-SHA"],
+        vec!["-tls1_1"],
+    ] {
         let mut cmd = std::process::Command::new("openssl");
-        cmd.args(["s_client", "-connect", &addr, "-servername", "localhost"]).args(&args);
-        cmd.arg("-cert").arg(dir.path().join("c.pem")).arg("-key").arg(dir.path().join("k.pem"));
+        cmd.args(["s_client", "-connect", &addr, "-servername", "localhost"])
+            .args(&args);
+        cmd.arg("-cert")
+            .arg(dir.path().join("c.pem"))
+            .arg("-key")
+            .arg(dir.path().join("k.pem"));
         cmd.stdin(std::process::Stdio::null());
         // The node runs on this test's runtime: wait for openssl off it.
-        let out = tokio::task::spawn_blocking(move || cmd.output()).await.unwrap().expect("openssl installed");
+        let out = tokio::task::spawn_blocking(move || cmd.output())
+            .await
+            .unwrap()
+            .expect("openssl installed");
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(
             !out.status.success() || text.contains("Cipher is (NONE)") || text.contains("Cipher    : 0000"),
@@ -110,7 +139,11 @@ async fn half_open_handshakes_time_out_and_do_not_delay_others() {
     // A legitimate handshake meanwhile completes promptly.
     let started = std::time::Instant::now();
     assert!(served(&node, &creds).await);
-    assert!(started.elapsed() < Duration::from_millis(450), "took {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_millis(450),
+        "took {:?}",
+        started.elapsed()
+    );
     // Each slow connection is closed by the server after the deadline.
     for mut s in idle {
         let mut buf = [0u8; 64];
@@ -142,15 +175,27 @@ async fn message_size_limits_hold_both_ways() {
     }
     let err = pki
         .list_certificates(v1::ListCertificatesRequest {
-            page: Some(v1::PageRequest { page_size: 100, page_token: String::new() }),
+            page: Some(v1::PageRequest {
+                page_size: 100,
+                page_token: String::new(),
+            }),
             ..Default::default()
         })
         .await
         .unwrap_err();
-    assert!(matches!(err.code(), tonic::Code::OutOfRange | tonic::Code::ResourceExhausted | tonic::Code::Internal), "{err:?}");
+    assert!(
+        matches!(
+            err.code(),
+            tonic::Code::OutOfRange | tonic::Code::ResourceExhausted | tonic::Code::Internal
+        ),
+        "{err:?}"
+    );
     // Small pages still work.
     pki.list_certificates(v1::ListCertificatesRequest {
-        page: Some(v1::PageRequest { page_size: 1, page_token: String::new() }),
+        page: Some(v1::PageRequest {
+            page_size: 1,
+            page_token: String::new(),
+        }),
         ..Default::default()
     })
     .await
@@ -170,7 +215,10 @@ async fn lists_paginate() {
     loop {
         let r = pki
             .list_certificates(v1::ListCertificatesRequest {
-                page: Some(v1::PageRequest { page_size: 2, page_token: token.clone() }),
+                page: Some(v1::PageRequest {
+                    page_size: 2,
+                    page_token: token.clone(),
+                }),
                 profile: "charger".into(),
                 ..Default::default()
             })
@@ -193,14 +241,20 @@ async fn lists_paginate() {
     assert_eq!(sorted.len(), 5, "no row twice");
     let err = pki
         .list_certificates(v1::ListCertificatesRequest {
-            page: Some(v1::PageRequest { page_size: 2, page_token: "not-a-token".into() }),
+            page: Some(v1::PageRequest {
+                page_size: 2,
+                page_token: "not-a-token".into(),
+            }),
             ..Default::default()
         })
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     let err = pki
-        .list_certificates(v1::ListCertificatesRequest { status: "sleepy".into(), ..Default::default() })
+        .list_certificates(v1::ListCertificatesRequest {
+            status: "sleepy".into(),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert!(err.message().contains("sleepy"));
@@ -212,11 +266,16 @@ async fn health_and_reflection_answer_authenticated_peers() {
     let ch = node.channel(&node.admin).await.unwrap();
     let mut health = tonic_health::pb::health_client::HealthClient::new(ch);
     let r = health
-        .check(tonic_health::pb::HealthCheckRequest { service: "laddnet.v1.PkiService".into() })
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "laddnet.v1.PkiService".into(),
+        })
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(r.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+    assert_eq!(
+        r.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
     assert!(laddnet_proto::FILE_DESCRIPTOR_SET.len() > 100);
 }
 
@@ -233,9 +292,13 @@ async fn intermediate_key_is_sealed_and_the_root_key_is_not_needed() {
     node.stop().await;
     std::fs::remove_file(files.root_key()).unwrap();
     let restarted = laddnet_node::RunningNode::start(node.config.clone()).await.unwrap();
-    let ch = laddnet_node::client::connect(&format!("https://{}", restarted.mtls_addr), "localhost", node.tls(Some(&node.admin)))
-        .await
-        .unwrap();
+    let ch = laddnet_node::client::connect(
+        &format!("https://{}", restarted.mtls_addr),
+        "localhost",
+        node.tls(Some(&node.admin)),
+    )
+    .await
+    .unwrap();
     laddnet_proto::v1::operator_service_client::OperatorServiceClient::new(ch)
         .who_am_i(v1::WhoAmIRequest {})
         .await
@@ -244,7 +307,10 @@ async fn intermediate_key_is_sealed_and_the_root_key_is_not_needed() {
     // With the wrong key-encryption key it does not start, and says why.
     std::fs::remove_file(node.config.key_file()).unwrap();
     laddnet_vault::create_key_file(&node.config.key_file()).unwrap();
-    let err = laddnet_node::RunningNode::start(node.config.clone()).await.err().unwrap();
+    let err = laddnet_node::RunningNode::start(node.config.clone())
+        .await
+        .err()
+        .unwrap();
     assert!(format!("{err:#}").contains("wrong key"), "{err:#}");
 }
 

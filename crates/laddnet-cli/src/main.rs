@@ -175,7 +175,10 @@ struct PageArgs {
 
 impl PageArgs {
     fn req(&self, token: &str) -> v1::PageRequest {
-        v1::PageRequest { page_size: self.page_size, page_token: token.to_string() }
+        v1::PageRequest {
+            page_size: self.page_size,
+            page_token: token.to_string(),
+        }
     }
 }
 
@@ -246,7 +249,14 @@ fn cert_json(c: &v1::CertificateInfo) -> Value {
 }
 
 fn cert_row(c: &v1::CertificateInfo) -> Vec<String> {
-    vec![c.serial.clone(), c.profile.clone(), c.subject.clone(), c.role.clone(), c.status.clone(), c.not_after.clone()]
+    vec![
+        c.serial.clone(),
+        c.profile.clone(),
+        c.subject.clone(),
+        c.role.clone(),
+        c.status.clone(),
+        c.not_after.clone(),
+    ]
 }
 
 const CERT_HEADERS: &[&str] = &["SERIAL", "PROFILE", "SUBJECT", "ROLE", "STATUS", "NOT AFTER"];
@@ -261,14 +271,24 @@ fn write_key_and_cert(dir: &Path, stem: &str, key: &str, chain: &str) -> anyhow:
         use std::os::unix::fs::OpenOptionsExt;
         opts.mode(0o600);
     }
-    let mut f = opts.open(&key_path).with_context(|| format!("writing {} (it must not exist yet)", key_path.display()))?;
+    let mut f = opts
+        .open(&key_path)
+        .with_context(|| format!("writing {} (it must not exist yet)", key_path.display()))?;
     f.write_all(key.as_bytes())?;
     std::fs::write(&cert_path, chain).with_context(|| format!("writing {}", cert_path.display()))?;
     Ok((key_path, cert_path))
 }
 
 fn file_stem(s: &str) -> String {
-    s.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -278,7 +298,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "laddctl", &mut std::io::stdout());
         }
-        Cmd::Pki(PkiCmd::Init { data_dir, admin, policy }) => {
+        Cmd::Pki(PkiCmd::Init {
+            data_dir,
+            admin,
+            policy,
+        }) => {
             let admin = laddnet_core::OperatorName::new(admin).map_err(|e| anyhow!(e))?;
             let mut node_cfg = laddnet_node::NodeConfig::for_data_dir(&data_dir);
             node_cfg.ca.policy = policy;
@@ -294,12 +318,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     vec!["admin serial".into(), o.admin_serial],
                 ],
             );
-            eprintln!("the sealed root key is {}/ca/root-key.sealed.json: move it offline; a node never needs it", data_dir.display());
+            eprintln!(
+                "the sealed root key is {}/ca/root-key.sealed.json: move it offline; a node never needs it",
+                data_dir.display()
+            );
         }
         Cmd::Pki(PkiCmd::Token(TokenCmd::Create { charger_id, ttl, site })) => {
             let mut c = PkiServiceClient::new(channel(cfg).await?);
             let t = c
-                .create_enrollment_token(v1::CreateEnrollmentTokenRequest { charger_id, ttl_seconds: ttl, site_id: site.unwrap_or_default() })
+                .create_enrollment_token(v1::CreateEnrollmentTokenRequest {
+                    charger_id,
+                    ttl_seconds: ttl,
+                    site_id: site.unwrap_or_default(),
+                })
                 .await?
                 .into_inner();
             emit(
@@ -309,7 +340,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 vec![vec![t.charger_id, t.token, t.expires_at]],
             );
         }
-        Cmd::Pki(PkiCmd::List { profile, subject, status, page }) => {
+        Cmd::Pki(PkiCmd::List {
+            profile,
+            subject,
+            status,
+            page,
+        }) => {
             let mut c = PkiServiceClient::new(channel(cfg).await?);
             let mut token = page.page_token.clone();
             let mut all = Vec::new();
@@ -341,7 +377,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Pki(PkiCmd::Show { serial, pem }) => {
             let mut c = PkiServiceClient::new(channel(cfg).await?);
-            let info = c.get_certificate(v1::GetCertificateRequest { serial }).await?.into_inner();
+            let info = c
+                .get_certificate(v1::GetCertificateRequest { serial })
+                .await?
+                .into_inner();
             let mut j = cert_json(&info);
             j["certificate_pem"] = json!(info.certificate_pem);
             let mut rows: Vec<Vec<String>> = j
@@ -359,17 +398,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Pki(PkiCmd::Renew { serial, csr, out_dir }) => {
             let mut c = PkiServiceClient::new(channel(cfg).await?);
             let (key, csr_pem) = match csr {
-                Some(p) => (None, std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?),
+                Some(p) => (
+                    None,
+                    std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?,
+                ),
                 None => {
                     let (k, c) = laddnet_pki::new_key_and_csr("renewal")?;
                     (Some(k), c)
                 }
             };
-            let r = c.renew_certificate(v1::PkiRenewRequest { serial, csr_pem }).await?.into_inner();
-            let info = r.certificate.ok_or_else(|| anyhow!("the node returned no certificate"))?;
+            let r = c
+                .renew_certificate(v1::PkiRenewRequest { serial, csr_pem })
+                .await?
+                .into_inner();
+            let info = r
+                .certificate
+                .ok_or_else(|| anyhow!("the node returned no certificate"))?;
             let written = match key {
                 Some(k) => {
-                    let (kp, cp) = write_key_and_cert(&out_dir, &file_stem(&format!("{}-{}", info.subject, &info.serial[..8])), &k, &r.chain_pem)?;
+                    let (kp, cp) = write_key_and_cert(
+                        &out_dir,
+                        &file_stem(&format!("{}-{}", info.subject, &info.serial[..8])),
+                        &k,
+                        &r.chain_pem,
+                    )?;
                     format!("{} {}", cp.display(), kp.display())
                 }
                 None => {
@@ -384,7 +436,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Pki(PkiCmd::Revoke { serial, reason }) => {
             let mut c = PkiServiceClient::new(channel(cfg).await?);
-            let info = c.revoke_certificate(v1::RevokeCertificateRequest { serial, reason }).await?.into_inner();
+            let info = c
+                .revoke_certificate(v1::RevokeCertificateRequest { serial, reason })
+                .await?
+                .into_inner();
             emit(out, cert_json(&info), CERT_HEADERS, vec![cert_row(&info)]);
         }
         Cmd::Pki(PkiCmd::Crl { out: file }) => {
@@ -398,17 +453,34 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 out,
                 json!({"crl_number": crl.crl_number, "this_update": crl.this_update, "next_update": crl.next_update, "revoked": summary.revoked_serials, "pem": crl.crl_pem}),
                 &["NUMBER", "THIS UPDATE", "NEXT UPDATE", "REVOKED"],
-                vec![vec![crl.crl_number.to_string(), crl.this_update, crl.next_update, summary.revoked_serials.len().to_string()]],
+                vec![vec![
+                    crl.crl_number.to_string(),
+                    crl.this_update,
+                    crl.next_update,
+                    summary.revoked_serials.len().to_string(),
+                ]],
             );
         }
-        Cmd::Pki(PkiCmd::Audit { cmd: Some(AuditCmd::Verify), .. }) => {
+        Cmd::Pki(PkiCmd::Audit {
+            cmd: Some(AuditCmd::Verify),
+            ..
+        }) => {
             let mut c = PkiServiceClient::new(channel(cfg).await?);
             let v = c.verify_audit(v1::VerifyAuditRequest {}).await?.into_inner();
             emit(
                 out,
                 json!({"ok": v.ok, "entries": v.entries, "first_bad_seq": v.first_bad_seq, "problem": v.problem}),
                 &["OK", "ENTRIES", "FIRST BAD", "PROBLEM"],
-                vec![vec![v.ok.to_string(), v.entries.to_string(), if v.ok { String::new() } else { v.first_bad_seq.to_string() }, v.problem.clone()]],
+                vec![vec![
+                    v.ok.to_string(),
+                    v.entries.to_string(),
+                    if v.ok {
+                        String::new()
+                    } else {
+                        v.first_bad_seq.to_string()
+                    },
+                    v.problem.clone(),
+                ]],
             );
             if !v.ok {
                 bail!("audit log is broken at entry {}: {}", v.first_bad_seq, v.problem);
@@ -419,7 +491,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let mut token = page.page_token.clone();
             let mut all = Vec::new();
             loop {
-                let r = c.list_audit_entries(v1::ListAuditEntriesRequest { page: Some(page.req(&token)) }).await?.into_inner();
+                let r = c
+                    .list_audit_entries(v1::ListAuditEntriesRequest {
+                        page: Some(page.req(&token)),
+                    })
+                    .await?
+                    .into_inner();
                 all.extend(r.entries);
                 token = r.next_page_token;
                 if !page.all || token.is_empty() {
@@ -430,14 +507,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 out,
                 json!({"entries": all.iter().map(|e| json!({"seq": e.seq, "at": e.at, "kind": e.kind, "actor": e.actor, "subject": e.subject, "detail": e.detail, "hash": e.hash})).collect::<Vec<_>>(), "next_page_token": token}),
                 &["SEQ", "AT", "KIND", "ACTOR", "SUBJECT", "DETAIL"],
-                all.iter().map(|e| vec![e.seq.to_string(), e.at.clone(), e.kind.clone(), e.actor.clone(), e.subject.clone(), e.detail.clone()]).collect(),
+                all.iter()
+                    .map(|e| {
+                        vec![
+                            e.seq.to_string(),
+                            e.at.clone(),
+                            e.kind.clone(),
+                            e.actor.clone(),
+                            e.subject.clone(),
+                            e.detail.clone(),
+                        ]
+                    })
+                    .collect(),
             );
         }
         Cmd::Operators(OperatorsCmd::Issue { name, role, out_dir }) => {
             let mut c = PkiServiceClient::new(channel(cfg).await?);
             let (key, csr_pem) = laddnet_pki::new_key_and_csr(&name)?;
-            let r = c.issue_operator_certificate(v1::IssueOperatorCertificateRequest { name, role, csr_pem }).await?.into_inner();
-            let info = r.certificate.ok_or_else(|| anyhow!("the node returned no certificate"))?;
+            let r = c
+                .issue_operator_certificate(v1::IssueOperatorCertificateRequest { name, role, csr_pem })
+                .await?
+                .into_inner();
+            let info = r
+                .certificate
+                .ok_or_else(|| anyhow!("the node returned no certificate"))?;
             let (kp, cp) = write_key_and_cert(&out_dir, &file_stem(&info.subject), &key, &r.chain_pem)?;
             let mut j = cert_json(&info);
             j["certificate_file"] = json!(cp);
@@ -452,7 +545,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let mut token = page.page_token.clone();
             let mut all = Vec::new();
             loop {
-                let r = c.list_chargers(v1::ListChargersRequest { page: Some(page.req(&token)) }).await?.into_inner();
+                let r = c
+                    .list_chargers(v1::ListChargersRequest {
+                        page: Some(page.req(&token)),
+                    })
+                    .await?
+                    .into_inner();
                 all.extend(r.chargers);
                 token = r.next_page_token;
                 if !page.all || token.is_empty() {
@@ -462,8 +560,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             emit(
                 out,
                 json!({"chargers": all.iter().map(|c| json!({"charger_id": c.charger_id, "connected": c.connected, "vendor": c.vendor, "model": c.model, "firmware_version": c.firmware_version, "connected_since": c.connected_since, "last_heartbeat": c.last_heartbeat, "certificate_serial": c.certificate_serial, "site_id": c.site_id})).collect::<Vec<_>>(), "next_page_token": token}),
-                &["CHARGER", "SITE", "VENDOR", "MODEL", "FIRMWARE", "SINCE", "LAST HEARTBEAT"],
-                all.iter().map(|c| vec![c.charger_id.clone(), c.site_id.clone(), c.vendor.clone(), c.model.clone(), c.firmware_version.clone(), c.connected_since.clone(), c.last_heartbeat.clone()]).collect(),
+                &[
+                    "CHARGER",
+                    "SITE",
+                    "VENDOR",
+                    "MODEL",
+                    "FIRMWARE",
+                    "SINCE",
+                    "LAST HEARTBEAT",
+                ],
+                all.iter()
+                    .map(|c| {
+                        vec![
+                            c.charger_id.clone(),
+                            c.site_id.clone(),
+                            c.vendor.clone(),
+                            c.model.clone(),
+                            c.firmware_version.clone(),
+                            c.connected_since.clone(),
+                            c.last_heartbeat.clone(),
+                        ]
+                    })
+                    .collect(),
             );
         }
         Cmd::Whoami => {

@@ -58,12 +58,21 @@ pub(crate) fn write_private(path: &Path, contents: &[u8]) -> anyhow::Result<()> 
 /// Writes a `laddctl.toml` for a node on `config` with the given credentials.
 pub fn write_ctl_config(path: &Path, config: &NodeConfig, cert: &Path, key: &Path) -> anyhow::Result<()> {
     let host = config.listen.mtls.ip();
-    let host = if host.is_unspecified() { "127.0.0.1".to_string() } else { host.to_string() };
+    let host = if host.is_unspecified() {
+        "127.0.0.1".to_string()
+    } else {
+        host.to_string()
+    };
     let host = if host.contains(':') { format!("[{host}]") } else { host };
     let abs = |p: &Path| fs::canonicalize(p).with_context(|| format!("{}", p.display()));
     let ctl = CtlConfig {
         endpoint: format!("https://{host}:{}", config.listen.mtls.port()),
-        server_name: config.tls.server_names.first().cloned().unwrap_or_else(|| "localhost".into()),
+        server_name: config
+            .tls
+            .server_names
+            .first()
+            .cloned()
+            .unwrap_or_else(|| "localhost".into()),
         ca_cert: abs(&config.ca_dir().join("root.crt"))?,
         cert: abs(cert)?,
         key: abs(key)?,
@@ -82,19 +91,28 @@ pub fn init_data_dir(config: &NodeConfig, admin: &OperatorName) -> anyhow::Resul
     fs::create_dir_all(&config.data_dir).with_context(|| format!("creating {}", config.data_dir.display()))?;
     let files = CaFiles::new(config.ca_dir());
     if files.exists() {
-        anyhow::bail!("a CA already exists in {}; refusing to overwrite it", files.dir.display());
+        anyhow::bail!(
+            "a CA already exists in {}; refusing to overwrite it",
+            files.dir.display()
+        );
     }
     let source = key_source(config);
-    if let KeySource::KeyFile(path) = &source {
-        if !path.exists() {
-            laddnet_vault::create_key_file(path)?;
-        }
+    if let KeySource::KeyFile(path) = &source
+        && !path.exists()
+    {
+        laddnet_vault::create_key_file(path)?;
     }
     let store = open_store(config)?;
     let clock = laddnet_pki::system_clock();
     let report = laddnet_pki::init(&files, &policy, &source, &store, &clock)?;
     let ca = Arc::new(Ca::open(&files, policy, &source, store, clock)?);
-    let (issued, key) = ca.issue_with_new_key(&Subject::Operator { name: admin.clone(), role: Role::Admin }, "system")?;
+    let (issued, key) = ca.issue_with_new_key(
+        &Subject::Operator {
+            name: admin.clone(),
+            role: Role::Admin,
+        },
+        "system",
+    )?;
     let cred_dir = config.data_dir.join("credentials");
     fs::create_dir_all(&cred_dir)?;
     let cert_path = cred_dir.join("admin.crt");
@@ -107,8 +125,19 @@ pub fn init_data_dir(config: &NodeConfig, admin: &OperatorName) -> anyhow::Resul
     // Paths in the file are relative to it, so the data dir can move.
     on_disk.data_dir = PathBuf::from(".");
     on_disk.ca = Default::default();
-    fs::write(&config_path, format!("# laddnet node configuration; see docs/architecture.md\n{}", on_disk.to_toml()))?;
+    fs::write(
+        &config_path,
+        format!(
+            "# laddnet node configuration; see docs/architecture.md\n{}",
+            on_disk.to_toml()
+        ),
+    )?;
     let ctl_config_path = config.data_dir.join("laddctl.toml");
     write_ctl_config(&ctl_config_path, config, &cert_path, &key_path)?;
-    Ok(InitOutput { config_path, ctl_config_path, root_serial: report.root_serial, admin_serial: issued.record.serial })
+    Ok(InitOutput {
+        config_path,
+        ctl_config_path,
+        root_serial: report.root_serial,
+        admin_serial: issued.record.serial,
+    })
 }

@@ -14,7 +14,9 @@ use tonic::transport::{Channel, Endpoint, Uri};
 /// Opens a gRPC channel to `endpoint` (`https://host:port`), verifying the
 /// server as `server_name` and presenting whatever identity `tls` carries.
 pub async fn connect(endpoint: &str, server_name: &str, tls: Arc<ClientConfig>) -> anyhow::Result<Channel> {
-    let uri: Uri = endpoint.parse().map_err(|e| anyhow::anyhow!("endpoint {endpoint:?} is not a URI: {e}"))?;
+    let uri: Uri = endpoint
+        .parse()
+        .map_err(|e| anyhow::anyhow!("endpoint {endpoint:?} is not a URI: {e}"))?;
     let authority = uri
         .authority()
         .ok_or_else(|| anyhow::anyhow!("endpoint {endpoint:?} has no host:port"))?

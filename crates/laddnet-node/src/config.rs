@@ -44,7 +44,10 @@ pub struct NodeSection {
 
 impl Default for NodeSection {
     fn default() -> Self {
-        Self { name: "node-1".into(), heartbeat_interval_s: 60 }
+        Self {
+            name: "node-1".into(),
+            heartbeat_interval_s: 60,
+        }
     }
 }
 
@@ -59,7 +62,10 @@ pub struct ListenSection {
 
 impl Default for ListenSection {
     fn default() -> Self {
-        Self { mtls: "127.0.0.1:7443".parse().unwrap_or_else(|_| unreachable!()), enrollment: "127.0.0.1:7444".parse().unwrap_or_else(|_| unreachable!()) }
+        Self {
+            mtls: "127.0.0.1:7443".parse().unwrap_or_else(|_| unreachable!()),
+            enrollment: "127.0.0.1:7444".parse().unwrap_or_else(|_| unreachable!()),
+        }
     }
 }
 
@@ -118,7 +124,7 @@ impl Default for GrpcSection {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct CaSection {
     /// The CA directory; default `<data_dir>/ca`.
@@ -128,12 +134,6 @@ pub struct CaSection {
     pub key_file: Option<PathBuf>,
     /// The certificate policy; default: the compiled-in `pki/policy.toml`.
     pub policy: Option<PathBuf>,
-}
-
-impl Default for CaSection {
-    fn default() -> Self {
-        Self { dir: None, key_file: None, policy: None }
-    }
 }
 
 /// Why the configuration was refused.
@@ -162,10 +162,15 @@ impl NodeConfig {
 
     /// Reads `path`, applies `LADDNET_*` overrides from `env`, validates.
     pub fn load(path: &Path, env: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError::File { path: path.into(), reason: e.to_string() })?;
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+            path: path.into(),
+            reason: e.to_string(),
+        })?;
         let mut cfg = Self::parse(&text, env).map_err(|e| match e {
-            ConfigError::Invalid(reason) => ConfigError::File { path: path.into(), reason },
+            ConfigError::Invalid(reason) => ConfigError::File {
+                path: path.into(),
+                reason,
+            },
             other => other,
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
@@ -177,13 +182,18 @@ impl NodeConfig {
     pub fn parse(text: &str, env: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
         let mut table: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Invalid(e.to_string()))?;
         for (var, value) in env {
-            let Some(rest) = var.strip_prefix("LADDNET_") else { continue };
+            let Some(rest) = var.strip_prefix("LADDNET_") else {
+                continue;
+            };
             if NOT_OVERRIDES.contains(&var.as_str()) {
                 continue;
             }
             let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
             if path.iter().any(|p| p.is_empty()) {
-                return Err(ConfigError::Env { var, reason: "empty key segment".into() });
+                return Err(ConfigError::Env {
+                    var,
+                    reason: "empty key segment".into(),
+                });
             }
             let parsed = toml::from_str::<toml::Table>(&format!("v = {value}"))
                 .ok()
@@ -191,10 +201,13 @@ impl NodeConfig {
                 .unwrap_or(toml::Value::String(value.clone()));
             let mut node = &mut table;
             for seg in &path[..path.len() - 1] {
-                let entry = node.entry(seg.clone()).or_insert_with(|| toml::Value::Table(Default::default()));
-                node = entry
-                    .as_table_mut()
-                    .ok_or_else(|| ConfigError::Env { var: var.clone(), reason: format!("{seg} is not a section") })?;
+                let entry = node
+                    .entry(seg.clone())
+                    .or_insert_with(|| toml::Value::Table(Default::default()));
+                node = entry.as_table_mut().ok_or_else(|| ConfigError::Env {
+                    var: var.clone(),
+                    reason: format!("{seg} is not a section"),
+                })?;
             }
             node.insert(path[path.len() - 1].clone(), parsed);
         }
@@ -212,7 +225,10 @@ impl NodeConfig {
             }
         };
         fix(&mut self.data_dir);
-        for p in [&mut self.ca.dir, &mut self.ca.key_file, &mut self.ca.policy].into_iter().flatten() {
+        for p in [&mut self.ca.dir, &mut self.ca.key_file, &mut self.ca.policy]
+            .into_iter()
+            .flatten()
+        {
             fix(p);
         }
     }
@@ -297,13 +313,17 @@ mod tests {
 
     #[test]
     fn unknown_fields_and_bad_values_are_named() {
-        let e = NodeConfig::parse("data_dir = \"d\"\n[grpc]\nmax_streams = 8\n", []).unwrap_err().to_string();
+        let e = NodeConfig::parse("data_dir = \"d\"\n[grpc]\nmax_streams = 8\n", [])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("max_streams"), "{e}");
         let e = NodeConfig::parse("data_dir = \"d\"\n", env(&[("LADDNET_TLS__HANDSHAKE_TIMEOUT_MS", "5")]))
             .unwrap_err()
             .to_string();
         assert!(e.contains("tls.handshake_timeout_ms"), "{e}");
-        let e = NodeConfig::parse("data_dir = \"d\"\n[listen]\nmtls = \"nonsense\"\n", []).unwrap_err().to_string();
+        let e = NodeConfig::parse("data_dir = \"d\"\n[listen]\nmtls = \"nonsense\"\n", [])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("mtls") || e.contains("socket address"), "{e}");
     }
 

@@ -59,7 +59,11 @@ const AUDIT_REFUSALS_PER_SECOND: u32 = 20;
 
 impl CaIdentityCheck {
     pub fn new(ca: Arc<Ca>, revoked: Arc<RwLock<HashSet<String>>>) -> Self {
-        Self { ca, revoked, audit_budget: Mutex::new((Instant::now(), 0)) }
+        Self {
+            ca,
+            revoked,
+            audit_budget: Mutex::new((Instant::now(), 0)),
+        }
     }
 
     fn audit(&self, remote: SocketAddr, subject: &str, reason: &str) {
@@ -114,15 +118,26 @@ impl IdentityCheck for CaIdentityCheck {
             let principal = match record.profile {
                 Profile::Charger => Principal::Charger {
                     id: ChargerId::new(record.subject.clone()).map_err(|e| bad(e.to_string()))?,
-                    site: record.site_id.clone().map(SiteId::new).transpose().map_err(|e| bad(e.to_string()))?,
+                    site: record
+                        .site_id
+                        .clone()
+                        .map(SiteId::new)
+                        .transpose()
+                        .map_err(|e| bad(e.to_string()))?,
                 },
                 Profile::Operator => Principal::Operator {
                     name: OperatorName::new(record.subject.clone()).map_err(|e| bad(e.to_string()))?,
                     role: record.role.as_deref().unwrap_or_default().parse().map_err(bad)?,
                 },
-                Profile::Node => Principal::Node { name: record.subject.clone() },
+                Profile::Node => Principal::Node {
+                    name: record.subject.clone(),
+                },
             };
-            Ok(Identity { serial: record.serial, principal, not_after: record.not_after })
+            Ok(Identity {
+                serial: record.serial,
+                principal,
+                not_after: record.not_after,
+            })
         })
     }
 

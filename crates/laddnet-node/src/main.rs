@@ -53,7 +53,9 @@ enum Cmd {
 fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("LADDNET_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,h2=warn,hyper=warn,tower=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         builder.json().init();
     } else {
@@ -61,7 +63,7 @@ fn init_logging(json: bool) {
     }
 }
 
-fn load(config: &PathBuf) -> anyhow::Result<NodeConfig> {
+fn load(config: &std::path::Path) -> anyhow::Result<NodeConfig> {
     Ok(NodeConfig::load(config, std::env::vars())?)
 }
 
@@ -71,7 +73,11 @@ async fn wait_for_ctrl_c() {
     }
 }
 
-async fn up(data_dir: PathBuf, mtls: Option<std::net::SocketAddr>, enroll: Option<std::net::SocketAddr>) -> anyhow::Result<()> {
+async fn up(
+    data_dir: PathBuf,
+    mtls: Option<std::net::SocketAddr>,
+    enroll: Option<std::net::SocketAddr>,
+) -> anyhow::Result<()> {
     let config_path = data_dir.join("laddnet.toml");
     if !config_path.exists() {
         let cfg = NodeConfig::for_data_dir(&data_dir);
@@ -110,7 +116,10 @@ async fn up(data_dir: PathBuf, mtls: Option<std::net::SocketAddr>, enroll: Optio
             tokio::time::sleep(Duration::from_secs(2)).await;
             let now = (state.chargers.len(), state.conns.connections(), state.crl_number());
             if last != Some(now) {
-                println!("chargers connected: {:>5}   mTLS connections: {:>5}   CRL #{}", now.0, now.1, now.2);
+                println!(
+                    "chargers connected: {:>5}   mTLS connections: {:>5}   CRL #{}",
+                    now.0, now.1, now.2
+                );
                 last = Some(now);
             }
         }
@@ -128,10 +137,17 @@ async fn main() {
     init_logging(cli.log_json);
     let result: anyhow::Result<()> = async {
         match cli.cmd {
-            Cmd::Up { data_dir, mtls_addr, enrollment_addr } => up(data_dir, mtls_addr, enrollment_addr).await,
+            Cmd::Up {
+                data_dir,
+                mtls_addr,
+                enrollment_addr,
+            } => up(data_dir, mtls_addr, enrollment_addr).await,
             Cmd::Node { config } => {
                 let node = RunningNode::start(load(&config)?).await?;
-                println!("serving: mutual TLS on {}, enrollment on {}", node.mtls_addr, node.enrollment_addr);
+                println!(
+                    "serving: mutual TLS on {}, enrollment on {}",
+                    node.mtls_addr, node.enrollment_addr
+                );
                 wait_for_ctrl_c().await;
                 node.shutdown().await;
                 Ok(())

@@ -24,7 +24,9 @@ use tonic_health::server::HealthReporter;
 
 use crate::config::NodeConfig;
 use crate::identity::CaIdentityCheck;
-use crate::services::{charger::Charger, enrollment::Enrollment, enrollment::RateLimiter, operator::Operator, pki::Pki};
+use crate::services::{
+    charger::Charger, enrollment::Enrollment, enrollment::RateLimiter, operator::Operator, pki::Pki,
+};
 use crate::state::NodeState;
 use crate::transport::{AcceptorSettings, accept_loop};
 
@@ -46,7 +48,8 @@ pub fn load_policy(config: &NodeConfig) -> anyhow::Result<Policy> {
 
 pub fn open_store(config: &NodeConfig) -> anyhow::Result<SharedStore> {
     std::fs::create_dir_all(&config.data_dir).with_context(|| format!("creating {}", config.data_dir.display()))?;
-    let store = RedbStore::open(config.store_path()).with_context(|| format!("opening {}", config.store_path().display()))?;
+    let store =
+        RedbStore::open(config.store_path()).with_context(|| format!("opening {}", config.store_path().display()))?;
     Ok(Arc::new(store))
 }
 
@@ -84,10 +87,15 @@ impl RunningNode {
             let (config, store) = (config.clone(), store.clone());
             tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
                 let ca = Ca::open(&files, policy, &source, store, clock).context("opening the CA")?;
-                let subject = Subject::Node { name: config.node.name.clone(), sans: config.tls.server_names.clone() };
+                let subject = Subject::Node {
+                    name: config.node.name.clone(),
+                    sans: config.tls.server_names.clone(),
+                };
                 // The node mints its own server certificate at every start:
                 // its key lives only in memory.
-                let (issued, key) = ca.issue_with_new_key(&subject, "system").context("issuing the node certificate")?;
+                let (issued, key) = ca
+                    .issue_with_new_key(&subject, "system")
+                    .context("issuing the node certificate")?;
                 Ok((Arc::new(ca), issued, key))
             })
             .await??
@@ -132,7 +140,13 @@ impl RunningNode {
 
         let shutdown = CancellationToken::new();
         let (health, health_service) = tonic_health::server::health_reporter();
-        for name in ["", "laddnet.v1.ChargerService", "laddnet.v1.PkiService", "laddnet.v1.OperatorService", "laddnet.v1.EnrollmentService"] {
+        for name in [
+            "",
+            "laddnet.v1.ChargerService",
+            "laddnet.v1.PkiService",
+            "laddnet.v1.OperatorService",
+            "laddnet.v1.EnrollmentService",
+        ] {
             health.set_service_status(name, ServingStatus::Serving).await;
         }
         let reflection = tonic_reflection::server::Builder::configure()
@@ -201,9 +215,12 @@ impl RunningNode {
             .add_service(health_service)
             .add_service(reflection)
             .add_service(
-                EnrollmentServiceServer::new(Enrollment { state: state.clone(), limiter: RateLimiter::new(e.per_minute, e.burst) })
-                    .max_decoding_message_size(limit)
-                    .max_encoding_message_size(limit),
+                EnrollmentServiceServer::new(Enrollment {
+                    state: state.clone(),
+                    limiter: RateLimiter::new(e.per_minute, e.burst),
+                })
+                .max_decoding_message_size(limit)
+                .max_encoding_message_size(limit),
             );
 
         let mut tasks = Vec::new();
@@ -228,13 +245,26 @@ impl RunningNode {
         tasks.push(tokio::spawn(revocation_poller(state.clone(), shutdown.clone())));
 
         tracing::info!(mtls = %mtls_addr, enrollment = %enrollment_addr, store = "redb", "node serving");
-        Ok(Self { mtls_addr, enrollment_addr, state, shutdown, health, tasks })
+        Ok(Self {
+            mtls_addr,
+            enrollment_addr,
+            state,
+            shutdown,
+            health,
+            tasks,
+        })
     }
 
     /// Graceful shutdown: health flips to NOT_SERVING, listeners stop
     /// accepting, in-flight requests drain.
     pub async fn shutdown(self) {
-        for name in ["", "laddnet.v1.ChargerService", "laddnet.v1.PkiService", "laddnet.v1.OperatorService", "laddnet.v1.EnrollmentService"] {
+        for name in [
+            "",
+            "laddnet.v1.ChargerService",
+            "laddnet.v1.PkiService",
+            "laddnet.v1.OperatorService",
+            "laddnet.v1.EnrollmentService",
+        ] {
             self.health.set_service_status(name, ServingStatus::NotServing).await;
         }
         self.shutdown.cancel();

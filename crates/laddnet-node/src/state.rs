@@ -63,7 +63,10 @@ impl NodeState {
     /// newly revoked certificates are closed.
     pub async fn apply_revocations(&self) {
         let ca = self.ca.clone();
-        let loaded = tokio::task::spawn_blocking(move || Ok::<_, laddnet_pki::PkiError>((ca.crl_record()?, ca.revoked_serials()?))).await;
+        let loaded = tokio::task::spawn_blocking(move || {
+            Ok::<_, laddnet_pki::PkiError>((ca.crl_record()?, ca.revoked_serials()?))
+        })
+        .await;
         let (crl, serials) = match loaded {
             Ok(Ok((Some(crl), serials))) => (crl, serials),
             Ok(Ok((None, _))) => return,
@@ -92,7 +95,9 @@ impl NodeState {
                 }
                 // A CRL that does not parse must not take the node down:
                 // keep serving with the last good one.
-                Err(e) => tracing::error!(error = %e, crl_number = crl.number, "CRL refused; keeping the last good one"),
+                Err(e) => {
+                    tracing::error!(error = %e, crl_number = crl.number, "CRL refused; keeping the last good one")
+                }
             }
         }
     }
@@ -100,7 +105,12 @@ impl NodeState {
     fn rebuild_mtls(&self, crl_pem: &str) -> Result<(), laddnet_pki::PkiError> {
         let crl = laddnet_pki::tls::crl_from_pem(crl_pem)?;
         laddnet_pki::summarize_crl(crl_pem.as_bytes())?;
-        let cfg = laddnet_pki::tls::mtls_server_config(self.ca.root_pem(), crl, self.node_chain.clone(), self.node_key.clone_key())?;
+        let cfg = laddnet_pki::tls::mtls_server_config(
+            self.ca.root_pem(),
+            crl,
+            self.node_chain.clone(),
+            self.node_key.clone_key(),
+        )?;
         *self.mtls.write().unwrap_or_else(|p| p.into_inner()) = cfg;
         Ok(())
     }
@@ -127,6 +137,10 @@ struct Attached {
     last_heartbeat: i64,
 }
 
+/// Another live stream holds the charger id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AlreadyAttached;
+
 /// The chargers attached to this node: one live stream per charger id.
 #[derive(Default)]
 pub struct ChargerRegistry {
@@ -141,22 +155,38 @@ fn now() -> i64 {
 impl ChargerRegistry {
     /// Registers a stream; refused while another live one holds the id, so
     /// a second connection can never evict the first.
-    pub fn attach(&self, id: &ChargerId, serial: &str, site: Option<SiteId>, boot: BootInfo) -> Result<u64, ()> {
+    pub fn attach(
+        &self,
+        id: &ChargerId,
+        serial: &str,
+        site: Option<SiteId>,
+        boot: BootInfo,
+    ) -> Result<u64, AlreadyAttached> {
         let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
         if live.contains_key(id.as_str()) {
-            return Err(());
+            return Err(AlreadyAttached);
         }
         let conn = self.next.fetch_add(1, Ordering::Relaxed);
         let t = now();
-        live.insert(id.to_string(), Attached { conn, serial: serial.into(), site, boot, since: t, last_heartbeat: t });
+        live.insert(
+            id.to_string(),
+            Attached {
+                conn,
+                serial: serial.into(),
+                site,
+                boot,
+                since: t,
+                last_heartbeat: t,
+            },
+        );
         Ok(conn)
     }
 
     pub fn heartbeat(&self, id: &ChargerId, conn: u64) {
-        if let Some(a) = self.live.lock().unwrap_or_else(|p| p.into_inner()).get_mut(id.as_str()) {
-            if a.conn == conn {
-                a.last_heartbeat = now();
-            }
+        if let Some(a) = self.live.lock().unwrap_or_else(|p| p.into_inner()).get_mut(id.as_str())
+            && a.conn == conn
+        {
+            a.last_heartbeat = now();
         }
     }
 

@@ -127,7 +127,11 @@ impl ConnRegistry {
             .entry(serial.to_string())
             .or_default()
             .insert(id, token);
-        Registration { registry: self.clone(), serial: serial.to_string(), id }
+        Registration {
+            registry: self.clone(),
+            serial: serial.to_string(),
+            id,
+        }
     }
 
     /// Closes every live connection presenting `serial`. Returns how many.
@@ -141,7 +145,12 @@ impl ConnRegistry {
     }
 
     pub fn connections(&self) -> usize {
-        self.by_serial.lock().unwrap_or_else(|p| p.into_inner()).values().map(|c| c.len()).sum()
+        self.by_serial
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|c| c.len())
+            .sum()
     }
 }
 
@@ -185,7 +194,9 @@ pub fn accept_loop(
                 },
             };
             let _ = tcp.set_nodelay(true);
-            let Ok(permit) = pending.clone().acquire_owned().await else { break };
+            let Ok(permit) = pending.clone().acquire_owned().await else {
+                break;
+            };
             let settings = settings.clone();
             let tx = tx.clone();
             tokio::spawn(async move {
@@ -229,7 +240,11 @@ pub fn accept_loop(
                 let cancelled = closed.clone().cancelled_owned().boxed();
                 let stream = PeerStream {
                     inner: tls,
-                    info: PeerInfo { remote, identity, closed },
+                    info: PeerInfo {
+                        remote,
+                        identity,
+                        closed,
+                    },
                     cancelled,
                     _registration: registration,
                 };

@@ -123,7 +123,14 @@ pub fn append(
     };
     entry.hash = digest(&entry);
     put_json(tx, &entry_key(seq), &entry)?;
-    put_json(tx, &head_key(), &AuditHead { seq, hash: entry.hash.clone() })?;
+    put_json(
+        tx,
+        &head_key(),
+        &AuditHead {
+            seq,
+            hash: entry.hash.clone(),
+        },
+    )?;
     Ok(entry)
 }
 
@@ -159,13 +166,21 @@ pub fn verify(store: &dyn Store) -> Result<AuditVerdict, PkiError> {
         let rows = store.snapshot(|tx| tx.get_range(&from, &end, PAGE, false).map_err(PkiError::from))?;
         let done = rows.len() < PAGE;
         for (k, v) in &rows {
-            let bad = |seq: u64, why: String| Ok(AuditVerdict { entries: seq.saturating_sub(1), problem: Some((seq, why)) });
+            let bad = |seq: u64, why: String| {
+                Ok(AuditVerdict {
+                    entries: seq.saturating_sub(1),
+                    problem: Some((seq, why)),
+                })
+            };
             let e: AuditEntry = match serde_json::from_slice(v) {
                 Ok(e) => e,
                 Err(e) => return bad(expected_seq, format!("entry does not parse: {e}")),
             };
             if e.seq != expected_seq {
-                return bad(expected_seq, format!("entry {expected_seq} is missing (found {} next)", e.seq));
+                return bad(
+                    expected_seq,
+                    format!("entry {expected_seq} is missing (found {} next)", e.seq),
+                );
             }
             if *k != entry_key(e.seq) {
                 return bad(expected_seq, "entry stored under the wrong key".into());
@@ -186,16 +201,28 @@ pub fn verify(store: &dyn Store) -> Result<AuditVerdict, PkiError> {
     }
     let count = expected_seq - 1;
     match head {
-        None if count == 0 => Ok(AuditVerdict { entries: 0, problem: None }),
-        None => Ok(AuditVerdict { entries: count, problem: Some((count, "head record is missing".into())) }),
+        None if count == 0 => Ok(AuditVerdict {
+            entries: 0,
+            problem: None,
+        }),
+        None => Ok(AuditVerdict {
+            entries: count,
+            problem: Some((count, "head record is missing".into())),
+        }),
         Some(h) if h.seq != count || h.hash != prev => Ok(AuditVerdict {
             entries: count,
             problem: Some((
                 count + 1,
-                format!("log ends at entry {count} but the head names entry {} (entries removed from the end)", h.seq),
+                format!(
+                    "log ends at entry {count} but the head names entry {} (entries removed from the end)",
+                    h.seq
+                ),
             )),
         }),
-        Some(_) => Ok(AuditVerdict { entries: count, problem: None }),
+        Some(_) => Ok(AuditVerdict {
+            entries: count,
+            problem: None,
+        }),
     }
 }
 
@@ -217,7 +244,13 @@ mod tests {
     #[test]
     fn intact_chain_verifies() {
         let (_d, s) = store_with(5);
-        assert_eq!(verify(&s).unwrap(), AuditVerdict { entries: 5, problem: None });
+        assert_eq!(
+            verify(&s).unwrap(),
+            AuditVerdict {
+                entries: 5,
+                problem: None
+            }
+        );
         assert_eq!(list(&s, 2, 10).unwrap().first().unwrap().seq, 3);
     }
 
@@ -251,11 +284,13 @@ mod tests {
     #[test]
     fn removed_entries_are_detected() {
         let (_d, s) = store_with(5);
-        s.transact(|tx| tx.clear(&entry_key(2)).map_err(PkiError::from)).unwrap();
+        s.transact(|tx| tx.clear(&entry_key(2)).map_err(PkiError::from))
+            .unwrap();
         assert_eq!(verify(&s).unwrap().problem.unwrap().0, 2);
 
         let (_d2, s2) = store_with(5);
-        s2.transact(|tx| tx.clear(&entry_key(5)).map_err(PkiError::from)).unwrap();
+        s2.transact(|tx| tx.clear(&entry_key(5)).map_err(PkiError::from))
+            .unwrap();
         let v = verify(&s2).unwrap();
         assert!(v.problem.unwrap().1.contains("removed from the end"));
     }

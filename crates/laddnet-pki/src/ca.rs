@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use rand::RngCore;
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, RevokedCertParams, SanType,
-    PublicKeyData, SerialNumber, SubjectPublicKeyInfo,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, PublicKeyData, RevokedCertParams,
+    SanType, SerialNumber, SubjectPublicKeyInfo,
 };
 use rustls_pki_types::CertificateDer;
 use sha2::{Digest, Sha256};
@@ -165,7 +165,9 @@ fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<(), PkiError> {
     #[cfg(not(unix))]
     let _ = mode;
     use std::io::Write;
-    let mut f = opts.open(path).map_err(|e| PkiError::Files(format!("{}: {e}", path.display())))?;
+    let mut f = opts
+        .open(path)
+        .map_err(|e| PkiError::Files(format!("{}: {e}", path.display())))?;
     f.write_all(contents)
         .and_then(|_| f.sync_all())
         .map_err(|e| PkiError::Files(format!("{}: {e}", path.display())))
@@ -202,7 +204,10 @@ pub fn init(
     clock: &Clock,
 ) -> Result<InitReport, PkiError> {
     if files.exists() || files.root_cert().exists() {
-        return Err(PkiError::Files(format!("a CA already exists in {}", files.dir.display())));
+        return Err(PkiError::Files(format!(
+            "a CA already exists in {}",
+            files.dir.display()
+        )));
     }
     fs::create_dir_all(&files.dir).map_err(|e| PkiError::Files(format!("{}: {e}", files.dir.display())))?;
     let now = clock();
@@ -214,7 +219,8 @@ pub fn init(
     let mut root = CertificateParams::default();
     root.serial_number = Some(SerialNumber::from_slice(&root_serial));
     root.distinguished_name = DistinguishedName::new();
-    root.distinguished_name.push(DnType::CommonName, format!("{org} Root CA"));
+    root.distinguished_name
+        .push(DnType::CommonName, format!("{org} Root CA"));
     root.distinguished_name.push(DnType::OrganizationName, org.as_str());
     root.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
     root.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
@@ -230,10 +236,15 @@ pub fn init(
     let mut int = CertificateParams::default();
     int.serial_number = Some(SerialNumber::from_slice(&int_serial));
     int.distinguished_name = DistinguishedName::new();
-    int.distinguished_name.push(DnType::CommonName, format!("{org} Issuing CA"));
+    int.distinguished_name
+        .push(DnType::CommonName, format!("{org} Issuing CA"));
     int.distinguished_name.push(DnType::OrganizationName, org.as_str());
     int.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    int.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    int.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     int.not_before = ts(now - i64::from(policy.ca.clock_skew_seconds))?;
     let int_not_after = now + i64::from(policy.ca.intermediate_validity_days) * 86_400;
     int.not_after = ts(int_not_after)?;
@@ -258,7 +269,10 @@ pub fn init(
             AuditKind::PkiInit,
             "system",
             &report.intermediate_serial,
-            &format!("root {} intermediate {}", report.root_serial, report.intermediate_serial),
+            &format!(
+                "root {} intermediate {}",
+                report.root_serial, report.intermediate_serial
+            ),
         )
         .map(|_| ())
     })?;
@@ -282,7 +296,9 @@ pub struct Ca {
 
 impl std::fmt::Debug for Ca {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Ca").field("backend", &self.store.backend()).finish_non_exhaustive()
+        f.debug_struct("Ca")
+            .field("backend", &self.store.backend())
+            .finish_non_exhaustive()
     }
 }
 
@@ -347,7 +363,13 @@ impl Ca {
     }
 
     /// Builds the certificate for `subject` from policy and signs `spki`.
-    fn sign(&self, subject: &Subject, spki_der: &[u8], serial: &[u8], now: i64) -> Result<(CertRecord, String), PkiError> {
+    fn sign(
+        &self,
+        subject: &Subject,
+        spki_der: &[u8],
+        serial: &[u8],
+        now: i64,
+    ) -> Result<(CertRecord, String), PkiError> {
         let profile = subject.profile();
         let pp = self.policy.profile(profile);
         let org = self.policy.ca.organisation.clone();
@@ -429,8 +451,8 @@ impl Ca {
             }
             tracing::warn!("serial collision; drawing another");
         }
-        let serial =
-            serial.ok_or_else(|| PkiError::Corrupted("no unused serial after 8 draws: the serial source is broken".into()))?;
+        let serial = serial
+            .ok_or_else(|| PkiError::Corrupted("no unused serial after 8 draws: the serial source is broken".into()))?;
         let (mut record, chain_pem) = self.sign(subject, spki_der, &serial, now)?;
         record.renewed_from = renewed_from.map(str::to_string);
         put_json(tx, &cert_key(&record.serial), &record)?;
@@ -455,7 +477,12 @@ impl Ca {
                 AuditKind::Issue,
                 actor,
                 &issued.record.subject,
-                &format!("{} serial {} key {}", issued.record.profile.as_str(), issued.record.serial, checked.key_description),
+                &format!(
+                    "{} serial {} key {}",
+                    issued.record.profile.as_str(),
+                    issued.record.serial,
+                    checked.key_description
+                ),
             )?;
             Ok::<_, PkiError>(issued)
         })?;
@@ -467,7 +494,10 @@ impl Ca {
     /// PKCS#8 PEM. For the node's own certificate and bootstrap credentials.
     pub fn issue_with_new_key(&self, subject: &Subject, actor: &str) -> Result<(Issued, Secret<String>), PkiError> {
         let key = KeyPair::generate_for(key_alg(self.policy.ca.key_algorithm))?;
-        let checked = CheckedCsr { spki_der: key.subject_public_key_info(), key_description: "generated by the CA".into() };
+        let checked = CheckedCsr {
+            spki_der: key.subject_public_key_info(),
+            key_description: "generated by the CA".into(),
+        };
         let issued = self.issue_checked(subject, &checked, actor)?;
         Ok((issued, Secret::new(key.serialize_pem())))
     }
@@ -481,7 +511,11 @@ impl Ca {
         actor: &str,
     ) -> Result<NewToken, PkiError> {
         let e = &self.policy.enrollment;
-        let ttl = if ttl_seconds == 0 { e.token_ttl_seconds } else { ttl_seconds };
+        let ttl = if ttl_seconds == 0 {
+            e.token_ttl_seconds
+        } else {
+            ttl_seconds
+        };
         if ttl > e.max_token_ttl_seconds {
             return Err(PkiError::Invalid(format!(
                 "ttl_seconds {ttl} exceeds the policy maximum of {}",
@@ -502,10 +536,21 @@ impl Ca {
         };
         self.store.transact(|tx| {
             put_json(tx, &token_key(&sha256_hex(token.as_bytes())), &record)?;
-            audit::append(tx, now, AuditKind::TokenCreate, actor, charger_id.as_str(), &format!("ttl {ttl}s"))?;
+            audit::append(
+                tx,
+                now,
+                AuditKind::TokenCreate,
+                actor,
+                charger_id.as_str(),
+                &format!("ttl {ttl}s"),
+            )?;
             Ok::<_, PkiError>(())
         })?;
-        Ok(NewToken { token, charger_id: charger_id.clone(), expires_at: record.expires_at })
+        Ok(NewToken {
+            token,
+            charger_id: charger_id.clone(),
+            expires_at: record.expires_at,
+        })
     }
 
     /// Enrolls a new charger: checks the token (single use, unexpired, made
@@ -555,7 +600,10 @@ impl Ca {
                 AuditKind::Enroll,
                 &format!("charger:{id}"),
                 id.as_str(),
-                &format!("serial {} key {} from {peer}", issued.record.serial, checked.key_description),
+                &format!(
+                    "serial {} key {} from {peer}",
+                    issued.record.serial, checked.key_description
+                ),
             )?;
             Ok(issued)
         })?;
@@ -575,7 +623,11 @@ impl Ca {
                 get_json(tx, &cert_key(serial))?.ok_or_else(|| PkiError::NotFound(serial.to_string()))?;
             match old.status(now) {
                 CertStatus::Revoked => return Err(PkiError::Renewal(format!("certificate {serial} is revoked"))),
-                CertStatus::Expired => return Err(PkiError::Renewal(format!("certificate {serial} has expired: enroll again"))),
+                CertStatus::Expired => {
+                    return Err(PkiError::Renewal(format!(
+                        "certificate {serial} has expired: enroll again"
+                    )));
+                }
                 _ => {}
             }
             let window = i64::from(self.policy.profile(old.profile).renewal_window_days) * 86_400;
@@ -613,7 +665,14 @@ impl Ca {
             rec.revoked = Some(Revocation { at: now, reason });
             put_json(tx, &cert_key(serial), &rec)?;
             tx.set(&revoked_key(serial), b"")?;
-            audit::append(tx, now, AuditKind::Revoke, actor, &rec.subject, &format!("serial {serial} reason {}", reason.as_str()))?;
+            audit::append(
+                tx,
+                now,
+                AuditKind::Revoke,
+                actor,
+                &rec.subject,
+                &format!("serial {serial} reason {}", reason.as_str()),
+            )?;
             self.sign_crl_in(tx, now)?;
             Ok(rec)
         })?;
@@ -629,14 +688,17 @@ impl Ca {
         for (k, _) in tx.get_range(&b, &e, 0, false)? {
             let (_, _, serial): (String, String, String) =
                 keys::unpack(&k).map_err(|e| PkiError::Corrupted(format!("revoked index: {e:?}")))?;
-            let rec: CertRecord =
-                get_json(tx, &cert_key(&serial))?.ok_or_else(|| PkiError::Corrupted(format!("revoked {serial} has no record")))?;
+            let rec: CertRecord = get_json(tx, &cert_key(&serial))?
+                .ok_or_else(|| PkiError::Corrupted(format!("revoked {serial} has no record")))?;
             // An expired certificate fails validation anyway; RFC 5280
             // lets the CRL drop it, which keeps the CRL small.
             if rec.not_after < now {
                 continue;
             }
-            let rev = rec.revoked.as_ref().ok_or_else(|| PkiError::Corrupted(format!("{serial} indexed as revoked")))?;
+            let rev = rec
+                .revoked
+                .as_ref()
+                .ok_or_else(|| PkiError::Corrupted(format!("{serial} indexed as revoked")))?;
             revoked.push(RevokedCertParams {
                 serial_number: SerialNumber::from_slice(
                     &hex::decode(&serial).map_err(|e| PkiError::Corrupted(e.to_string()))?,
@@ -656,7 +718,12 @@ impl Ca {
             key_identifier_method: KeyIdMethod::Sha256,
         };
         let crl = params.signed_by(&self.issuer)?;
-        let record = CrlRecord { number, this_update: now, next_update, pem: crl.pem()? };
+        let record = CrlRecord {
+            number,
+            this_update: now,
+            next_update,
+            pem: crl.pem()?,
+        };
         put_json(tx, &crl_key(), &record)?;
         Ok(record)
     }
@@ -684,7 +751,12 @@ impl Ca {
 
     /// Certificates in serial order after `after` (exclusive), matching
     /// `filter`, at most `limit`. Returns the rows and whether more remain.
-    pub fn list(&self, filter: &CertFilter, after: Option<&str>, limit: usize) -> Result<(Vec<CertRecord>, bool), PkiError> {
+    pub fn list(
+        &self,
+        filter: &CertFilter,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<(Vec<CertRecord>, bool), PkiError> {
         let now = self.now();
         let (begin, end) = keys::tuple_range(&("pki", "cert"));
         let mut from = match after {
@@ -697,7 +769,9 @@ impl Ca {
         };
         let mut out = Vec::new();
         loop {
-            let rows = self.store.snapshot(|tx| tx.get_range(&from, &end, 256, false).map_err(PkiError::from))?;
+            let rows = self
+                .store
+                .snapshot(|tx| tx.get_range(&from, &end, 256, false).map_err(PkiError::from))?;
             let exhausted = rows.len() < 256;
             for (k, v) in rows {
                 let rec: CertRecord = serde_json::from_slice(&v).map_err(|e| PkiError::Corrupted(e.to_string()))?;
@@ -737,7 +811,8 @@ impl Ca {
     /// Appends a security event to the audit log in its own transaction.
     pub fn record(&self, kind: AuditKind, actor: &str, subject: &str, detail: &str) -> Result<(), PkiError> {
         let now = self.now();
-        self.store.transact(|tx| audit::append(tx, now, kind, actor, subject, detail).map(|_| ()))
+        self.store
+            .transact(|tx| audit::append(tx, now, kind, actor, subject, detail).map(|_| ()))
     }
 }
 
@@ -746,7 +821,12 @@ fn subject_of(rec: &CertRecord) -> Result<Subject, PkiError> {
     Ok(match rec.profile {
         Profile::Charger => Subject::Charger {
             id: ChargerId::new(rec.subject.clone()).map_err(|e| corrupt(e.to_string()))?,
-            site: rec.site_id.clone().map(SiteId::new).transpose().map_err(|e| corrupt(e.to_string()))?,
+            site: rec
+                .site_id
+                .clone()
+                .map(SiteId::new)
+                .transpose()
+                .map_err(|e| corrupt(e.to_string()))?,
         },
         Profile::Operator => Subject::Operator {
             name: OperatorName::new(rec.subject.clone()).map_err(|e| corrupt(e.to_string()))?,
@@ -775,7 +855,10 @@ fn subject_of(rec: &CertRecord) -> Result<Subject, PkiError> {
                         .collect()
                 })
                 .unwrap_or_default();
-            Subject::Node { name: rec.subject.clone(), sans }
+            Subject::Node {
+                name: rec.subject.clone(),
+                sans,
+            }
         }
     })
 }

@@ -3,9 +3,9 @@
 //! `cargo fuzz` target (`fuzz/`).
 
 use x509_parser::oid_registry::{
-    OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_NIST_EC_P384, OID_PKCS1_RSAENCRYPTION, OID_SIG_ECDSA_WITH_SHA256,
-    OID_SIG_ECDSA_WITH_SHA384, OID_SIG_ECDSA_WITH_SHA512, OID_SIG_ED25519, OID_PKCS1_SHA256WITHRSA,
-    OID_PKCS1_SHA384WITHRSA, OID_PKCS1_SHA512WITHRSA,
+    OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_NIST_EC_P384, OID_PKCS1_RSAENCRYPTION, OID_PKCS1_SHA256WITHRSA,
+    OID_PKCS1_SHA384WITHRSA, OID_PKCS1_SHA512WITHRSA, OID_SIG_ECDSA_WITH_SHA256, OID_SIG_ECDSA_WITH_SHA384,
+    OID_SIG_ECDSA_WITH_SHA512, OID_SIG_ED25519,
 };
 use x509_parser::prelude::*;
 use x509_parser::public_key::PublicKey;
@@ -28,8 +28,8 @@ pub struct CheckedCsr {
 pub fn check_csr(input: &[u8], policy: &CsrPolicy) -> Result<CheckedCsr, PkiError> {
     let der = decode_pem_or_der(input, "CERTIFICATE REQUEST")
         .map_err(|e| PkiError::BadCsr(format!("not a PEM or DER CSR: {e}")))?;
-    let (rest, csr) = X509CertificationRequest::from_der(&der)
-        .map_err(|e| PkiError::BadCsr(format!("malformed CSR: {e}")))?;
+    let (rest, csr) =
+        X509CertificationRequest::from_der(&der).map_err(|e| PkiError::BadCsr(format!("malformed CSR: {e}")))?;
     if !rest.is_empty() {
         return Err(PkiError::BadCsr("trailing bytes after the CSR".into()));
     }
@@ -90,7 +90,10 @@ pub fn check_csr(input: &[u8], policy: &CsrPolicy) -> Result<CheckedCsr, PkiErro
     };
     csr.verify_signature()
         .map_err(|_| PkiError::BadCsr("the CSR's self-signature does not verify".into()))?;
-    Ok(CheckedCsr { spki_der: spki.raw.to_vec(), key_description })
+    Ok(CheckedCsr {
+        spki_der: spki.raw.to_vec(),
+        key_description,
+    })
 }
 
 /// What a peer's certificate says, as far as laddnet cares.
@@ -122,7 +125,9 @@ pub fn summarize_certificate(der: &[u8]) -> Result<CertSummary, PkiError> {
     let eku = cert
         .extended_key_usage()
         .map_err(|e| PkiError::BadCertificate(format!("extended key usage: {e}")))?;
-    let (client_auth, server_auth) = eku.map(|e| (e.value.client_auth, e.value.server_auth)).unwrap_or((false, false));
+    let (client_auth, server_auth) = eku
+        .map(|e| (e.value.client_auth, e.value.server_auth))
+        .unwrap_or((false, false));
     let is_ca = cert
         .basic_constraints()
         .map_err(|e| PkiError::BadCertificate(format!("basic constraints: {e}")))?
@@ -152,9 +157,9 @@ pub struct CrlSummary {
 
 /// Parses a PEM or DER CRL into a [`CrlSummary`].
 pub fn summarize_crl(input: &[u8]) -> Result<CrlSummary, PkiError> {
-    let der = decode_pem_or_der(input, "X509 CRL").map_err(|e| PkiError::BadCrl(format!("not a PEM or DER CRL: {e}")))?;
-    let (rest, crl) =
-        x509_parser::parse_x509_crl(&der).map_err(|e| PkiError::BadCrl(format!("malformed CRL: {e}")))?;
+    let der =
+        decode_pem_or_der(input, "X509 CRL").map_err(|e| PkiError::BadCrl(format!("not a PEM or DER CRL: {e}")))?;
+    let (rest, crl) = x509_parser::parse_x509_crl(&der).map_err(|e| PkiError::BadCrl(format!("malformed CRL: {e}")))?;
     if !rest.is_empty() {
         return Err(PkiError::BadCrl("trailing bytes after the CRL".into()));
     }
@@ -172,7 +177,10 @@ pub fn summarize_crl(input: &[u8]) -> Result<CrlSummary, PkiError> {
         number,
         this_update: crl.last_update().timestamp(),
         next_update: crl.next_update().map(|t| t.timestamp()),
-        revoked_serials: crl.iter_revoked_certificates().map(|r| hex::encode(r.raw_serial())).collect(),
+        revoked_serials: crl
+            .iter_revoked_certificates()
+            .map(|r| hex::encode(r.raw_serial()))
+            .collect(),
     })
 }
 
@@ -195,6 +203,7 @@ pub(crate) fn decode_pem_or_der(input: &[u8], label: &str) -> Result<Vec<u8>, St
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rcgen::PublicKeyData;
 
     fn policy() -> CsrPolicy {
         crate::Policy::default().csr
@@ -218,7 +227,10 @@ mod tests {
     #[test]
     fn refuses_garbage_and_broken_signature() {
         assert!(matches!(check_csr(b"", &policy()), Err(PkiError::BadCsr(_))));
-        assert!(matches!(check_csr(b"\x30\x03\x02\x01\x00", &policy()), Err(PkiError::BadCsr(_))));
+        assert!(matches!(
+            check_csr(b"\x30\x03\x02\x01\x00", &policy()),
+            Err(PkiError::BadCsr(_))
+        ));
         let key = rcgen::KeyPair::generate().unwrap();
         let params = rcgen::CertificateParams::new(vec![]).unwrap();
         let mut der = params.serialize_request(&key).unwrap().der().to_vec();
@@ -232,7 +244,10 @@ mod tests {
     #[test]
     fn summarizers_never_panic_on_truncations() {
         let key = rcgen::KeyPair::generate().unwrap();
-        let cert = rcgen::CertificateParams::new(vec!["x".into()]).unwrap().self_signed(&key).unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["x".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
         let der = cert.der().to_vec();
         for n in 0..der.len() {
             assert!(summarize_certificate(&der[..n]).is_err());

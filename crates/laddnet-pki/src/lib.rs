@@ -27,7 +27,9 @@ pub use audit::{AuditEntry, AuditKind, AuditVerdict};
 pub use ca::{Ca, CaFiles, CertFilter, Clock, InitReport, Issued, NewToken, Subject, init, system_clock};
 pub use error::PkiError;
 pub use inspect::{CertSummary, CheckedCsr, CrlSummary, check_csr, summarize_certificate, summarize_crl};
-pub use policy::{CaPolicy, CsrPolicy, DEFAULT_POLICY_TOML, EnrollmentPolicy, KeyAlgorithm, Policy, Profile, ProfilePolicy};
+pub use policy::{
+    CaPolicy, CsrPolicy, DEFAULT_POLICY_TOML, EnrollmentPolicy, KeyAlgorithm, Policy, Profile, ProfilePolicy,
+};
 pub use records::{CertRecord, CertStatus, CrlRecord, Revocation, RevocationReason, TokenRecord};
 
 /// Makes a new key and a CSR for it, as a charger or `laddctl` does.

@@ -104,8 +104,7 @@ impl Policy {
     }
 
     pub fn load(path: &std::path::Path) -> Result<Self, PkiError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| PkiError::Policy(format!("{}: {e}", path.display())))?;
+        let text = std::fs::read_to_string(path).map_err(|e| PkiError::Policy(format!("{}: {e}", path.display())))?;
         Self::from_toml(&text).map_err(|e| PkiError::Policy(format!("{}: {e}", path.display())))
     }
 
@@ -176,10 +175,15 @@ mod tests {
     fn default_policy_parses_and_bad_ones_name_the_field() {
         let p = Policy::default();
         assert_eq!(p.profiles.charger.validity_days, 365);
-        let bad = DEFAULT_POLICY_TOML.replace("renewal_window_days = 30\n\n[profiles.operator]", "renewal_window_days = 400\n\n[profiles.operator]");
+        let bad = DEFAULT_POLICY_TOML.replace(
+            "renewal_window_days = 30\n\n[profiles.operator]",
+            "renewal_window_days = 400\n\n[profiles.operator]",
+        );
         let e = Policy::from_toml(&bad).unwrap_err().to_string();
         assert!(e.contains("profiles.charger.renewal_window_days"), "{e}");
-        let e = Policy::from_toml(&format!("{DEFAULT_POLICY_TOML}\nsurprise = 1\n")).unwrap_err().to_string();
+        let e = Policy::from_toml(&format!("{DEFAULT_POLICY_TOML}\nsurprise = 1\n"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("surprise"), "{e}");
     }
 }

@@ -10,8 +10,8 @@
 //! | `("pki", "audit", seq)` | [`crate::AuditEntry`] JSON |
 //! | `("pki", "audit-head")` | [`crate::audit::AuditHead`] JSON |
 
-use serde::{Deserialize, Serialize};
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 
 use laddnet_store::{StoreError, Transaction, keys};
 

@@ -45,13 +45,8 @@ pub trait Transaction {
     fn clear(&mut self, key: &[u8]) -> Result<(), StoreError>;
     /// Keys in `[begin, end)`, ascending (or descending with `reverse`), at
     /// most `limit` of them (0 = no limit).
-    fn get_range(
-        &mut self,
-        begin: &[u8],
-        end: &[u8],
-        limit: usize,
-        reverse: bool,
-    ) -> Result<Vec<KeyValue>, StoreError>;
+    fn get_range(&mut self, begin: &[u8], end: &[u8], limit: usize, reverse: bool)
+    -> Result<Vec<KeyValue>, StoreError>;
     /// Adds `delta` to the little-endian i64 at `key` (absent = 0), as
     /// FoundationDB's `ADD` mutation does.
     fn atomic_add(&mut self, key: &[u8], delta: i64) -> Result<(), StoreError>;

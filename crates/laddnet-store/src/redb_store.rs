@@ -2,9 +2,7 @@ use std::path::Path;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use crate::{
-    KeyValue, MAX_KEY_BYTES, MAX_TRANSACTION_BYTES, MAX_VALUE_BYTES, Store, StoreError, Transaction,
-};
+use crate::{KeyValue, MAX_KEY_BYTES, MAX_TRANSACTION_BYTES, MAX_VALUE_BYTES, Store, StoreError, Transaction};
 
 const KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
 
@@ -50,6 +48,14 @@ impl WriteTx<'_> {
     }
 }
 
+type RangeItem<'a> = Result<
+    (
+        redb::AccessGuard<'a, &'static [u8]>,
+        redb::AccessGuard<'a, &'static [u8]>,
+    ),
+    redb::StorageError,
+>;
+
 fn range_of<T: ReadableTable<&'static [u8], &'static [u8]>>(
     table: &T,
     begin: &[u8],
@@ -63,7 +69,7 @@ fn range_of<T: ReadableTable<&'static [u8], &'static [u8]>>(
     let iter = table.range::<&[u8]>(begin..end).map_err(StoreError::io)?;
     let limit = if limit == 0 { usize::MAX } else { limit };
     let mut out = Vec::new();
-    let mut push = |item: Result<(redb::AccessGuard<'_, &[u8]>, redb::AccessGuard<'_, &[u8]>), redb::StorageError>| {
+    let mut push = |item: RangeItem<'_>| {
         let (k, v) = item.map_err(StoreError::io)?;
         out.push((k.value().to_vec(), v.value().to_vec()));
         Ok::<_, StoreError>(())
@@ -103,7 +109,13 @@ impl Transaction for WriteTx<'_> {
         Ok(())
     }
 
-    fn get_range(&mut self, begin: &[u8], end: &[u8], limit: usize, reverse: bool) -> Result<Vec<KeyValue>, StoreError> {
+    fn get_range(
+        &mut self,
+        begin: &[u8],
+        end: &[u8],
+        limit: usize,
+        reverse: bool,
+    ) -> Result<Vec<KeyValue>, StoreError> {
         range_of(&self.table, begin, end, limit, reverse)
     }
 
@@ -136,7 +148,13 @@ impl Transaction for ReadTx {
     fn clear(&mut self, _: &[u8]) -> Result<(), StoreError> {
         Err(StoreError::ReadOnly)
     }
-    fn get_range(&mut self, begin: &[u8], end: &[u8], limit: usize, reverse: bool) -> Result<Vec<KeyValue>, StoreError> {
+    fn get_range(
+        &mut self,
+        begin: &[u8],
+        end: &[u8],
+        limit: usize,
+        reverse: bool,
+    ) -> Result<Vec<KeyValue>, StoreError> {
         range_of(&self.table, begin, end, limit, reverse)
     }
     fn atomic_add(&mut self, _: &[u8], _: i64) -> Result<(), StoreError> {
@@ -222,7 +240,10 @@ mod tests {
     fn limits_are_enforced_and_reads_are_read_only() {
         let (_d, s) = store();
         let big = vec![0u8; MAX_VALUE_BYTES + 1];
-        assert!(matches!(s.transact(|tx| tx.set(b"k", &big)), Err(StoreError::ValueTooLarge(_))));
+        assert!(matches!(
+            s.transact(|tx| tx.set(b"k", &big)),
+            Err(StoreError::ValueTooLarge(_))
+        ));
         assert!(matches!(s.snapshot(|tx| tx.set(b"k", b"v")), Err(StoreError::ReadOnly)));
     }
 }

@@ -96,7 +96,10 @@ pub struct SealedBox {
 /// Creates a new random key file at `path` with mode 0600. Refuses to
 /// overwrite an existing file.
 pub fn create_key_file(path: &Path) -> Result<(), VaultError> {
-    let err = |reason: String| VaultError::KeyFile { path: path.to_owned(), reason };
+    let err = |reason: String| VaultError::KeyFile {
+        path: path.to_owned(),
+        reason,
+    };
     let mut key = Zeroizing::new([0u8; 32]);
     rand::rngs::OsRng.fill_bytes(key.as_mut());
     let mut opts = fs::OpenOptions::new();
@@ -114,7 +117,10 @@ pub fn create_key_file(path: &Path) -> Result<(), VaultError> {
 }
 
 fn read_key_file(path: &Path) -> Result<Zeroizing<[u8; 32]>, VaultError> {
-    let err = |reason: String| VaultError::KeyFile { path: path.to_owned(), reason };
+    let err = |reason: String| VaultError::KeyFile {
+        path: path.to_owned(),
+        reason,
+    };
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
@@ -160,7 +166,15 @@ pub fn seal(source: &KeySource, aad: &[u8], plaintext: &[u8]) -> Result<SealedBo
             let mut salt = [0u8; 16];
             rand::rngs::OsRng.fill_bytes(&mut salt);
             let key = argon(pass, &salt, ARGON_M_KIB, ARGON_T, ARGON_P)?;
-            (key, Kdf::Argon2id { salt: B64.encode(salt), m_kib: ARGON_M_KIB, t: ARGON_T, p: ARGON_P })
+            (
+                key,
+                Kdf::Argon2id {
+                    salt: B64.encode(salt),
+                    m_kib: ARGON_M_KIB,
+                    t: ARGON_T,
+                    p: ARGON_P,
+                },
+            )
         }
     };
     let mut nonce = [0u8; 12];
@@ -188,7 +202,9 @@ pub fn open(source: &KeySource, aad: &[u8], sealed: &SealedBox) -> Result<Zeroiz
     let key = match (&sealed.kdf, source) {
         (Kdf::KeyFile, KeySource::KeyFile(path)) => read_key_file(path)?,
         (Kdf::Argon2id { salt, m_kib, t, p }, KeySource::Passphrase(pass)) => {
-            let salt = B64.decode(salt).map_err(|e| VaultError::Malformed(format!("salt: {e}")))?;
+            let salt = B64
+                .decode(salt)
+                .map_err(|e| VaultError::Malformed(format!("salt: {e}")))?;
             // Refuse absurd costs from a tampered file rather than hang.
             if *m_kib > 4 * 1024 * 1024 || *t > 64 || *p > 64 {
                 return Err(VaultError::Malformed("argon2 cost out of range".into()));
@@ -196,13 +212,21 @@ pub fn open(source: &KeySource, aad: &[u8], sealed: &SealedBox) -> Result<Zeroiz
             argon(pass, &salt, *m_kib, *t, *p)?
         }
         (Kdf::KeyFile, given) => {
-            return Err(VaultError::WrongSource { sealed: "key file", given: given.name() });
+            return Err(VaultError::WrongSource {
+                sealed: "key file",
+                given: given.name(),
+            });
         }
         (Kdf::Argon2id { .. }, given) => {
-            return Err(VaultError::WrongSource { sealed: "passphrase", given: given.name() });
+            return Err(VaultError::WrongSource {
+                sealed: "passphrase",
+                given: given.name(),
+            });
         }
     };
-    let nonce = B64.decode(&sealed.nonce).map_err(|e| VaultError::Malformed(format!("nonce: {e}")))?;
+    let nonce = B64
+        .decode(&sealed.nonce)
+        .map_err(|e| VaultError::Malformed(format!("nonce: {e}")))?;
     if nonce.len() != 12 {
         return Err(VaultError::Malformed("nonce is not 96 bits".into()));
     }

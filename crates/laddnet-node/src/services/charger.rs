@@ -30,7 +30,10 @@ pub struct Charger {
 type AttachStream = Pin<Box<dyn Stream<Item = Result<v1::CentralMessage, Status>> + Send>>;
 
 fn out(msg_id: u64, payload: Out) -> Result<v1::CentralMessage, Status> {
-    Ok(v1::CentralMessage { msg_id, payload: Some(payload) })
+    Ok(v1::CentralMessage {
+        msg_id,
+        payload: Some(payload),
+    })
 }
 
 #[tonic::async_trait]
@@ -58,18 +61,33 @@ impl ChargerService for Charger {
             let claimed: String = boot.charger_id.chars().take(64).collect();
             tracing::warn!(charger_id = %id, "charger claimed another charger's identity");
             let ca = self.state.ca.clone();
-            let (actor, detail) = (identity.actor(), format!("certificate {} claimed to be charger {claimed:?}", identity.serial));
+            let (actor, detail) = (
+                identity.actor(),
+                format!("certificate {} claimed to be charger {claimed:?}", identity.serial),
+            );
             blocking(move || ca.record(AuditKind::SecurityEvent, &actor, &claimed, &detail)).await?;
-            return Err(NodeError::Denied(format!("this certificate is for charger {id}; it may not speak for another charger")).into());
+            return Err(NodeError::Denied(format!(
+                "this certificate is for charger {id}; it may not speak for another charger"
+            ))
+            .into());
         }
-        let info = BootInfo { vendor: boot.vendor, model: boot.model, firmware_version: boot.firmware_version };
+        let info = BootInfo {
+            vendor: boot.vendor,
+            model: boot.model,
+            firmware_version: boot.firmware_version,
+        };
         let conn = match self.state.chargers.attach(&id, &identity.serial, site, info) {
             Ok(conn) => conn,
-            Err(()) => {
+            Err(crate::state::AlreadyAttached) => {
                 let ca = self.state.ca.clone();
                 let (actor, subject) = (identity.actor(), id.to_string());
                 blocking(move || {
-                    ca.record(AuditKind::SecurityEvent, &actor, &subject, "second connection refused: the charger is already connected")
+                    ca.record(
+                        AuditKind::SecurityEvent,
+                        &actor,
+                        &subject,
+                        "second connection refused: the charger is already connected",
+                    )
                 })
                 .await?;
                 return Err(NodeError::AlreadyExists(format!(
@@ -82,7 +100,13 @@ impl ChargerService for Charger {
         let (tx, rx) = mpsc::channel(64);
         let heartbeat_interval_s = self.state.config.node.heartbeat_interval_s;
         let _ = tx
-            .send(out(first.msg_id, Out::BootAccepted(v1::BootAccepted { server_time: rfc3339(self.state.ca.now()), heartbeat_interval_s })))
+            .send(out(
+                first.msg_id,
+                Out::BootAccepted(v1::BootAccepted {
+                    server_time: rfc3339(self.state.ca.now()),
+                    heartbeat_interval_s,
+                }),
+            ))
             .await;
         let state = self.state.clone();
         tokio::spawn(async move {

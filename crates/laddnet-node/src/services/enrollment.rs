@@ -23,7 +23,11 @@ pub struct RateLimiter {
 
 impl RateLimiter {
     pub fn new(per_minute: u32, burst: u32) -> Self {
-        Self { per_minute: f64::from(per_minute), burst: f64::from(burst), buckets: Mutex::new(HashMap::new()) }
+        Self {
+            per_minute: f64::from(per_minute),
+            burst: f64::from(burst),
+            buckets: Mutex::new(HashMap::new()),
+        }
     }
 
     pub fn allow(&self, ip: IpAddr) -> bool {
@@ -57,11 +61,14 @@ impl EnrollmentService for Enrollment {
         let remote = peer(&req)?.remote;
         if !self.limiter.allow(remote.ip()) {
             tracing::warn!(remote = %remote.ip(), "enrollment rate limit reached");
-            return Err(NodeError::Exhausted("too many enrollment attempts from this address; retry later".into()).into());
+            return Err(
+                NodeError::Exhausted("too many enrollment attempts from this address; retry later".into()).into(),
+            );
         }
         let r = req.into_inner();
         let ca = self.state.ca.clone();
-        let issued = blocking(move || ca.enroll(&r.charger_id, &r.token, r.csr_pem.as_bytes(), &remote.to_string())).await?;
+        let issued =
+            blocking(move || ca.enroll(&r.charger_id, &r.token, r.csr_pem.as_bytes(), &remote.to_string())).await?;
         let now = self.state.ca.now();
         Ok(Response::new(v1::EnrollResponse {
             certificate: Some(cert_info(&issued.record, now)),
@@ -70,7 +77,10 @@ impl EnrollmentService for Enrollment {
         }))
     }
 
-    async fn get_ca_chain(&self, _: Request<v1::GetCaChainRequest>) -> Result<Response<v1::GetCaChainResponse>, Status> {
+    async fn get_ca_chain(
+        &self,
+        _: Request<v1::GetCaChainRequest>,
+    ) -> Result<Response<v1::GetCaChainResponse>, Status> {
         Ok(Response::new(v1::GetCaChainResponse {
             intermediate_pem: self.state.ca.intermediate_pem().to_string(),
             root_pem: self.state.ca.root_pem().to_string(),

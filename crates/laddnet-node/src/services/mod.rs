@@ -52,9 +52,7 @@ pub(crate) fn require_role<T>(
             let role = *role;
             Ok((id, role))
         }
-        Principal::Operator { role, .. } => {
-            Err(NodeError::Denied(format!("role {role} may not {what}")).into())
-        }
+        Principal::Operator { role, .. } => Err(NodeError::Denied(format!("role {role} may not {what}")).into()),
         _ => Err(NodeError::Denied(format!("only operators may {what}")).into()),
     }
 }
@@ -63,12 +61,20 @@ pub(crate) fn require_role<T>(
 pub(crate) fn page(state: &NodeState, p: Option<&v1::PageRequest>) -> Result<(usize, Option<String>), Status> {
     let g = &state.config.grpc;
     let (size, token) = p.map(|p| (p.page_size, p.page_token.as_str())).unwrap_or((0, ""));
-    let size = if size == 0 { g.default_page_size } else { size.min(g.max_page_size) } as usize;
+    let size = if size == 0 {
+        g.default_page_size
+    } else {
+        size.min(g.max_page_size)
+    } as usize;
     let after = if token.is_empty() {
         None
     } else {
-        let bytes = hex::decode(token).map_err(|_| NodeError::Invalid("page_token is not one this server issued".into()))?;
-        Some(String::from_utf8(bytes).map_err(|_| NodeError::Invalid("page_token is not one this server issued".into()))?)
+        let bytes =
+            hex::decode(token).map_err(|_| NodeError::Invalid("page_token is not one this server issued".into()))?;
+        Some(
+            String::from_utf8(bytes)
+                .map_err(|_| NodeError::Invalid("page_token is not one this server issued".into()))?,
+        )
     };
     Ok((size, after))
 }
@@ -97,7 +103,11 @@ pub(crate) fn cert_info(rec: &CertRecord, now: i64) -> v1::CertificateInfo {
         not_before: rfc3339(rec.not_before),
         not_after: rfc3339(rec.not_after),
         status: rec.status(now).as_str().into(),
-        revocation_reason: rec.revoked.as_ref().map(|r| r.reason.as_str().to_string()).unwrap_or_default(),
+        revocation_reason: rec
+            .revoked
+            .as_ref()
+            .map(|r| r.reason.as_str().to_string())
+            .unwrap_or_default(),
         revoked_at: rec.revoked.as_ref().map(|r| rfc3339(r.at)).unwrap_or_default(),
         renewed_from: rec.renewed_from.clone().unwrap_or_default(),
         certificate_pem: rec.certificate_pem.clone(),

@@ -30,7 +30,10 @@ impl OperatorService for Operator {
         }))
     }
 
-    async fn list_chargers(&self, req: Request<v1::ListChargersRequest>) -> Result<Response<v1::ListChargersResponse>, Status> {
+    async fn list_chargers(
+        &self,
+        req: Request<v1::ListChargersRequest>,
+    ) -> Result<Response<v1::ListChargersResponse>, Status> {
         require_role(&self.state, &req, "list chargers", |_| true)?;
         let (limit, after) = page(&self.state, req.get_ref().page.as_ref())?;
         let (rows, more) = self.state.chargers.page(after.as_deref(), limit);

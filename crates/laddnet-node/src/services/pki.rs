@@ -32,7 +32,11 @@ impl PkiService for Pki {
         let (who, _) = require_role(&self.state, &req, WHAT, Role::can_manage_pki)?;
         let r = req.into_inner();
         let id = ChargerId::new(r.charger_id).map_err(invalid)?;
-        let site = if r.site_id.is_empty() { None } else { Some(SiteId::new(r.site_id).map_err(invalid)?) };
+        let site = if r.site_id.is_empty() {
+            None
+        } else {
+            Some(SiteId::new(r.site_id).map_err(invalid)?)
+        };
         let ca = self.state.ca.clone();
         let actor = who.actor();
         let t = blocking(move || ca.create_token(&id, site.as_ref(), r.ttl_seconds, &actor)).await?;
@@ -51,12 +55,20 @@ impl PkiService for Pki {
         let r = req.into_inner();
         let (limit, after) = page(&self.state, r.page.as_ref())?;
         let filter = CertFilter {
-            profile: if r.profile.is_empty() { None } else { Some(Profile::parse(&r.profile).map_err(crate::status::to_status)?) },
+            profile: if r.profile.is_empty() {
+                None
+            } else {
+                Some(Profile::parse(&r.profile).map_err(crate::status::to_status)?)
+            },
             subject: (!r.subject.is_empty()).then_some(r.subject),
             status: match r.status.as_str() {
                 "" => None,
                 s @ ("valid" | "expired" | "revoked" | "not-yet-valid") => Some(s.to_string()),
-                other => return Err(invalid(format!("unknown status {other:?}: expected valid, expired, revoked or not-yet-valid"))),
+                other => {
+                    return Err(invalid(format!(
+                        "unknown status {other:?}: expected valid, expired, revoked or not-yet-valid"
+                    )));
+                }
             },
         };
         let ca = self.state.ca.clone();
@@ -68,7 +80,10 @@ impl PkiService for Pki {
         }))
     }
 
-    async fn get_certificate(&self, req: Request<v1::GetCertificateRequest>) -> Result<Response<v1::CertificateInfo>, Status> {
+    async fn get_certificate(
+        &self,
+        req: Request<v1::GetCertificateRequest>,
+    ) -> Result<Response<v1::CertificateInfo>, Status> {
         require_role(&self.state, &req, WHAT, Role::can_manage_pki)?;
         let serial = normalize_serial(&req.get_ref().serial)?;
         let ca = self.state.ca.clone();
@@ -76,7 +91,10 @@ impl PkiService for Pki {
         Ok(Response::new(cert_info(&rec, self.state.ca.now())))
     }
 
-    async fn renew_certificate(&self, req: Request<v1::PkiRenewRequest>) -> Result<Response<v1::PkiRenewResponse>, Status> {
+    async fn renew_certificate(
+        &self,
+        req: Request<v1::PkiRenewRequest>,
+    ) -> Result<Response<v1::PkiRenewResponse>, Status> {
         let (who, _) = require_role(&self.state, &req, WHAT, Role::can_manage_pki)?;
         let r = req.into_inner();
         let serial = normalize_serial(&r.serial)?;
@@ -90,7 +108,10 @@ impl PkiService for Pki {
         }))
     }
 
-    async fn revoke_certificate(&self, req: Request<v1::RevokeCertificateRequest>) -> Result<Response<v1::CertificateInfo>, Status> {
+    async fn revoke_certificate(
+        &self,
+        req: Request<v1::RevokeCertificateRequest>,
+    ) -> Result<Response<v1::CertificateInfo>, Status> {
         let (who, _) = require_role(&self.state, &req, WHAT, Role::can_manage_pki)?;
         let r = req.into_inner();
         let serial = normalize_serial(&r.serial)?;
@@ -116,7 +137,9 @@ impl PkiService for Pki {
         let (limit, after) = page(&self.state, req.get_ref().page.as_ref())?;
         let after: u64 = match after {
             None => 0,
-            Some(s) => s.parse().map_err(|_| invalid("page_token is not one this server issued"))?,
+            Some(s) => s
+                .parse()
+                .map_err(|_| invalid("page_token is not one this server issued"))?,
         };
         let store = self.state.store.clone();
         let rows = blocking(move || laddnet_pki::audit::list(store.as_ref(), after, limit + 1)).await?;
@@ -140,7 +163,10 @@ impl PkiService for Pki {
         }))
     }
 
-    async fn verify_audit(&self, req: Request<v1::VerifyAuditRequest>) -> Result<Response<v1::VerifyAuditResponse>, Status> {
+    async fn verify_audit(
+        &self,
+        req: Request<v1::VerifyAuditRequest>,
+    ) -> Result<Response<v1::VerifyAuditResponse>, Status> {
         require_role(&self.state, &req, WHAT, Role::can_manage_pki)?;
         let store = self.state.store.clone();
         let v = blocking(move || laddnet_pki::audit::verify(store.as_ref())).await?;
@@ -162,7 +188,8 @@ impl PkiService for Pki {
         let role: Role = r.role.parse().map_err(invalid)?;
         let ca = self.state.ca.clone();
         let actor = who.actor();
-        let issued = blocking(move || ca.issue(&Subject::Operator { name, role }, r.csr_pem.as_bytes(), &actor)).await?;
+        let issued =
+            blocking(move || ca.issue(&Subject::Operator { name, role }, r.csr_pem.as_bytes(), &actor)).await?;
         Ok(Response::new(v1::IssueOperatorCertificateResponse {
             certificate: Some(cert_info(&issued.record, self.state.ca.now())),
             chain_pem: issued.chain_pem,
