@@ -1,0 +1,236 @@
+//! The README's first command as a newcomer runs it: `laddnet up` in an
+//! empty directory, then `laddctl` from the same directory with no flags.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+fn bin(name: &str) -> PathBuf {
+    // target/debug/deps/cli-… → target/debug/<name>
+    let dir = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let path = dir.join(name);
+    if !path.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let ok = Command::new(cargo)
+            .args(["build", "-p", "laddnet-node", "-p", "laddnet-cli", "--bins"])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "building the binaries failed");
+    }
+    path
+}
+
+struct Up {
+    child: Child,
+    stderr: std::thread::JoinHandle<String>,
+    ctl_config: PathBuf,
+}
+
+fn start_up(dir: &Path) -> Up {
+    let mut child = Command::new(bin("laddnet"))
+        .args(["up", "--mtls-addr", "127.0.0.1:0", "--enrollment-addr", "127.0.0.1:0"])
+        .current_dir(dir)
+        .env_remove("LADDCTL_CONFIG")
+        .env_remove("LADDNET_CA_PASSPHRASE")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let stderr = std::thread::spawn(move || std::io::read_to_string(stderr).unwrap_or_default());
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(p) = line.trim().strip_prefix("laddctl config: ") {
+                let _ = tx.send(PathBuf::from(p));
+            }
+        }
+    });
+    let ctl_config = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("`laddnet up` printed its laddctl config");
+    Up {
+        child,
+        stderr,
+        ctl_config,
+    }
+}
+
+fn stop(mut up: Up) -> (std::process::ExitStatus, String) {
+    let ok = Command::new("kill")
+        .args(["-INT", &up.child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let status = up.child.wait().unwrap();
+    (status, up.stderr.join().unwrap())
+}
+
+fn ctl(dir: &Path, args: &[&str]) -> Output {
+    Command::new(bin("laddctl"))
+        .args(args)
+        .current_dir(dir)
+        .env_remove("LADDCTL_CONFIG")
+        .output()
+        .unwrap()
+}
+
+fn json(out: &Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "laddctl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+#[test]
+fn up_then_laddctl_from_the_same_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = start_up(dir.path());
+    assert!(up.ctl_config.ends_with("laddnet-data/laddctl.toml"));
+
+    let who = json(&ctl(dir.path(), &["whoami", "--output", "json"]));
+    assert_eq!(who["role"], "admin");
+    let token = json(&ctl(
+        dir.path(),
+        &["pki", "token", "create", "CP-9", "--site", "depot-1", "-o", "json"],
+    ));
+    assert!(token["token"].as_str().unwrap().starts_with("ldt_"));
+    let list = json(&ctl(dir.path(), &["pki", "list", "-o", "json"]));
+    assert!(
+        list["certificates"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["subject"] == "admin" && c["role"] == "admin")
+    );
+    let table = ctl(dir.path(), &["pki", "list"]);
+    assert!(String::from_utf8_lossy(&table.stdout).starts_with("SERIAL"));
+
+    let issued = json(&ctl(
+        dir.path(),
+        &[
+            "operators",
+            "issue",
+            "Op One",
+            "--role",
+            "operator",
+            "--out-dir",
+            "ops",
+            "-o",
+            "json",
+        ],
+    ));
+    assert_eq!(issued["role"], "operator");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join("ops/Op_One.key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    let audit = json(&ctl(dir.path(), &["pki", "audit", "verify", "-o", "json"]));
+    assert_eq!(audit["ok"], true);
+    let crl = json(&ctl(dir.path(), &["pki", "crl", "-o", "json"]));
+    assert!(crl["crl_number"].as_u64().unwrap() >= 1);
+
+    // Errors name the problem and exit non-zero.
+    let bad = ctl(dir.path(), &["pki", "revoke", "not-a-serial"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("not-a-serial"));
+    let bad = ctl(dir.path(), &["operators", "issue", "X", "--role", "root"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown role"));
+    let elsewhere = tempfile::tempdir().unwrap();
+    let lost = ctl(elsewhere.path(), &["whoami"]);
+    assert!(!lost.status.success());
+    assert!(String::from_utf8_lossy(&lost.stderr).contains("no laddctl config"));
+    // LADDCTL_CONFIG from anywhere.
+    let from_env = Command::new(bin("laddctl"))
+        .args(["whoami", "-o", "json"])
+        .current_dir(elsewhere.path())
+        .env("LADDCTL_CONFIG", &up.ctl_config)
+        .output()
+        .unwrap();
+    assert_eq!(json(&from_env)["name"], "admin");
+    let completions = ctl(dir.path(), &["completions", "bash"]);
+    assert!(String::from_utf8_lossy(&completions.stdout).contains("laddctl"));
+
+    // Ctrl-C stops cleanly; running again resumes from the same data.
+    let (status, stderr) = stop(up);
+    assert!(status.success(), "{stderr}");
+    let key = std::fs::read_to_string(dir.path().join("laddnet-data/credentials/admin.key")).unwrap();
+    let key_body: String = key.lines().filter(|l| !l.starts_with("-----")).collect();
+    assert!(
+        !stderr.contains("PRIVATE KEY") && !stderr.contains(&key_body[..32]),
+        "key material in the log"
+    );
+    assert!(
+        !stderr.contains(token["token"].as_str().unwrap()),
+        "a token value in the log"
+    );
+
+    let again = start_up(dir.path());
+    let who = json(&ctl(dir.path(), &["whoami", "-o", "json"]));
+    assert_eq!(who["name"], "admin");
+    let list = json(&ctl(
+        dir.path(),
+        &["pki", "list", "--profile", "operator", "-o", "json"],
+    ));
+    assert_eq!(
+        list["certificates"].as_array().unwrap().len(),
+        2,
+        "admin and Op One survive the restart"
+    );
+    let (status, stderr) = stop(again);
+    assert!(status.success());
+    assert!(stderr.contains("resuming"));
+}
+
+#[test]
+fn validate_names_the_bad_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let init = Command::new(bin("laddnet"))
+        .args(["init", "--data-dir", "d"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    let ok = Command::new(bin("laddnet"))
+        .args(["validate", "--config", "d/laddnet.toml"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let bad = Command::new(bin("laddnet"))
+        .args(["validate", "--config", "d/laddnet.toml"])
+        .env("LADDNET_GRPC__MAX_CONCURRENT_STREAMS", "0")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("grpc.max_concurrent_streams"));
+    // A second init never overwrites the CA.
+    let again = Command::new(bin("laddnet"))
+        .args(["init", "--data-dir", "d"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
+}
