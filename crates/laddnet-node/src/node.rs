@@ -149,10 +149,14 @@ impl RunningNode {
         ] {
             health.set_service_status(name, ServingStatus::Serving).await;
         }
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(laddnet_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()?;
+        // Both reflection versions: grpcurl and older tools still ask v1alpha.
+        let reflection_builder = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(laddnet_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        };
+        let reflection = reflection_builder().build_v1()?;
+        let reflection_alpha = reflection_builder().build_v1alpha()?;
 
         let g = &config.grpc;
         let limit = g.max_message_bytes;
@@ -195,6 +199,7 @@ impl RunningNode {
         let mtls_router = server()
             .add_service(health_service.clone())
             .add_service(reflection.clone())
+            .add_service(reflection_alpha.clone())
             .add_service(
                 ChargerServiceServer::new(Charger { state: state.clone() })
                     .max_decoding_message_size(limit)
@@ -214,6 +219,7 @@ impl RunningNode {
         let enroll_router = server()
             .add_service(health_service)
             .add_service(reflection)
+            .add_service(reflection_alpha)
             .add_service(
                 EnrollmentServiceServer::new(Enrollment {
                     state: state.clone(),
