@@ -303,6 +303,22 @@ async fn renewal_opens_in_the_window_overlaps_and_never_for_revoked() {
         .into_inner();
     assert_eq!(old_info.status, "valid", "renewal never revokes the predecessor");
 
+    // A security admin may renew early, outside the window, for a new key.
+    let (_, csr) = laddnet_pki::new_key_and_csr("CP-R").unwrap();
+    let early = node
+        .pki()
+        .await
+        .renew_certificate(v1::PkiRenewRequest {
+            serial: new.serial.clone(),
+            csr_pem: csr,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let early = early.certificate.unwrap();
+    assert_eq!((early.subject.as_str(), early.profile.as_str()), ("CP-R", "charger"));
+    assert_eq!(early.renewed_from, new.serial);
+
     // A revoked certificate cannot renew, by any door.
     node.pki()
         .await

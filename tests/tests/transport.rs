@@ -318,8 +318,14 @@ async fn oversized_headers_are_refused() {
     // The control: the same header passes under the default 16 KiB limit.
     let roomy = TestNode::start().await;
     let mut req = tonic::Request::new(v1::GetCrlRequest {});
-    req.metadata_mut().insert("x-padding", "a".repeat(8192).parse().unwrap());
-    roomy.pki().await.get_crl(req).await.expect("8 KiB of headers fit in 16 KiB");
+    req.metadata_mut()
+        .insert("x-padding", "a".repeat(8192).parse().unwrap());
+    roomy
+        .pki()
+        .await
+        .get_crl(req)
+        .await
+        .expect("8 KiB of headers fit in 16 KiB");
 }
 
 #[tokio::test]

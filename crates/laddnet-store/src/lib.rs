@@ -8,6 +8,8 @@
 //!   transaction. Writes that must happen once carry an idempotency key
 //!   written in the same transaction ([`Transaction::claim_once`]).
 //! - [`RedbStore`]: the embedded default, one file in the data dir.
+//! - `FdbStore` (feature `fdb`): FoundationDB, for clusters.
+//! - [`conformance`]: one suite every backend must pass.
 //! - [`keys`]: tuple-encoded keys (`foundationdb-tuple`), shared by all
 //!   backends so the layout is the same everywhere.
 //!
@@ -17,15 +19,21 @@
 //! 10 MB) are enforced by every backend, so code that fits the embedded
 //! store fits FoundationDB too.
 
-#![forbid(unsafe_code)]
+// The FoundationDB client's one-time boot is the only unsafe call (fdb.rs).
+#![deny(unsafe_code)]
 
+pub mod conformance;
 mod error;
+#[cfg(feature = "fdb")]
+mod fdb;
 pub mod keys;
 mod redb_store;
 
 use std::sync::Arc;
 
 pub use error::StoreError;
+#[cfg(feature = "fdb")]
+pub use fdb::FdbStore;
 pub use redb_store::RedbStore;
 
 /// FoundationDB's limit on a key's size.

@@ -1,0 +1,219 @@
+//! The FoundationDB backend (feature `fdb`): the same trait over a
+//! FoundationDB cluster, for when one machine is not enough.
+//!
+//! - Every transaction has a timeout (5 s, FoundationDB's own horizon) and a
+//!   retry limit; retryable errors, from reads or from commit, go through
+//!   `on_error`, which backs off and resets the transaction, and the closure
+//!   runs again.
+//! - `commit_unknown_result` is retried like any other retryable error: the
+//!   transaction may have committed, so every write that must happen once
+//!   carries an idempotency key (`Transaction::claim_once`) in the same
+//!   transaction, and the retry finds it and writes nothing twice.
+//! - Atomic add is FoundationDB's own `ADD` mutation: no read, no conflict.
+//!
+//! The trait is synchronous; this backend blocks on FoundationDB's futures,
+//! which its network thread completes. Callers already run transactions on
+//! blocking threads.
+
+use std::sync::OnceLock;
+
+use foundationdb::options::{MutationType, StreamingMode, TransactionOption};
+use foundationdb::{Database, FdbError, RangeOption};
+use futures::executor::block_on;
+
+use crate::{KeyValue, MAX_KEY_BYTES, MAX_TRANSACTION_BYTES, MAX_VALUE_BYTES, Store, StoreError, Transaction};
+
+/// Milliseconds before a transaction is abandoned.
+const TIMEOUT_MS: i32 = 5_000;
+/// Retries of one transaction before giving up.
+const RETRY_LIMIT: i32 = 100;
+
+static NETWORK: OnceLock<foundationdb::api::NetworkAutoStop> = OnceLock::new();
+
+fn fdb_err(e: FdbError) -> StoreError {
+    StoreError::Io(format!("foundationdb: {e}"))
+}
+
+/// A FoundationDB cluster, through its cluster file.
+pub struct FdbStore {
+    db: Database,
+}
+
+impl FdbStore {
+    /// Starts the client's network thread (once per process) and opens the
+    /// database of `cluster_file` (None: the default cluster file).
+    pub fn open(cluster_file: Option<&str>) -> Result<Self, StoreError> {
+        NETWORK.get_or_init(|| {
+            // SAFETY: boot is called once per process (OnceLock) and the
+            // guard is kept for the life of the process, as the client
+            // library requires: the network thread must not be restarted.
+            #[allow(unsafe_code)]
+            unsafe {
+                foundationdb::boot()
+            }
+        });
+        let db = Database::new(cluster_file).map_err(fdb_err)?;
+        Ok(Self { db })
+    }
+}
+
+struct FdbTx<'a> {
+    trx: &'a foundationdb::Transaction,
+    /// The first FoundationDB error an operation hit: the closure's own
+    /// result is then ignored and the transaction goes through on_error.
+    failed: Option<FdbError>,
+    written: usize,
+    read_only: bool,
+}
+
+impl FdbTx<'_> {
+    fn note<T>(&mut self, r: Result<T, FdbError>) -> Result<T, StoreError> {
+        r.map_err(|e| {
+            let s = fdb_err(e);
+            if self.failed.is_none() {
+                self.failed = Some(e);
+            }
+            s
+        })
+    }
+
+    fn check_write(&mut self, key: &[u8], value_len: usize) -> Result<(), StoreError> {
+        if self.read_only {
+            return Err(StoreError::ReadOnly);
+        }
+        if key.len() > MAX_KEY_BYTES {
+            return Err(StoreError::KeyTooLarge(key.len()));
+        }
+        if value_len > MAX_VALUE_BYTES {
+            return Err(StoreError::ValueTooLarge(value_len));
+        }
+        self.written += key.len() + value_len;
+        if self.written > MAX_TRANSACTION_BYTES {
+            return Err(StoreError::TransactionTooLarge(self.written));
+        }
+        Ok(())
+    }
+}
+
+impl Transaction for FdbTx<'_> {
+    fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        if key.len() > MAX_KEY_BYTES {
+            return Err(StoreError::KeyTooLarge(key.len()));
+        }
+        let r = block_on(self.trx.get(key, false));
+        Ok(self.note(r)?.map(|v| v.to_vec()))
+    }
+
+    fn set(&mut self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        self.check_write(key, value.len())?;
+        self.trx.set(key, value);
+        Ok(())
+    }
+
+    fn clear(&mut self, key: &[u8]) -> Result<(), StoreError> {
+        self.check_write(key, 0)?;
+        self.trx.clear(key);
+        Ok(())
+    }
+
+    fn get_range(
+        &mut self,
+        begin: &[u8],
+        end: &[u8],
+        limit: usize,
+        reverse: bool,
+    ) -> Result<Vec<KeyValue>, StoreError> {
+        if begin >= end {
+            return Ok(Vec::new());
+        }
+        let mut opt = RangeOption {
+            limit: (limit > 0).then_some(limit),
+            reverse,
+            mode: StreamingMode::WantAll,
+            ..RangeOption::from((begin.to_vec(), end.to_vec()))
+        };
+        let mut out = Vec::new();
+        let mut iteration = 1;
+        loop {
+            let r = block_on(self.trx.get_range(&opt, iteration, false));
+            let values = self.note(r)?;
+            out.extend(values.iter().map(|kv| (kv.key().to_vec(), kv.value().to_vec())));
+            match opt.next_range(&values) {
+                Some(next) => {
+                    opt = next;
+                    iteration += 1;
+                }
+                None => break,
+            }
+        }
+        Ok(out)
+    }
+
+    fn atomic_add(&mut self, key: &[u8], delta: i64) -> Result<(), StoreError> {
+        self.check_write(key, 8)?;
+        self.trx.atomic_op(key, &delta.to_le_bytes(), MutationType::Add);
+        Ok(())
+    }
+}
+
+impl FdbStore {
+    fn attempt(
+        &self,
+        read_only: bool,
+        f: &mut dyn FnMut(&mut dyn Transaction) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let mut trx = self.db.create_trx().map_err(fdb_err)?;
+        let mut attempts = 0u32;
+        loop {
+            trx.set_option(TransactionOption::Timeout(TIMEOUT_MS))
+                .map_err(fdb_err)?;
+            trx.set_option(TransactionOption::RetryLimit(RETRY_LIMIT))
+                .map_err(fdb_err)?;
+            let mut tx = FdbTx {
+                trx: &trx,
+                failed: None,
+                written: 0,
+                read_only,
+            };
+            let result = f(&mut tx);
+            if let Some(e) = tx.failed.take() {
+                attempts += 1;
+                trx = block_on(trx.on_error(e)).map_err(|e| retry_exhausted(e, attempts))?;
+                continue;
+            }
+            result?;
+            if read_only {
+                return Ok(());
+            }
+            match block_on(trx.commit()) {
+                Ok(_) => return Ok(()),
+                Err(commit_err) => {
+                    attempts += 1;
+                    trx = block_on(commit_err.on_error()).map_err(|e| retry_exhausted(e, attempts))?;
+                }
+            }
+        }
+    }
+}
+
+fn retry_exhausted(e: FdbError, attempts: u32) -> StoreError {
+    if e.is_retryable() {
+        StoreError::TooManyRetries(attempts)
+    } else {
+        fdb_err(e)
+    }
+}
+
+impl Store for FdbStore {
+    fn run(&self, f: &mut dyn FnMut(&mut dyn Transaction) -> Result<(), StoreError>) -> Result<(), StoreError> {
+        self.attempt(false, f)
+    }
+
+    fn read(&self, f: &mut dyn FnMut(&mut dyn Transaction) -> Result<(), StoreError>) -> Result<(), StoreError> {
+        self.attempt(true, f)
+    }
+
+    fn backend(&self) -> &'static str {
+        "foundationdb"
+    }
+}
