@@ -4,11 +4,14 @@
 //! - [`ChargerId`] and friends: validated newtypes, so an id that reached a
 //!   handler has already been checked.
 //! - [`Role`]: what an operator certificate allows.
+//! - [`charging`]: connectors, meter samples, transaction events and the
+//!   order-independent session record.
 //! - [`ErrorKind`]: the coarse classes that the node maps to gRPC codes in
 //!   one table.
 
 #![forbid(unsafe_code)]
 
+pub mod charging;
 mod error;
 mod ids;
 mod role;

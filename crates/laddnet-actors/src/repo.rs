@@ -1,0 +1,408 @@
+//! Chargers, sites and sessions in the store. Every accepted transaction
+//! event is one store transaction: its `(transaction, seq)` key is claimed
+//! (a replay finds it and changes nothing), its neighbours are read, and
+//! the session record is updated — so a session of any length never makes
+//! a large transaction.
+//!
+//! | key | value |
+//! |---|---|
+//! | `("charger", id)` | [`ChargerRecord`] |
+//! | `("site", id)` | [`SiteRecord`] |
+//! | `("session", transaction_id)` | [`SessionRecord`] |
+//! | `("session-event", transaction_id, seq)` | the [`TxEvent`] |
+//! | `("session-open", charger_id, transaction_id)` | empty: sessions not ended |
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use laddnet_core::charging::{Connector, ConnectorStatus, Point, SessionRecord, SessionStatus, TxEvent};
+use laddnet_core::{ErrorKind, HasKind};
+use laddnet_store::{Store, StoreError, StoreExt, Transaction, keys};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RepoError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{0} already exists")]
+    AlreadyExists(String),
+    #[error("transaction {0} belongs to another charger")]
+    ForeignTransaction(String),
+    #[error("invalid: {0}")]
+    Invalid(String),
+    #[error("stored record is corrupted: {0}")]
+    Corrupted(String),
+    #[error("the session actor did not answer in time")]
+    Timeout,
+    #[error("the session actor is gone: {0}")]
+    Gone(String),
+}
+
+impl HasKind for RepoError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            RepoError::Store(_) | RepoError::Timeout | RepoError::Gone(_) => ErrorKind::Unavailable,
+            RepoError::NotFound(_) => ErrorKind::NotFound,
+            RepoError::AlreadyExists(_) => ErrorKind::AlreadyExists,
+            RepoError::ForeignTransaction(_) => ErrorKind::PermissionDenied,
+            RepoError::Invalid(_) => ErrorKind::InvalidArgument,
+            RepoError::Corrupted(_) => ErrorKind::Internal,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChargerRecord {
+    pub charger_id: String,
+    #[serde(default)]
+    pub site_id: Option<String>,
+    pub vendor: String,
+    pub model: String,
+    pub firmware_version: String,
+    pub connectors: Vec<Connector>,
+    /// Unix seconds.
+    pub last_seen: i64,
+    #[serde(default)]
+    pub certificate_serial: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SiteRecord {
+    pub site_id: String,
+    pub name: String,
+    pub address: String,
+    pub time_zone: String,
+    pub grid_limit_w: u32,
+}
+
+fn get<T: DeserializeOwned>(tx: &mut dyn Transaction, key: &[u8]) -> Result<Option<T>, RepoError> {
+    match tx.get(key)? {
+        None => Ok(None),
+        Some(v) => serde_json::from_slice(&v).map(Some).map_err(|e| RepoError::Corrupted(e.to_string())),
+    }
+}
+
+fn put<T: Serialize>(tx: &mut dyn Transaction, key: &[u8], value: &T) -> Result<(), RepoError> {
+    let v = serde_json::to_vec(value).map_err(|e| RepoError::Corrupted(e.to_string()))?;
+    Ok(tx.set(key, &v)?)
+}
+
+fn charger_key(id: &str) -> Vec<u8> {
+    keys::pack(&("charger", id))
+}
+fn site_key(id: &str) -> Vec<u8> {
+    keys::pack(&("site", id))
+}
+fn session_key(tx_id: &str) -> Vec<u8> {
+    keys::pack(&("session", tx_id))
+}
+fn event_key(tx_id: &str, seq: u64) -> Vec<u8> {
+    keys::pack(&("session-event", tx_id, seq))
+}
+fn open_key(charger_id: &str, tx_id: &str) -> Vec<u8> {
+    keys::pack(&("session-open", charger_id, tx_id))
+}
+
+/// What became of an event.
+#[derive(Debug, Clone)]
+pub struct Applied {
+    pub record: SessionRecord,
+    /// The event had been accepted before (a replay): nothing changed.
+    pub duplicate: bool,
+}
+
+/// Validates an event's fields before anything is stored.
+pub fn validate_event(e: &TxEvent) -> Result<(), RepoError> {
+    if e.transaction_id.is_empty() || e.transaction_id.len() > 64 {
+        return Err(RepoError::Invalid("transaction_id must be 1 to 64 characters".into()));
+    }
+    if e.connector_id == 0 {
+        return Err(RepoError::Invalid("connector_id must be 1 or more".into()));
+    }
+    if e.seq > (1 << 40) {
+        return Err(RepoError::Invalid("seq is out of range".into()));
+    }
+    Ok(())
+}
+
+/// Accepts one transaction event for `charger_id`, exactly once.
+pub fn apply_event(
+    store: &dyn Store,
+    charger_id: &str,
+    site_id: Option<&str>,
+    max_power_w: u32,
+    e: &TxEvent,
+) -> Result<Applied, RepoError> {
+    validate_event(e)?;
+    store.transact(|tx| {
+        let existing: Option<SessionRecord> = get(tx, &session_key(&e.transaction_id))?;
+        if let Some(r) = &existing
+            && r.charger_id != charger_id
+        {
+            return Err(RepoError::ForeignTransaction(e.transaction_id.clone()));
+        }
+        let ek = event_key(&e.transaction_id, e.seq);
+        if tx.get(&ek)?.is_some() {
+            let record = existing.ok_or_else(|| RepoError::Corrupted("event without session".into()))?;
+            return Ok(Applied { record, duplicate: true });
+        }
+        put(tx, &ek, e)?;
+        let (begin, _) = keys::tuple_range(&("session-event", e.transaction_id.as_str()));
+        let (_, end) = keys::tuple_range(&("session-event", e.transaction_id.as_str()));
+        let prev = tx.get_range(&begin, &ek, 1, true)?;
+        let mut after = ek.clone();
+        after.push(0);
+        let next = tx.get_range(&after, &end, 1, false)?;
+        let point = |rows: Vec<(Vec<u8>, Vec<u8>)>| -> Result<Option<Point>, RepoError> {
+            match rows.into_iter().next() {
+                None => Ok(None),
+                Some((_, v)) => {
+                    let ev: TxEvent = serde_json::from_slice(&v).map_err(|e| RepoError::Corrupted(e.to_string()))?;
+                    Ok(Some(Point::from(&ev)))
+                }
+            }
+        };
+        let (prev, next) = (point(prev)?, point(next)?);
+        let mut record =
+            existing.unwrap_or_else(|| SessionRecord::open(charger_id, site_id.map(str::to_string), max_power_w, e));
+        if record.status == SessionStatus::Interrupted {
+            record.status = SessionStatus::Active;
+            record.interrupted_at = None;
+        }
+        record.apply(e, prev, next);
+        put(tx, &session_key(&e.transaction_id), &record)?;
+        if record.status == SessionStatus::Ended {
+            tx.clear(&open_key(charger_id, &e.transaction_id))?;
+        } else {
+            tx.set(&open_key(charger_id, &e.transaction_id), b"")?;
+        }
+        Ok(Applied { record, duplicate: false })
+    })
+}
+
+pub fn get_session(store: &dyn Store, tx_id: &str) -> Result<Option<SessionRecord>, RepoError> {
+    store.snapshot(|tx| get(tx, &session_key(tx_id)))
+}
+
+/// Adds a flag to a session (e.g. stuck).
+pub fn flag_session(store: &dyn Store, tx_id: &str, flag: &str) -> Result<Option<SessionRecord>, RepoError> {
+    store.transact(|tx| {
+        let Some(mut r): Option<SessionRecord> = get(tx, &session_key(tx_id))? else { return Ok(None) };
+        if r.flags.insert(flag.to_string()) {
+            put(tx, &session_key(tx_id), &r)?;
+        }
+        Ok(Some(r))
+    })
+}
+
+/// Transaction ids of `charger_id`'s sessions that have not ended.
+pub fn open_sessions(store: &dyn Store, charger_id: &str) -> Result<Vec<String>, RepoError> {
+    let (b, e) = keys::tuple_range(&("session-open", charger_id));
+    store.snapshot(|tx| {
+        tx.get_range(&b, &e, 0, false)?
+            .into_iter()
+            .map(|(k, _)| {
+                keys::unpack::<(String, String, String)>(&k)
+                    .map(|t| t.2)
+                    .map_err(|e| RepoError::Corrupted(format!("{e:?}")))
+            })
+            .collect()
+    })
+}
+
+/// Marks `charger_id`'s active sessions interrupted (it dropped).
+pub fn interrupt_sessions(store: &dyn Store, charger_id: &str, now: i64) -> Result<Vec<String>, RepoError> {
+    let ids = open_sessions(store, charger_id)?;
+    store.transact(|tx| {
+        let mut done = Vec::new();
+        for id in &ids {
+            if let Some(mut r) = get::<SessionRecord>(tx, &session_key(id))?
+                && r.status == SessionStatus::Active
+            {
+                r.status = SessionStatus::Interrupted;
+                r.interrupted_at = Some(now);
+                r.power_w = 0;
+                put(tx, &session_key(id), &r)?;
+                done.push(id.clone());
+            }
+        }
+        Ok(done)
+    })
+}
+
+/// Closes sessions interrupted for longer than `timeout_s`.
+pub fn close_interrupted(store: &dyn Store, timeout_s: i64, now: i64) -> Result<Vec<String>, RepoError> {
+    let (b, e) = keys::tuple_range(&("session-open",));
+    let open: Vec<(String, String)> = store.snapshot(|tx| {
+        tx.get_range(&b, &e, 0, false)?
+            .into_iter()
+            .map(|(k, _)| {
+                keys::unpack::<(String, String, String)>(&k)
+                    .map(|t| (t.1, t.2))
+                    .map_err(|e| RepoError::Corrupted(format!("{e:?}")))
+            })
+            .collect::<Result<Vec<_>, RepoError>>()
+    })?;
+    let mut closed = Vec::new();
+    for (charger, id) in open {
+        let did = store.transact(|tx| {
+            let Some(mut r): Option<SessionRecord> = get(tx, &session_key(&id))? else { return Ok(false) };
+            match (r.status, r.interrupted_at) {
+                (SessionStatus::Interrupted, Some(at)) if now - at >= timeout_s => {
+                    r.status = SessionStatus::Ended;
+                    r.ended = Some(r.last);
+                    r.stop_reason = "interrupted".into();
+                    put(tx, &session_key(&id), &r)?;
+                    tx.clear(&open_key(&charger, &id))?;
+                    Ok::<_, RepoError>(true)
+                }
+                _ => Ok(false),
+            }
+        })?;
+        if did {
+            closed.push(id);
+        }
+    }
+    Ok(closed)
+}
+
+/// Sessions after `after` (transaction id order), filtered, at most `limit`.
+pub fn list_sessions(
+    store: &dyn Store,
+    status: Option<SessionStatus>,
+    charger: Option<&str>,
+    after: Option<&str>,
+    limit: usize,
+) -> Result<(Vec<SessionRecord>, bool), RepoError> {
+    scan(store, "session", after, limit, |r: &SessionRecord| {
+        status.is_none_or(|s| s == r.status) && charger.is_none_or(|c| c == r.charger_id)
+    })
+}
+
+fn scan<T: DeserializeOwned>(
+    store: &dyn Store,
+    kind: &str,
+    after: Option<&str>,
+    limit: usize,
+    keep: impl Fn(&T) -> bool,
+) -> Result<(Vec<T>, bool), RepoError> {
+    let (begin, end) = keys::tuple_range(&(kind,));
+    let mut from = match after {
+        Some(a) => {
+            let mut k = keys::pack(&(kind, a));
+            k.push(0);
+            k
+        }
+        None => begin,
+    };
+    let mut out = Vec::new();
+    loop {
+        let rows = store.snapshot(|tx| tx.get_range(&from, &end, 512, false).map_err(RepoError::from))?;
+        let exhausted = rows.len() < 512;
+        for (k, v) in rows {
+            from = k;
+            from.push(0);
+            let item: T = serde_json::from_slice(&v).map_err(|e| RepoError::Corrupted(e.to_string()))?;
+            if keep(&item) {
+                if out.len() == limit {
+                    return Ok((out, true));
+                }
+                out.push(item);
+            }
+        }
+        if exhausted {
+            return Ok((out, false));
+        }
+    }
+}
+
+/// Records what a charger said at boot; keeps its site.
+pub fn record_boot(store: &dyn Store, mut rec: ChargerRecord) -> Result<ChargerRecord, RepoError> {
+    store.transact(|tx| {
+        let old: Option<ChargerRecord> = get(tx, &charger_key(&rec.charger_id))?;
+        if let Some(old) = old {
+            rec.site_id = rec.site_id.clone().or(old.site_id);
+            // Keep known statuses of connectors that still exist.
+            for c in &mut rec.connectors {
+                if let Some(o) = old.connectors.iter().find(|o| o.connector_id == c.connector_id) {
+                    c.status = o.status;
+                    c.error_code = o.error_code.clone();
+                }
+            }
+        }
+        put(tx, &charger_key(&rec.charger_id), &rec)?;
+        Ok(rec.clone())
+    })
+}
+
+pub fn set_connector_status(
+    store: &dyn Store,
+    charger_id: &str,
+    connector_id: u32,
+    status: ConnectorStatus,
+    error_code: &str,
+    now: i64,
+) -> Result<(), RepoError> {
+    store.transact(|tx| {
+        let mut rec: ChargerRecord =
+            get(tx, &charger_key(charger_id))?.ok_or_else(|| RepoError::NotFound(format!("charger {charger_id}")))?;
+        let c = rec
+            .connectors
+            .iter_mut()
+            .find(|c| c.connector_id == connector_id)
+            .ok_or_else(|| RepoError::Invalid(format!("connector {connector_id} was not declared at boot")))?;
+        c.status = status;
+        c.error_code = error_code.to_string();
+        rec.last_seen = now;
+        put(tx, &charger_key(charger_id), &rec)
+    })
+}
+
+pub fn touch_charger(store: &dyn Store, charger_id: &str, now: i64) -> Result<(), RepoError> {
+    store.transact(|tx| {
+        if let Some(mut rec) = get::<ChargerRecord>(tx, &charger_key(charger_id))? {
+            rec.last_seen = now;
+            put(tx, &charger_key(charger_id), &rec)?;
+        }
+        Ok(())
+    })
+}
+
+pub fn get_charger(store: &dyn Store, id: &str) -> Result<Option<ChargerRecord>, RepoError> {
+    store.snapshot(|tx| get(tx, &charger_key(id)))
+}
+
+pub fn list_chargers(store: &dyn Store, after: Option<&str>, limit: usize) -> Result<(Vec<ChargerRecord>, bool), RepoError> {
+    scan(store, "charger", after, limit, |_: &ChargerRecord| true)
+}
+
+pub fn set_charger_site(store: &dyn Store, charger_id: &str, site_id: &str) -> Result<ChargerRecord, RepoError> {
+    store.transact(|tx| {
+        if get::<SiteRecord>(tx, &site_key(site_id))?.is_none() {
+            return Err(RepoError::NotFound(format!("site {site_id}")));
+        }
+        let mut rec: ChargerRecord =
+            get(tx, &charger_key(charger_id))?.ok_or_else(|| RepoError::NotFound(format!("charger {charger_id}")))?;
+        rec.site_id = Some(site_id.to_string());
+        put(tx, &charger_key(charger_id), &rec)?;
+        Ok(rec)
+    })
+}
+
+pub fn create_site(store: &dyn Store, site: &SiteRecord) -> Result<(), RepoError> {
+    store.transact(|tx| {
+        if tx.get(&site_key(&site.site_id))?.is_some() {
+            return Err(RepoError::AlreadyExists(format!("site {}", site.site_id)));
+        }
+        put(tx, &site_key(&site.site_id), site)
+    })
+}
+
+pub fn get_site(store: &dyn Store, id: &str) -> Result<Option<SiteRecord>, RepoError> {
+    store.snapshot(|tx| get(tx, &site_key(id)))
+}
+
+pub fn list_sites(store: &dyn Store, after: Option<&str>, limit: usize) -> Result<(Vec<SiteRecord>, bool), RepoError> {
+    scan(store, "site", after, limit, |_: &SiteRecord| true)
+}
