@@ -258,6 +258,18 @@ pub async fn attach(channel: Channel, claimed_id: &str) -> Result<Attached, toni
             vendor: "laddnet-test".into(),
             model: "T1".into(),
             firmware_version: "1.0".into(),
+            connectors: vec![
+                v1::Connector {
+                    connector_id: 1,
+                    r#type: v1::ConnectorType::Ac as i32,
+                    max_power_w: 22_000,
+                },
+                v1::Connector {
+                    connector_id: 2,
+                    r#type: v1::ConnectorType::Dc as i32,
+                    max_power_w: 150_000,
+                },
+            ],
         })),
     })
     .await

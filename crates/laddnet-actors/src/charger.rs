@@ -43,7 +43,12 @@ pub struct ChargerState {
 
 pub enum ChargerMsg {
     Event(TxEvent, RpcReplyPort<Result<Applied, RepoError>>),
-    Status { connector_id: u32, status: ConnectorStatus, error_code: String, reply: RpcReplyPort<Result<(), RepoError>> },
+    Status {
+        connector_id: u32,
+        status: ConnectorStatus,
+        error_code: String,
+        reply: RpcReplyPort<Result<(), RepoError>>,
+    },
     Heartbeat,
     Watchdog,
     /// The charger's stream ended: sessions become interrupted, the actor stops.
@@ -59,8 +64,18 @@ fn now() -> i64 {
 }
 
 impl ChargerActor {
-    async fn spawn_session(myself: &ActorRef<ChargerMsg>, state: &mut ChargerState, tx_id: &str, connector_id: u32) -> Result<ActorRef<SessionMsg>, ActorProcessingErr> {
-        let max_power_w = state.args.connectors.iter().find(|c| c.connector_id == connector_id).map_or(0, |c| c.max_power_w);
+    async fn spawn_session(
+        myself: &ActorRef<ChargerMsg>,
+        state: &mut ChargerState,
+        tx_id: &str,
+        connector_id: u32,
+    ) -> Result<ActorRef<SessionMsg>, ActorProcessingErr> {
+        let max_power_w = state
+            .args
+            .connectors
+            .iter()
+            .find(|c| c.connector_id == connector_id)
+            .map_or(0, |c| c.max_power_w);
         let args = SessionArgs {
             store: state.args.store.clone(),
             transaction_id: tx_id.to_string(),
@@ -70,7 +85,13 @@ impl ChargerActor {
         };
         let (actor, _) = Actor::spawn_linked(None, SessionActor, args, myself.get_cell()).await?;
         state.by_actor.insert(actor.get_id(), tx_id.to_string());
-        state.sessions.insert(tx_id.to_string(), Live { actor: actor.clone(), flagged_stuck: false });
+        state.sessions.insert(
+            tx_id.to_string(),
+            Live {
+                actor: actor.clone(),
+                flagged_stuck: false,
+            },
+        );
         Ok(actor)
     }
 
@@ -90,9 +111,17 @@ impl ChargerActor {
         Ok(())
     }
 
-    async fn replace(myself: &ActorRef<ChargerMsg>, state: &mut ChargerState, tx_id: &str, why: &str) -> Result<(), ActorProcessingErr> {
+    async fn replace(
+        myself: &ActorRef<ChargerMsg>,
+        state: &mut ChargerState,
+        tx_id: &str,
+        why: &str,
+    ) -> Result<(), ActorProcessingErr> {
         Self::charge_budget(state, why)?;
-        let connector_id = repo::get_session(state.args.store.as_ref(), tx_id).ok().flatten().map_or(1, |r| r.connector_id);
+        let connector_id = repo::get_session(state.args.store.as_ref(), tx_id)
+            .ok()
+            .flatten()
+            .map_or(1, |r| r.connector_id);
         Self::spawn_session(myself, state, tx_id, connector_id).await?;
         tracing::info!(charger_id = %state.args.charger_id, transaction_id = %tx_id, reason = why, "session actor restarted from the store");
         Ok(())
@@ -104,12 +133,27 @@ impl Actor for ChargerActor {
     type State = ChargerState;
     type Arguments = ChargerArgs;
 
-    async fn pre_start(&self, myself: ActorRef<ChargerMsg>, args: ChargerArgs) -> Result<ChargerState, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        myself: ActorRef<ChargerMsg>,
+        args: ChargerArgs,
+    ) -> Result<ChargerState, ActorProcessingErr> {
         myself.send_interval(args.config.watchdog_interval, || ChargerMsg::Watchdog);
-        Ok(ChargerState { args, sessions: HashMap::new(), by_actor: HashMap::new(), failures: VecDeque::new(), restarts: 0 })
+        Ok(ChargerState {
+            args,
+            sessions: HashMap::new(),
+            by_actor: HashMap::new(),
+            failures: VecDeque::new(),
+            restarts: 0,
+        })
     }
 
-    async fn handle(&self, myself: ActorRef<ChargerMsg>, msg: ChargerMsg, state: &mut ChargerState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        myself: ActorRef<ChargerMsg>,
+        msg: ChargerMsg,
+        state: &mut ChargerState,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             ChargerMsg::Event(event, reply) => {
                 let actor = match state.sessions.get(&event.transaction_id) {
@@ -131,16 +175,25 @@ impl Actor for ChargerActor {
                         Self::replace(&myself, state, &tx_id, "event handler timed out").await?;
                     }
                     Ok(CallResult::SenderError) | Err(_) => {
-                        let _ = reply.send(Err(RepoError::Gone("session actor failed while handling the event".into())));
+                        let _ = reply.send(Err(RepoError::Gone(
+                            "session actor failed while handling the event".into(),
+                        )));
                     }
                 }
             }
-            ChargerMsg::Status { connector_id, status, error_code, reply } => {
+            ChargerMsg::Status {
+                connector_id,
+                status,
+                error_code,
+                reply,
+            } => {
                 let (store, id) = (state.args.store.clone(), state.args.charger_id.clone());
-                let r = tokio::task::spawn_blocking(move || repo::set_connector_status(store.as_ref(), &id, connector_id, status, &error_code, now()))
-                    .await
-                    .map_err(|e| RepoError::Gone(e.to_string()))
-                    .and_then(|r| r);
+                let r = tokio::task::spawn_blocking(move || {
+                    repo::set_connector_status(store.as_ref(), &id, connector_id, status, &error_code, now())
+                })
+                .await
+                .map_err(|e| RepoError::Gone(e.to_string()))
+                .and_then(|r| r);
                 let _ = reply.send(r);
             }
             ChargerMsg::Heartbeat => {
@@ -151,7 +204,9 @@ impl Actor for ChargerActor {
                 let cfg = state.args.config.clone();
                 let ids: Vec<String> = state.sessions.keys().cloned().collect();
                 for tx_id in ids {
-                    let Some(live) = state.sessions.get(&tx_id) else { continue };
+                    let Some(live) = state.sessions.get(&tx_id) else {
+                        continue;
+                    };
                     let actor = live.actor.clone();
                     match actor.call(SessionMsg::Ping, Some(cfg.ping_timeout)).await {
                         Ok(CallResult::Success(last_event)) => {
@@ -185,36 +240,60 @@ impl Actor for ChargerActor {
                     Ok(Ok(ids)) if !ids.is_empty() => {
                         tracing::info!(charger_id = %state.args.charger_id, sessions = ids.len(), "charger dropped mid-session; sessions interrupted")
                     }
-                    Ok(Err(e)) => tracing::error!(charger_id = %state.args.charger_id, error = %e, "could not mark sessions interrupted"),
+                    Ok(Err(e)) => {
+                        tracing::error!(charger_id = %state.args.charger_id, error = %e, "could not mark sessions interrupted")
+                    }
                     _ => {}
                 }
                 let _ = reply.send(());
                 myself.stop(Some("detached".into()));
             }
             ChargerMsg::InjectFault(tx_id, fault, reply) => {
-                let found = state.sessions.get(&tx_id).map(|l| l.actor.cast(SessionMsg::Fault(fault)).is_ok()).unwrap_or(false);
+                let found = state
+                    .sessions
+                    .get(&tx_id)
+                    .map(|l| l.actor.cast(SessionMsg::Fault(fault)).is_ok())
+                    .unwrap_or(false);
                 let _ = reply.send(found);
             }
             ChargerMsg::Inspect(reply) => {
-                let v = state.sessions.iter().map(|(k, l)| (k.clone(), l.actor.get_id())).collect();
+                let v = state
+                    .sessions
+                    .iter()
+                    .map(|(k, l)| (k.clone(), l.actor.get_id()))
+                    .collect();
                 let _ = reply.send((v, state.restarts));
             }
         }
         Ok(())
     }
 
-    async fn handle_supervisor_evt(&self, myself: ActorRef<ChargerMsg>, evt: SupervisionEvent, state: &mut ChargerState) -> Result<(), ActorProcessingErr> {
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<ChargerMsg>,
+        evt: SupervisionEvent,
+        state: &mut ChargerState,
+    ) -> Result<(), ActorProcessingErr> {
         match evt {
             SupervisionEvent::ActorTerminated(cell, _, _) => {
                 if let Some(tx_id) = state.by_actor.remove(&cell.get_id())
-                    && state.sessions.get(&tx_id).is_some_and(|l| l.actor.get_id() == cell.get_id())
+                    && state
+                        .sessions
+                        .get(&tx_id)
+                        .is_some_and(|l| l.actor.get_id() == cell.get_id())
                 {
                     state.sessions.remove(&tx_id);
                 }
             }
             SupervisionEvent::ActorFailed(cell, err) => {
-                let Some(tx_id) = state.by_actor.remove(&cell.get_id()) else { return Ok(()) };
-                if state.sessions.get(&tx_id).is_some_and(|l| l.actor.get_id() == cell.get_id()) {
+                let Some(tx_id) = state.by_actor.remove(&cell.get_id()) else {
+                    return Ok(());
+                };
+                if state
+                    .sessions
+                    .get(&tx_id)
+                    .is_some_and(|l| l.actor.get_id() == cell.get_id())
+                {
                     state.sessions.remove(&tx_id);
                 }
                 tracing::warn!(charger_id = %state.args.charger_id, transaction_id = %tx_id, error = %err, "session actor failed");
@@ -249,8 +328,19 @@ impl ChargerHandle {
         self.ask(|r| ChargerMsg::Event(e, r)).await?
     }
 
-    pub async fn status(&self, connector_id: u32, status: ConnectorStatus, error_code: String) -> Result<(), RepoError> {
-        self.ask(|reply| ChargerMsg::Status { connector_id, status, error_code, reply }).await?
+    pub async fn status(
+        &self,
+        connector_id: u32,
+        status: ConnectorStatus,
+        error_code: String,
+    ) -> Result<(), RepoError> {
+        self.ask(|reply| ChargerMsg::Status {
+            connector_id,
+            status,
+            error_code,
+            reply,
+        })
+        .await?
     }
 
     pub fn heartbeat(&self) {
@@ -263,7 +353,9 @@ impl ChargerHandle {
     }
 
     pub async fn inject_fault(&self, transaction_id: &str, fault: SessionFault) -> bool {
-        self.ask(|r| ChargerMsg::InjectFault(transaction_id.to_string(), fault, r)).await.unwrap_or(false)
+        self.ask(|r| ChargerMsg::InjectFault(transaction_id.to_string(), fault, r))
+            .await
+            .unwrap_or(false)
     }
 
     /// Live session actors (transaction id, actor id) and restarts so far.
@@ -272,6 +364,9 @@ impl ChargerHandle {
     }
 
     pub fn is_alive(&self) -> bool {
-        !matches!(self.actor.get_status(), ractor::ActorStatus::Stopped | ractor::ActorStatus::Stopping)
+        !matches!(
+            self.actor.get_status(),
+            ractor::ActorStatus::Stopped | ractor::ActorStatus::Stopping
+        )
     }
 }

@@ -79,7 +79,9 @@ pub struct SiteRecord {
 fn get<T: DeserializeOwned>(tx: &mut dyn Transaction, key: &[u8]) -> Result<Option<T>, RepoError> {
     match tx.get(key)? {
         None => Ok(None),
-        Some(v) => serde_json::from_slice(&v).map(Some).map_err(|e| RepoError::Corrupted(e.to_string())),
+        Some(v) => serde_json::from_slice(&v)
+            .map(Some)
+            .map_err(|e| RepoError::Corrupted(e.to_string())),
     }
 }
 
@@ -145,7 +147,10 @@ pub fn apply_event(
         let ek = event_key(&e.transaction_id, e.seq);
         if tx.get(&ek)?.is_some() {
             let record = existing.ok_or_else(|| RepoError::Corrupted("event without session".into()))?;
-            return Ok(Applied { record, duplicate: true });
+            return Ok(Applied {
+                record,
+                duplicate: true,
+            });
         }
         put(tx, &ek, e)?;
         let (begin, _) = keys::tuple_range(&("session-event", e.transaction_id.as_str()));
@@ -177,7 +182,10 @@ pub fn apply_event(
         } else {
             tx.set(&open_key(charger_id, &e.transaction_id), b"")?;
         }
-        Ok(Applied { record, duplicate: false })
+        Ok(Applied {
+            record,
+            duplicate: false,
+        })
     })
 }
 
@@ -188,7 +196,9 @@ pub fn get_session(store: &dyn Store, tx_id: &str) -> Result<Option<SessionRecor
 /// Adds a flag to a session (e.g. stuck).
 pub fn flag_session(store: &dyn Store, tx_id: &str, flag: &str) -> Result<Option<SessionRecord>, RepoError> {
     store.transact(|tx| {
-        let Some(mut r): Option<SessionRecord> = get(tx, &session_key(tx_id))? else { return Ok(None) };
+        let Some(mut r): Option<SessionRecord> = get(tx, &session_key(tx_id))? else {
+            return Ok(None);
+        };
         if r.flags.insert(flag.to_string()) {
             put(tx, &session_key(tx_id), &r)?;
         }
@@ -247,7 +257,9 @@ pub fn close_interrupted(store: &dyn Store, timeout_s: i64, now: i64) -> Result<
     let mut closed = Vec::new();
     for (charger, id) in open {
         let did = store.transact(|tx| {
-            let Some(mut r): Option<SessionRecord> = get(tx, &session_key(&id))? else { return Ok(false) };
+            let Some(mut r): Option<SessionRecord> = get(tx, &session_key(&id))? else {
+                return Ok(false);
+            };
             match (r.status, r.interrupted_at) {
                 (SessionStatus::Interrupted, Some(at)) if now - at >= timeout_s => {
                     r.status = SessionStatus::Ended;
@@ -373,7 +385,11 @@ pub fn get_charger(store: &dyn Store, id: &str) -> Result<Option<ChargerRecord>,
     store.snapshot(|tx| get(tx, &charger_key(id)))
 }
 
-pub fn list_chargers(store: &dyn Store, after: Option<&str>, limit: usize) -> Result<(Vec<ChargerRecord>, bool), RepoError> {
+pub fn list_chargers(
+    store: &dyn Store,
+    after: Option<&str>,
+    limit: usize,
+) -> Result<(Vec<ChargerRecord>, bool), RepoError> {
     scan(store, "charger", after, limit, |_: &ChargerRecord| true)
 }
 

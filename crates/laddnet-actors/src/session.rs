@@ -42,8 +42,12 @@ pub enum SessionMsg {
     Fault(SessionFault),
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, RepoError> + Send + 'static) -> Result<T, RepoError> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| RepoError::Gone(e.to_string()))?
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, RepoError> + Send + 'static,
+) -> Result<T, RepoError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| RepoError::Gone(e.to_string()))?
 }
 
 impl Actor for SessionActor {
@@ -51,19 +55,34 @@ impl Actor for SessionActor {
     type State = SessionState;
     type Arguments = SessionArgs;
 
-    async fn pre_start(&self, _myself: ActorRef<SessionMsg>, args: SessionArgs) -> Result<SessionState, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<SessionMsg>,
+        args: SessionArgs,
+    ) -> Result<SessionState, ActorProcessingErr> {
         let (store, id) = (args.store.clone(), args.transaction_id.clone());
         // Rehydrate: a restarted actor continues from what was persisted.
         let record = blocking(move || repo::get_session(store.as_ref(), &id)).await?;
-        Ok(SessionState { args, record, last_event: Instant::now() })
+        Ok(SessionState {
+            args,
+            record,
+            last_event: Instant::now(),
+        })
     }
 
-    async fn handle(&self, myself: ActorRef<SessionMsg>, msg: SessionMsg, state: &mut SessionState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        myself: ActorRef<SessionMsg>,
+        msg: SessionMsg,
+        state: &mut SessionState,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             SessionMsg::Event(event, reply) => {
                 let a = &state.args;
-                let (store, charger, site, max) = (a.store.clone(), a.charger_id.clone(), a.site_id.clone(), a.max_power_w);
-                let result = blocking(move || repo::apply_event(store.as_ref(), &charger, site.as_deref(), max, &event)).await;
+                let (store, charger, site, max) =
+                    (a.store.clone(), a.charger_id.clone(), a.site_id.clone(), a.max_power_w);
+                let result =
+                    blocking(move || repo::apply_event(store.as_ref(), &charger, site.as_deref(), max, &event)).await;
                 if let Ok(applied) = &result {
                     state.record = Some(applied.record.clone());
                     state.last_event = Instant::now();
@@ -80,7 +99,10 @@ impl Actor for SessionActor {
             }
             SessionMsg::MarkStuck => {
                 let (store, id) = (state.args.store.clone(), state.args.transaction_id.clone());
-                if let Some(r) = blocking(move || repo::flag_session(store.as_ref(), &id, laddnet_core::charging::FLAG_STUCK)).await? {
+                if let Some(r) =
+                    blocking(move || repo::flag_session(store.as_ref(), &id, laddnet_core::charging::FLAG_STUCK))
+                        .await?
+                {
                     tracing::warn!(transaction_id = %state.args.transaction_id, charger_id = %state.args.charger_id, "session stuck: no meter data");
                     state.record = Some(r);
                 }

@@ -13,7 +13,11 @@ use crate::charger::{ChargerActor, ChargerArgs, ChargerHandle};
 pub struct ChargerSupervisor;
 
 pub enum SupervisorMsg {
-    Start(ChargerArgs, CancellationToken, RpcReplyPort<Result<ActorRef<crate::charger::ChargerMsg>, String>>),
+    Start(
+        ChargerArgs,
+        CancellationToken,
+        RpcReplyPort<Result<ActorRef<crate::charger::ChargerMsg>, String>>,
+    ),
 }
 
 pub struct SupervisorState {
@@ -26,10 +30,17 @@ impl Actor for ChargerSupervisor {
     type Arguments = ();
 
     async fn pre_start(&self, _: ActorRef<SupervisorMsg>, _: ()) -> Result<SupervisorState, ActorProcessingErr> {
-        Ok(SupervisorState { children: HashMap::new() })
+        Ok(SupervisorState {
+            children: HashMap::new(),
+        })
     }
 
-    async fn handle(&self, myself: ActorRef<SupervisorMsg>, msg: SupervisorMsg, state: &mut SupervisorState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        myself: ActorRef<SupervisorMsg>,
+        msg: SupervisorMsg,
+        state: &mut SupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             SupervisorMsg::Start(args, connection, reply) => {
                 let id = args.charger_id.clone();
@@ -47,7 +58,12 @@ impl Actor for ChargerSupervisor {
         Ok(())
     }
 
-    async fn handle_supervisor_evt(&self, _: ActorRef<SupervisorMsg>, evt: SupervisorEvtAlias, state: &mut SupervisorState) -> Result<(), ActorProcessingErr> {
+    async fn handle_supervisor_evt(
+        &self,
+        _: ActorRef<SupervisorMsg>,
+        evt: SupervisorEvtAlias,
+        state: &mut SupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
         match evt {
             SupervisionEvent::ActorFailed(cell, err) => {
                 if let Some((id, connection)) = state.children.remove(&cell.get_id()) {
@@ -75,7 +91,9 @@ pub struct SupervisorHandle {
 
 impl SupervisorHandle {
     pub async fn start(config: crate::ActorConfig) -> Result<Self, String> {
-        let (actor, _) = Actor::spawn(None, ChargerSupervisor, ()).await.map_err(|e| e.to_string())?;
+        let (actor, _) = Actor::spawn(None, ChargerSupervisor, ())
+            .await
+            .map_err(|e| e.to_string())?;
         Ok(Self { actor, config })
     }
 
@@ -83,8 +101,18 @@ impl SupervisorHandle {
     /// cancelled if the actor fails beyond its restart budget.
     pub async fn attach(&self, mut args: ChargerArgs, connection: CancellationToken) -> Result<ChargerHandle, String> {
         args.config = self.config.clone();
-        match self.actor.call(|r| SupervisorMsg::Start(args, connection, r), Some(self.config.call_timeout)).await {
-            Ok(CallResult::Success(Ok(actor))) => Ok(ChargerHandle { actor, timeout: self.config.call_timeout }),
+        match self
+            .actor
+            .call(
+                |r| SupervisorMsg::Start(args, connection, r),
+                Some(self.config.call_timeout),
+            )
+            .await
+        {
+            Ok(CallResult::Success(Ok(actor))) => Ok(ChargerHandle {
+                actor,
+                timeout: self.config.call_timeout,
+            }),
             Ok(CallResult::Success(Err(e))) => Err(e),
             _ => Err("the charger supervisor did not answer".into()),
         }

@@ -109,7 +109,11 @@ pub struct Point {
 
 impl From<&TxEvent> for Point {
     fn from(e: &TxEvent) -> Self {
-        Point { seq: e.seq, at_ms: e.at_ms, energy_wh: e.meter.energy_wh }
+        Point {
+            seq: e.seq,
+            at_ms: e.at_ms,
+            energy_wh: e.meter.energy_wh,
+        }
     }
 }
 
@@ -250,7 +254,11 @@ mod tests {
             kind,
             connector_id: 1,
             at_ms: 1_000_000 + seq as i64 * 60_000,
-            meter: MeterSample { energy_wh: wh, power_w: 11_000, ..Default::default() },
+            meter: MeterSample {
+                energy_wh: wh,
+                power_w: 11_000,
+                ..Default::default()
+            },
             offline: false,
             stop_reason: String::new(),
         }

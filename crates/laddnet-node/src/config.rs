@@ -31,6 +31,65 @@ pub struct NodeConfig {
     pub grpc: GrpcSection,
     #[serde(default)]
     pub ca: CaSection,
+    #[serde(default)]
+    pub sessions: SessionsSection,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionsSection {
+    /// A session whose charger dropped is closed as interrupted after this.
+    pub interrupted_timeout_s: u64,
+    /// A session with no meter data for this long is flagged stuck.
+    pub stuck_after_s: u64,
+    /// How often the watchdog pings each session actor, and how long it waits.
+    pub watchdog_interval_ms: u64,
+    pub ping_timeout_ms: u64,
+    /// Session actor restarts allowed per charger within the window before
+    /// the charger's actor escalates (its connection is closed).
+    pub max_restarts: u32,
+    pub restart_window_s: u64,
+    /// How long a caller waits for an actor.
+    pub call_timeout_ms: u64,
+    /// Messages a charger may send per second (burst `burst`); beyond it the
+    /// node reads its stream more slowly (backpressure), never drops.
+    pub max_messages_per_second: u32,
+    pub burst: u32,
+    /// Operator commands waiting for one charger's reply; more are refused.
+    pub max_pending_commands: usize,
+    /// How long an operator command waits for the charger's reply.
+    pub command_timeout_ms: u64,
+}
+
+impl Default for SessionsSection {
+    fn default() -> Self {
+        Self {
+            interrupted_timeout_s: 900,
+            stuck_after_s: 600,
+            watchdog_interval_ms: 5_000,
+            ping_timeout_ms: 2_000,
+            max_restarts: 3,
+            restart_window_s: 10,
+            call_timeout_ms: 5_000,
+            max_messages_per_second: 100,
+            burst: 200,
+            max_pending_commands: 16,
+            command_timeout_ms: 30_000,
+        }
+    }
+}
+
+impl SessionsSection {
+    pub fn actor_config(&self) -> laddnet_actors::ActorConfig {
+        laddnet_actors::ActorConfig {
+            call_timeout: Duration::from_millis(self.call_timeout_ms),
+            max_restarts: self.max_restarts,
+            restart_window: Duration::from_secs(self.restart_window_s),
+            watchdog_interval: Duration::from_millis(self.watchdog_interval_ms),
+            ping_timeout: Duration::from_millis(self.ping_timeout_ms),
+            stuck_after: Duration::from_secs(self.stuck_after_s),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -157,6 +216,7 @@ impl NodeConfig {
             tls: Default::default(),
             grpc: Default::default(),
             ca: Default::default(),
+            sessions: Default::default(),
         }
     }
 
@@ -262,6 +322,16 @@ impl NodeConfig {
         }
         if self.grpc.default_page_size == 0 || self.grpc.default_page_size > self.grpc.max_page_size {
             return bad("grpc.default_page_size must be 1 to grpc.max_page_size");
+        }
+        let se = &self.sessions;
+        if se.watchdog_interval_ms < 10 || se.ping_timeout_ms < 10 || se.call_timeout_ms < 10 {
+            return bad("sessions.watchdog_interval_ms, ping_timeout_ms and call_timeout_ms must be at least 10");
+        }
+        if se.max_messages_per_second == 0 || se.burst == 0 || se.max_pending_commands == 0 {
+            return bad("sessions.max_messages_per_second, burst and max_pending_commands must be at least 1");
+        }
+        if se.interrupted_timeout_s == 0 || se.stuck_after_s == 0 {
+            return bad("sessions.interrupted_timeout_s and stuck_after_s must be at least 1");
         }
         if self.node.heartbeat_interval_s == 0 {
             return bad("node.heartbeat_interval_s must be at least 1");

@@ -118,11 +118,15 @@ impl RunningNode {
         )?;
         let enroll_cfg = laddnet_pki::tls::server_only_config(chain.clone(), key.clone_key())?;
         let mtls_shared = Arc::new(RwLock::new(mtls_cfg));
+        let actors = laddnet_actors::SupervisorHandle::start(config.sessions.actor_config())
+            .await
+            .map_err(|e| anyhow::anyhow!("starting the actor tree: {e}"))?;
         let state = Arc::new(NodeState::new(
             config.clone(),
             ca.clone(),
             store,
             mtls_shared.clone(),
+            actors,
             chain,
             key,
             revoked.into_iter().collect::<HashSet<_>>(),
@@ -249,6 +253,7 @@ impl RunningNode {
             }
         }));
         tasks.push(tokio::spawn(revocation_poller(state.clone(), shutdown.clone())));
+        tasks.push(tokio::spawn(interruption_sweeper(state.clone(), shutdown.clone())));
 
         tracing::info!(mtls = %mtls_addr, enrollment = %enrollment_addr, store = "redb", "node serving");
         Ok(Self {
@@ -274,6 +279,7 @@ impl RunningNode {
             self.health.set_service_status(name, ServingStatus::NotServing).await;
         }
         self.shutdown.cancel();
+        self.state.actors.stop();
         for t in self.tasks {
             let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
         }
@@ -304,5 +310,31 @@ async fn revocation_poller(state: Arc<NodeState>, shutdown: CancellationToken) {
             tracing::error!(error = %e, "CRL refresh failed");
         }
         state.apply_revocations().await;
+    }
+}
+
+/// Closes sessions whose charger has not come back within
+/// `sessions.interrupted_timeout_s`.
+async fn interruption_sweeper(state: Arc<NodeState>, shutdown: CancellationToken) {
+    let timeout = state.config.sessions.interrupted_timeout_s as i64;
+    let every = Duration::from_millis((timeout as u64 * 1000 / 4).clamp(100, 5_000));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let store = state.store.clone();
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        match tokio::task::spawn_blocking(move || laddnet_actors::repo::close_interrupted(store.as_ref(), timeout, now))
+            .await
+        {
+            Ok(Ok(closed)) => {
+                for id in closed {
+                    tracing::info!(transaction_id = %id, "interrupted session closed after the timeout");
+                }
+            }
+            Ok(Err(e)) => tracing::error!(error = %e, "closing interrupted sessions failed"),
+            Err(_) => {}
+        }
     }
 }

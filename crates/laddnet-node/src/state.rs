@@ -5,14 +5,14 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use laddnet_core::{ChargerId, SiteId};
+use laddnet_actors::{ChargerHandle, SupervisorHandle};
+use laddnet_core::ChargerId;
 use laddnet_pki::Ca;
 use laddnet_proto::v1;
 use laddnet_store::SharedStore;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::config::NodeConfig;
-use crate::services::rfc3339;
 use crate::transport::{ConnRegistry, SharedTlsConfig};
 
 pub struct NodeState {
@@ -23,6 +23,8 @@ pub struct NodeState {
     pub revoked: Arc<RwLock<HashSet<String>>>,
     pub conns: Arc<ConnRegistry>,
     pub mtls: SharedTlsConfig,
+    pub actors: SupervisorHandle,
+    pub metrics: Metrics,
     pub(crate) node_chain: Vec<CertificateDer<'static>>,
     pub(crate) node_key: PrivateKeyDer<'static>,
     crl_number: AtomicU64,
@@ -35,6 +37,7 @@ impl NodeState {
         ca: Arc<Ca>,
         store: SharedStore,
         mtls: SharedTlsConfig,
+        actors: SupervisorHandle,
         node_chain: Vec<CertificateDer<'static>>,
         node_key: PrivateKeyDer<'static>,
         revoked: HashSet<String>,
@@ -48,6 +51,8 @@ impl NodeState {
             revoked: Arc::new(RwLock::new(revoked)),
             conns: Arc::new(ConnRegistry::default()),
             mtls,
+            actors,
+            metrics: Metrics::default(),
             node_chain,
             node_key,
             crl_number: AtomicU64::new(crl_number),
@@ -120,19 +125,30 @@ impl NodeState {
     }
 }
 
-/// What a charger said when it booted.
-#[derive(Debug, Clone, Default)]
-pub struct BootInfo {
-    pub vendor: String,
-    pub model: String,
-    pub firmware_version: String,
+/// Counters a test or the live summary reads (Prometheus comes later).
+#[derive(Default)]
+pub struct Metrics {
+    /// Times a charger's stream was read more slowly because it sent faster
+    /// than `sessions.max_messages_per_second`.
+    pub charger_backpressure: AtomicU64,
+    /// Operator commands refused because a charger had too many pending.
+    pub commands_shed: AtomicU64,
+    pub events_accepted: AtomicU64,
+    pub events_duplicate: AtomicU64,
+    pub events_rejected: AtomicU64,
+}
+
+/// A live charger's outbound side: the stream to it and its pending commands.
+pub struct Outbound {
+    pub tx: tokio::sync::mpsc::Sender<Result<v1::CentralMessage, tonic::Status>>,
+    pub pending: Mutex<std::collections::HashMap<String, tokio::sync::oneshot::Sender<v1::CommandReply>>>,
 }
 
 struct Attached {
     conn: u64,
+    handle: Option<ChargerHandle>,
+    outbound: Option<Arc<Outbound>>,
     serial: String,
-    site: Option<SiteId>,
-    boot: BootInfo,
     since: i64,
     last_heartbeat: i64,
 }
@@ -155,13 +171,7 @@ fn now() -> i64 {
 impl ChargerRegistry {
     /// Registers a stream; refused while another live one holds the id, so
     /// a second connection can never evict the first.
-    pub fn attach(
-        &self,
-        id: &ChargerId,
-        serial: &str,
-        site: Option<SiteId>,
-        boot: BootInfo,
-    ) -> Result<u64, AlreadyAttached> {
+    pub fn attach(&self, id: &ChargerId, serial: &str) -> Result<u64, AlreadyAttached> {
         let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
         if live.contains_key(id.as_str()) {
             return Err(AlreadyAttached);
@@ -172,14 +182,49 @@ impl ChargerRegistry {
             id.to_string(),
             Attached {
                 conn,
+                handle: None,
+                outbound: None,
                 serial: serial.into(),
-                site,
-                boot,
                 since: t,
                 last_heartbeat: t,
             },
         );
         Ok(conn)
+    }
+
+    /// Completes an attachment with the charger's actor and outbound side.
+    pub fn bind(&self, id: &ChargerId, conn: u64, handle: ChargerHandle, outbound: Arc<Outbound>) {
+        if let Some(a) = self.live.lock().unwrap_or_else(|p| p.into_inner()).get_mut(id.as_str())
+            && a.conn == conn
+        {
+            a.handle = Some(handle);
+            a.outbound = Some(outbound);
+        }
+    }
+
+    pub fn handle(&self, id: &str) -> Option<ChargerHandle> {
+        self.live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .and_then(|a| a.handle.clone())
+    }
+
+    pub fn outbound(&self, id: &str) -> Option<Arc<Outbound>> {
+        self.live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .and_then(|a| a.outbound.clone())
+    }
+
+    /// Connection details of a live charger: (since, last heartbeat, serial).
+    pub fn connection(&self, id: &str) -> Option<(i64, i64, String)> {
+        self.live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .map(|a| (a.since, a.last_heartbeat, a.serial.clone()))
     }
 
     pub fn heartbeat(&self, id: &ChargerId, conn: u64) {
@@ -203,32 +248,5 @@ impl ChargerRegistry {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-
-    /// Chargers after `after` in id order, at most `limit`, and whether more remain.
-    pub fn page(&self, after: Option<&str>, limit: usize) -> (Vec<v1::Charger>, bool) {
-        use std::ops::Bound;
-        let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
-        let lower = match after {
-            Some(a) => Bound::Excluded(a.to_string()),
-            None => Bound::Unbounded,
-        };
-        let mut it = live.range((lower, Bound::Unbounded));
-        let rows: Vec<_> = it
-            .by_ref()
-            .take(limit)
-            .map(|(id, a)| v1::Charger {
-                charger_id: id.clone(),
-                connected: true,
-                vendor: a.boot.vendor.clone(),
-                model: a.boot.model.clone(),
-                firmware_version: a.boot.firmware_version.clone(),
-                connected_since: rfc3339(a.since),
-                last_heartbeat: rfc3339(a.last_heartbeat),
-                certificate_serial: a.serial.clone(),
-                site_id: a.site.as_ref().map(|s| s.to_string()).unwrap_or_default(),
-            })
-            .collect();
-        (rows, it.next().is_some())
     }
 }

@@ -1,11 +1,22 @@
 //! `ChargerService`: the chargers' stream and certificate renewal. A
 //! charger may speak only for the charger id in its own certificate.
+//!
+//! The stream is read one message at a time: each is handled by the
+//! charger's actor and answered before the next is read, so a charger can
+//! never have more than one message in flight, and one that sends faster
+//! than `sessions.max_messages_per_second` is read more slowly
+//! (backpressure through HTTP/2 flow control; nothing is dropped).
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use futures::Stream;
+use laddnet_actors::charger::ChargerArgs;
+use laddnet_actors::repo::{self, ChargerRecord, RepoError};
+use laddnet_core::ChargerId;
+use laddnet_core::charging::{Connector, ConnectorStatus, ConnectorType, MeterSample, TxEvent, TxEventKind};
 use laddnet_pki::AuditKind;
 use laddnet_proto::v1;
 use laddnet_proto::v1::central_message::Payload as Out;
@@ -17,7 +28,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::{blocking, caller, cert_info, peer, rfc3339};
 use crate::identity::Principal;
-use crate::state::{BootInfo, NodeState};
+use crate::state::{NodeState, Outbound};
 use crate::status::NodeError;
 
 /// How long a new stream may take to send its boot message.
@@ -34,6 +45,137 @@ fn out(msg_id: u64, payload: Out) -> Result<v1::CentralMessage, Status> {
         msg_id,
         payload: Some(payload),
     })
+}
+
+fn rejected(msg_id: u64, reason: impl Into<String>) -> Result<v1::CentralMessage, Status> {
+    out(msg_id, Out::Rejected(v1::Rejected { reason: reason.into() }))
+}
+
+pub(crate) fn connector_type(t: i32) -> Result<ConnectorType, String> {
+    match v1::ConnectorType::try_from(t) {
+        Ok(v1::ConnectorType::Ac) => Ok(ConnectorType::Ac),
+        Ok(v1::ConnectorType::Dc) => Ok(ConnectorType::Dc),
+        _ => Err(format!("connector type {t} is not AC or DC")),
+    }
+}
+
+pub(crate) fn connector_status(s: i32) -> Result<ConnectorStatus, String> {
+    use v1::ConnectorStatus as P;
+    Ok(
+        match P::try_from(s).map_err(|_| format!("unknown connector status {s}"))? {
+            P::Available => ConnectorStatus::Available,
+            P::Preparing => ConnectorStatus::Preparing,
+            P::Charging => ConnectorStatus::Charging,
+            P::SuspendedEv => ConnectorStatus::SuspendedEv,
+            P::SuspendedEvse => ConnectorStatus::SuspendedEvse,
+            P::Finishing => ConnectorStatus::Finishing,
+            P::Reserved => ConnectorStatus::Reserved,
+            P::Unavailable => ConnectorStatus::Unavailable,
+            P::Faulted => ConnectorStatus::Faulted,
+            P::Unspecified => return Err("connector status is unspecified".into()),
+        },
+    )
+}
+
+/// A transaction event from the wire, checked.
+pub(crate) fn tx_event(e: v1::TransactionEvent) -> Result<TxEvent, String> {
+    let kind = match v1::TransactionEventType::try_from(e.event_type) {
+        Ok(v1::TransactionEventType::Started) => TxEventKind::Started,
+        Ok(v1::TransactionEventType::Updated) => TxEventKind::Updated,
+        Ok(v1::TransactionEventType::Ended) => TxEventKind::Ended,
+        _ => return Err(format!("event_type {} is not started, updated or ended", e.event_type)),
+    };
+    let m = e.meter.ok_or("a transaction event needs a meter value")?;
+    if m.soc_percent.is_some_and(|s| s > 100) {
+        return Err("soc_percent above 100".into());
+    }
+    if e.stop_reason.len() > 64 || e.id_token.len() > 64 {
+        return Err("stop_reason and id_token are at most 64 characters".into());
+    }
+    let event = TxEvent {
+        transaction_id: e.transaction_id,
+        seq: e.seq,
+        kind,
+        connector_id: e.connector_id,
+        at_ms: e.timestamp_ms,
+        meter: MeterSample {
+            energy_wh: m.energy_wh,
+            power_w: m.power_w,
+            current_ma: m.current_ma,
+            voltage_mv: m.voltage_mv,
+            soc_percent: m.soc_percent,
+        },
+        offline: e.offline,
+        stop_reason: e.stop_reason,
+    };
+    repo::validate_event(&event).map_err(|e| e.to_string())?;
+    Ok(event)
+}
+
+fn boot_record(id: &ChargerId, site: Option<String>, serial: &str, boot: &v1::Boot) -> Result<ChargerRecord, String> {
+    if boot.connectors.is_empty() || boot.connectors.len() > 32 {
+        return Err("boot must declare 1 to 32 connectors".into());
+    }
+    let mut connectors = Vec::new();
+    for c in &boot.connectors {
+        if c.connector_id == 0 || connectors.iter().any(|k: &Connector| k.connector_id == c.connector_id) {
+            return Err(format!("connector id {} is zero or declared twice", c.connector_id));
+        }
+        connectors.push(Connector {
+            connector_id: c.connector_id,
+            connector_type: connector_type(c.r#type)?,
+            max_power_w: c.max_power_w,
+            status: ConnectorStatus::Available,
+            error_code: String::new(),
+        });
+    }
+    for (what, v) in [
+        ("vendor", &boot.vendor),
+        ("model", &boot.model),
+        ("firmware_version", &boot.firmware_version),
+    ] {
+        if v.len() > 64 {
+            return Err(format!("{what} is longer than 64 characters"));
+        }
+    }
+    Ok(ChargerRecord {
+        charger_id: id.to_string(),
+        site_id: site,
+        vendor: boot.vendor.clone(),
+        model: boot.model.clone(),
+        firmware_version: boot.firmware_version.clone(),
+        connectors,
+        last_seen: time::OffsetDateTime::now_utc().unix_timestamp(),
+        certificate_serial: serial.to_string(),
+    })
+}
+
+/// A token bucket that waits instead of refusing.
+struct Pacer {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl Pacer {
+    fn new(rate: u32, burst: u32) -> Self {
+        Self {
+            rate: f64::from(rate),
+            burst: f64::from(burst),
+            tokens: f64::from(burst),
+            at: Instant::now(),
+        }
+    }
+
+    /// How long to wait before the next message may be read.
+    fn take(&mut self) -> Option<Duration> {
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate).min(self.burst);
+        self.at = now;
+        self.tokens -= 1.0;
+        (self.tokens < 0.0).then(|| Duration::from_secs_f64(-self.tokens / self.rate))
+    }
 }
 
 #[tonic::async_trait]
@@ -71,12 +213,9 @@ impl ChargerService for Charger {
             ))
             .into());
         }
-        let info = BootInfo {
-            vendor: boot.vendor,
-            model: boot.model,
-            firmware_version: boot.firmware_version,
-        };
-        let conn = match self.state.chargers.attach(&id, &identity.serial, site, info) {
+        let record = boot_record(&id, site.as_ref().map(|s| s.to_string()), &identity.serial, &boot)
+            .map_err(NodeError::Invalid)?;
+        let conn = match self.state.chargers.attach(&id, &identity.serial) {
             Ok(conn) => conn,
             Err(crate::state::AlreadyAttached) => {
                 let ca = self.state.ca.clone();
@@ -96,8 +235,39 @@ impl ChargerService for Charger {
                 .into());
             }
         };
-        tracing::info!(charger_id = %id, "charger attached");
+        let store = self.state.store.clone();
+        let stored = match tokio::task::spawn_blocking(move || repo::record_boot(store.as_ref(), record)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                self.state.chargers.detach(&id, conn);
+                return Err(crate::status::to_status(e));
+            }
+            Err(e) => {
+                self.state.chargers.detach(&id, conn);
+                return Err(NodeError::Internal(e.to_string()).into());
+            }
+        };
+        let args = ChargerArgs {
+            store: self.state.store.clone(),
+            charger_id: id.to_string(),
+            site_id: stored.site_id.clone(),
+            connectors: stored.connectors.clone(),
+            config: self.state.config.sessions.actor_config(),
+        };
+        let handle = match self.state.actors.attach(args, closed.clone()).await {
+            Ok(h) => h,
+            Err(e) => {
+                self.state.chargers.detach(&id, conn);
+                return Err(NodeError::Internal(format!("starting the charger actor: {e}")).into());
+            }
+        };
         let (tx, rx) = mpsc::channel(64);
+        let outbound = Arc::new(Outbound {
+            tx: tx.clone(),
+            pending: Default::default(),
+        });
+        self.state.chargers.bind(&id, conn, handle.clone(), outbound.clone());
+        tracing::info!(charger_id = %id, "charger attached");
         let heartbeat_interval_s = self.state.config.node.heartbeat_interval_s;
         let _ = tx
             .send(out(
@@ -110,31 +280,33 @@ impl ChargerService for Charger {
             .await;
         let state = self.state.clone();
         tokio::spawn(async move {
+            let se = &state.config.sessions;
+            let mut pacer = Pacer::new(se.max_messages_per_second, se.burst);
             loop {
-                tokio::select! {
+                let msg = tokio::select! {
                     _ = closed.cancelled() => {
-                        let _ = tx.send(out(0, Out::Closing(v1::Closing { reason: "certificate revoked".into() }))).await;
+                        let _ = tx.send(out(0, Out::Closing(v1::Closing { reason: "connection closed by the node".into() }))).await;
                         break;
                     }
-                    msg = inbound.message() => match msg {
-                        Ok(Some(m)) => {
-                            let reply = match m.payload {
-                                Some(In::Heartbeat(_)) => {
-                                    state.chargers.heartbeat(&id, conn);
-                                    out(m.msg_id, Out::HeartbeatAck(v1::HeartbeatAck { server_time: rfc3339(state.ca.now()) }))
-                                }
-                                Some(In::Boot(_)) => Err(NodeError::Precondition("boot was already accepted on this stream".into()).into()),
-                                None => Err(NodeError::Invalid("message without payload".into()).into()),
-                            };
-                            let failed = reply.is_err();
-                            if tx.send(reply).await.is_err() || failed {
-                                break;
-                            }
-                        }
-                        Ok(None) | Err(_) => break,
-                    }
+                    msg = inbound.message() => msg,
+                };
+                let m = match msg {
+                    Ok(Some(m)) => m,
+                    Ok(None) | Err(_) => break,
+                };
+                state.chargers.heartbeat(&id, conn);
+                if let Some(wait) = pacer.take() {
+                    state.metrics.charger_backpressure.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(wait).await;
+                }
+                let reply = handle_message(&state, &identity_actor(&id), &handle, &outbound, m).await;
+                if let Some(reply) = reply
+                    && tx.send(reply).await.is_err()
+                {
+                    break;
                 }
             }
+            handle.detach().await;
             state.chargers.detach(&id, conn);
             tracing::info!(charger_id = %id, "charger detached");
         });
@@ -158,4 +330,110 @@ impl ChargerService for Charger {
             chain_pem: issued.chain_pem,
         }))
     }
+}
+
+fn identity_actor(id: &ChargerId) -> String {
+    format!("charger:{id}")
+}
+
+/// Handles one message after boot; returns the reply to send, if any.
+async fn handle_message(
+    state: &Arc<NodeState>,
+    actor: &str,
+    handle: &laddnet_actors::ChargerHandle,
+    outbound: &Outbound,
+    m: v1::ChargerMessage,
+) -> Option<Result<v1::CentralMessage, Status>> {
+    let id = m.msg_id;
+    Some(match m.payload {
+        Some(In::Heartbeat(_)) => {
+            handle.heartbeat();
+            out(
+                id,
+                Out::HeartbeatAck(v1::HeartbeatAck {
+                    server_time: rfc3339(state.ca.now()),
+                }),
+            )
+        }
+        Some(In::Status(s)) => match connector_status(s.status) {
+            Err(e) => rejected(id, e),
+            Ok(status) => {
+                if s.error_code.len() > 64 {
+                    return Some(rejected(id, "error_code is longer than 64 characters"));
+                }
+                match handle.status(s.connector_id, status, s.error_code).await {
+                    Ok(()) => out(id, Out::StatusAck(v1::StatusAck {})),
+                    Err(e) => rejected(id, e.to_string()),
+                }
+            }
+        },
+        Some(In::Authorize(a)) => {
+            // Interim rule until driver accounts exist: a well-formed token of
+            // a known type is accepted.
+            let ok =
+                !a.id_token.is_empty() && a.id_token.len() <= 64 && a.token_type != v1::TokenType::Unspecified as i32;
+            let reason = if ok {
+                String::new()
+            } else {
+                "malformed token or unknown token type".into()
+            };
+            out(id, Out::AuthorizeResult(v1::AuthorizeResult { accepted: ok, reason }))
+        }
+        Some(In::Transaction(t)) => {
+            let event = match tx_event(t) {
+                Ok(e) => e,
+                Err(reason) => {
+                    state.metrics.events_rejected.fetch_add(1, Ordering::Relaxed);
+                    return Some(rejected(id, reason));
+                }
+            };
+            let (tx_id, seq) = (event.transaction_id.clone(), event.seq);
+            match handle.event(event).await {
+                Ok(applied) => {
+                    let counter = if applied.duplicate {
+                        &state.metrics.events_duplicate
+                    } else {
+                        &state.metrics.events_accepted
+                    };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    out(
+                        id,
+                        Out::TransactionAck(v1::TransactionAck {
+                            transaction_id: tx_id,
+                            seq,
+                        }),
+                    )
+                }
+                Err(RepoError::ForeignTransaction(t)) => {
+                    state.metrics.events_rejected.fetch_add(1, Ordering::Relaxed);
+                    let ca = state.ca.clone();
+                    let (actor, detail) = (
+                        actor.to_string(),
+                        format!("sent an event for transaction {t} of another charger"),
+                    );
+                    let _ =
+                        tokio::task::spawn_blocking(move || ca.record(AuditKind::SecurityEvent, &actor, &t, &detail))
+                            .await;
+                    rejected(id, "this transaction belongs to another charger")
+                }
+                Err(e) => {
+                    state.metrics.events_rejected.fetch_add(1, Ordering::Relaxed);
+                    rejected(id, e.to_string())
+                }
+            }
+        }
+        Some(In::CommandReply(r)) => {
+            let waiter = outbound
+                .pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&r.command_id);
+            if let Some(w) = waiter {
+                let _ = w.send(r);
+            }
+            return None;
+        }
+        Some(In::Boot(_)) => rejected(id, "boot was already accepted on this stream"),
+        None => rejected(id, "message without payload"),
+    })
 }

@@ -1,21 +1,141 @@
-//! `OperatorService`: the operators' view of the network.
+//! `OperatorService`: the operators' view of the network and their
+//! commands. Every role may read; changes and commands need `operator` or
+//! `admin`.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
+use futures::Stream;
+use laddnet_actors::repo::{self, ChargerRecord, RepoError, SiteRecord};
+use laddnet_core::charging::{ConnectorStatus, ConnectorType, SessionRecord, SessionStatus};
+use laddnet_core::{ChargerId, Role, SiteId};
 use laddnet_proto::v1;
 use laddnet_proto::v1::operator_service_server::OperatorService;
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::{page, page_token, require_role, rfc3339};
+use super::{blocking, page, page_token, require_role, rfc3339};
 use crate::identity::Principal;
 use crate::state::NodeState;
+use crate::status::NodeError;
 
 pub struct Operator {
     pub state: Arc<NodeState>,
 }
 
+fn invalid(e: impl std::fmt::Display) -> Status {
+    NodeError::Invalid(e.to_string()).into()
+}
+
+fn ms_to_rfc3339(ms: i64) -> String {
+    rfc3339(ms.div_euclid(1000))
+}
+
+fn status_proto(s: ConnectorStatus) -> v1::ConnectorStatus {
+    use v1::ConnectorStatus as P;
+    match s {
+        ConnectorStatus::Available => P::Available,
+        ConnectorStatus::Preparing => P::Preparing,
+        ConnectorStatus::Charging => P::Charging,
+        ConnectorStatus::SuspendedEv => P::SuspendedEv,
+        ConnectorStatus::SuspendedEvse => P::SuspendedEvse,
+        ConnectorStatus::Finishing => P::Finishing,
+        ConnectorStatus::Reserved => P::Reserved,
+        ConnectorStatus::Unavailable => P::Unavailable,
+        ConnectorStatus::Faulted => P::Faulted,
+    }
+}
+
+pub(crate) fn charger_proto(state: &NodeState, r: &ChargerRecord) -> v1::Charger {
+    let conn = state.chargers.connection(&r.charger_id);
+    v1::Charger {
+        charger_id: r.charger_id.clone(),
+        connected: conn.is_some(),
+        vendor: r.vendor.clone(),
+        model: r.model.clone(),
+        firmware_version: r.firmware_version.clone(),
+        connected_since: conn.as_ref().map(|c| rfc3339(c.0)).unwrap_or_default(),
+        last_heartbeat: conn.as_ref().map(|c| rfc3339(c.1)).unwrap_or_default(),
+        certificate_serial: conn.map(|c| c.2).unwrap_or_else(|| r.certificate_serial.clone()),
+        site_id: r.site_id.clone().unwrap_or_default(),
+        connectors: r
+            .connectors
+            .iter()
+            .map(|c| v1::ConnectorState {
+                connector_id: c.connector_id,
+                r#type: match c.connector_type {
+                    ConnectorType::Ac => v1::ConnectorType::Ac,
+                    ConnectorType::Dc => v1::ConnectorType::Dc,
+                } as i32,
+                max_power_w: c.max_power_w,
+                status: status_proto(c.status) as i32,
+                error_code: c.error_code.clone(),
+            })
+            .collect(),
+        last_seen: rfc3339(r.last_seen),
+    }
+}
+
+pub(crate) fn session_proto(r: &SessionRecord, now_ms: i64) -> v1::Session {
+    v1::Session {
+        transaction_id: r.transaction_id.clone(),
+        charger_id: r.charger_id.clone(),
+        connector_id: r.connector_id,
+        site_id: r.site_id.clone().unwrap_or_default(),
+        status: r.status.as_str().into(),
+        started_at: ms_to_rfc3339(r.started_at_ms.unwrap_or(r.first.at_ms)),
+        ended_at: r.ended.map(|p| ms_to_rfc3339(p.at_ms)).unwrap_or_default(),
+        energy_wh: r.energy_wh(),
+        power_w: r.power_w,
+        duration_s: r.duration_s(now_ms),
+        samples: r.samples,
+        last_seq: r.last.seq,
+        missing_events: r.missing_events(),
+        soc_percent: r.soc_percent,
+        flags: r.flags.iter().cloned().collect(),
+        stop_reason: r.stop_reason.clone(),
+        meter_start_wh: r.first.energy_wh,
+        meter_stop_wh: r.ended.map(|p| p.energy_wh).unwrap_or_default(),
+    }
+}
+
+fn now_ms() -> i64 {
+    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+fn parse_status(s: &str) -> Result<Option<SessionStatus>, Status> {
+    Ok(match s {
+        "" => None,
+        "active" => Some(SessionStatus::Active),
+        "interrupted" => Some(SessionStatus::Interrupted),
+        "ended" => Some(SessionStatus::Ended),
+        other => {
+            return Err(invalid(format!(
+                "unknown session status {other:?}: expected active, interrupted or ended"
+            )));
+        }
+    })
+}
+
+fn site_proto(s: SiteRecord) -> v1::Site {
+    v1::Site {
+        site_id: s.site_id,
+        name: s.name,
+        address: s.address,
+        time_zone: s.time_zone,
+        grid_limit_w: s.grid_limit_w,
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<v1::Session, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl OperatorService for Operator {
+    type WatchSessionsStream = WatchStream;
+
     async fn who_am_i(&self, req: Request<v1::WhoAmIRequest>) -> Result<Response<v1::WhoAmIResponse>, Status> {
         let (id, role) = require_role(&self.state, &req, "ask", |_| true)?;
         let name = match &id.principal {
@@ -36,10 +156,228 @@ impl OperatorService for Operator {
     ) -> Result<Response<v1::ListChargersResponse>, Status> {
         require_role(&self.state, &req, "list chargers", |_| true)?;
         let (limit, after) = page(&self.state, req.get_ref().page.as_ref())?;
-        let (rows, more) = self.state.chargers.page(after.as_deref(), limit);
+        let store = self.state.store.clone();
+        let (rows, more) = blocking(move || repo::list_chargers(store.as_ref(), after.as_deref(), limit)).await?;
         Ok(Response::new(v1::ListChargersResponse {
             next_page_token: page_token(rows.last().map(|c| c.charger_id.as_str()), more),
-            chargers: rows,
+            chargers: rows.iter().map(|r| charger_proto(&self.state, r)).collect(),
         }))
     }
+
+    async fn get_charger(&self, req: Request<v1::GetChargerRequest>) -> Result<Response<v1::Charger>, Status> {
+        require_role(&self.state, &req, "read chargers", |_| true)?;
+        let id = ChargerId::new(req.into_inner().charger_id).map_err(invalid)?;
+        let store = self.state.store.clone();
+        let key = id.to_string();
+        let rec = blocking(move || repo::get_charger(store.as_ref(), &key)).await?;
+        let rec = rec.ok_or_else(|| crate::status::to_status(RepoError::NotFound(format!("charger {id}"))))?;
+        Ok(Response::new(charger_proto(&self.state, &rec)))
+    }
+
+    async fn set_charger_site(&self, req: Request<v1::SetChargerSiteRequest>) -> Result<Response<v1::Charger>, Status> {
+        require_role(&self.state, &req, "move chargers between sites", Role::can_operate)?;
+        let r = req.into_inner();
+        let id = ChargerId::new(r.charger_id).map_err(invalid)?;
+        let site = SiteId::new(r.site_id).map_err(invalid)?;
+        let store = self.state.store.clone();
+        let rec = blocking(move || repo::set_charger_site(store.as_ref(), id.as_str(), site.as_str())).await?;
+        Ok(Response::new(charger_proto(&self.state, &rec)))
+    }
+
+    async fn send_command(&self, req: Request<v1::SendCommandRequest>) -> Result<Response<v1::CommandReply>, Status> {
+        require_role(&self.state, &req, "send commands to chargers", Role::can_operate)?;
+        let r = req.into_inner();
+        let id = ChargerId::new(r.charger_id).map_err(invalid)?;
+        let mut command = r.command.ok_or_else(|| invalid("command is required"))?;
+        if command.kind.is_none() {
+            return Err(invalid("command has no kind"));
+        }
+        let outbound = self
+            .state
+            .chargers
+            .outbound(id.as_str())
+            .ok_or_else(|| Status::from(NodeError::Precondition(format!("charger {id} is not connected"))))?;
+        command.command_id = format!("cmd-{:x}", rand_id());
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut pending = outbound.pending.lock().unwrap_or_else(|p| p.into_inner());
+            if pending.len() >= self.state.config.sessions.max_pending_commands {
+                self.state.metrics.commands_shed.fetch_add(1, Ordering::Relaxed);
+                return Err(
+                    NodeError::Exhausted(format!("charger {id} has too many commands waiting for a reply")).into(),
+                );
+            }
+            pending.insert(command.command_id.clone(), tx);
+        }
+        let cmd_id = command.command_id.clone();
+        let sent = outbound
+            .tx
+            .send(Ok(v1::CentralMessage {
+                msg_id: 0,
+                payload: Some(v1::central_message::Payload::Command(command)),
+            }))
+            .await;
+        let forget = || {
+            outbound
+                .pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&cmd_id);
+        };
+        if sent.is_err() {
+            forget();
+            return Err(NodeError::Precondition(format!("charger {id} disconnected")).into());
+        }
+        let wait = Duration::from_millis(self.state.config.sessions.command_timeout_ms);
+        match tokio::time::timeout(wait, rx).await {
+            Ok(Ok(reply)) => Ok(Response::new(reply)),
+            Ok(Err(_)) => Err(NodeError::Precondition(format!("charger {id} disconnected before replying")).into()),
+            Err(_) => {
+                forget();
+                Err(Status::deadline_exceeded(format!(
+                    "charger {id} did not reply within {} s",
+                    wait.as_secs()
+                )))
+            }
+        }
+    }
+
+    async fn create_site(&self, req: Request<v1::CreateSiteRequest>) -> Result<Response<v1::Site>, Status> {
+        require_role(&self.state, &req, "create sites", Role::can_operate)?;
+        let s = req.into_inner().site.ok_or_else(|| invalid("site is required"))?;
+        let id = SiteId::new(s.site_id).map_err(invalid)?;
+        if s.name.trim().is_empty() || s.name.len() > 128 {
+            return Err(invalid("site name must be 1 to 128 characters"));
+        }
+        if s.address.len() > 256 {
+            return Err(invalid("site address is at most 256 characters"));
+        }
+        let tz = if s.time_zone.is_empty() {
+            "UTC".to_string()
+        } else {
+            s.time_zone
+        };
+        if tz.len() > 64 || !tz.chars().all(|c| c.is_ascii_alphanumeric() || "/_+-".contains(c)) {
+            return Err(invalid(format!("time_zone {tz:?} is not an IANA zone name")));
+        }
+        let rec = SiteRecord {
+            site_id: id.to_string(),
+            name: s.name,
+            address: s.address,
+            time_zone: tz,
+            grid_limit_w: s.grid_limit_w,
+        };
+        let store = self.state.store.clone();
+        let r2 = rec.clone();
+        blocking(move || repo::create_site(store.as_ref(), &r2)).await?;
+        Ok(Response::new(site_proto(rec)))
+    }
+
+    async fn list_sites(&self, req: Request<v1::ListSitesRequest>) -> Result<Response<v1::ListSitesResponse>, Status> {
+        require_role(&self.state, &req, "list sites", |_| true)?;
+        let (limit, after) = page(&self.state, req.get_ref().page.as_ref())?;
+        let store = self.state.store.clone();
+        let (rows, more) = blocking(move || repo::list_sites(store.as_ref(), after.as_deref(), limit)).await?;
+        Ok(Response::new(v1::ListSitesResponse {
+            next_page_token: page_token(rows.last().map(|s| s.site_id.as_str()), more),
+            sites: rows.into_iter().map(site_proto).collect(),
+        }))
+    }
+
+    async fn get_site(&self, req: Request<v1::GetSiteRequest>) -> Result<Response<v1::Site>, Status> {
+        require_role(&self.state, &req, "read sites", |_| true)?;
+        let id = SiteId::new(req.into_inner().site_id).map_err(invalid)?;
+        let store = self.state.store.clone();
+        let key = id.to_string();
+        let rec = blocking(move || repo::get_site(store.as_ref(), &key)).await?;
+        Ok(Response::new(site_proto(rec.ok_or_else(|| {
+            crate::status::to_status(RepoError::NotFound(format!("site {id}")))
+        })?)))
+    }
+
+    async fn list_sessions(
+        &self,
+        req: Request<v1::ListSessionsRequest>,
+    ) -> Result<Response<v1::ListSessionsResponse>, Status> {
+        require_role(&self.state, &req, "list sessions", |_| true)?;
+        let r = req.into_inner();
+        let (limit, after) = page(&self.state, r.page.as_ref())?;
+        let status = parse_status(&r.status)?;
+        let charger = if r.charger_id.is_empty() {
+            None
+        } else {
+            Some(ChargerId::new(r.charger_id).map_err(invalid)?.to_string())
+        };
+        let store = self.state.store.clone();
+        let (rows, more) =
+            blocking(move || repo::list_sessions(store.as_ref(), status, charger.as_deref(), after.as_deref(), limit))
+                .await?;
+        let now = now_ms();
+        Ok(Response::new(v1::ListSessionsResponse {
+            next_page_token: page_token(rows.last().map(|s| s.transaction_id.as_str()), more),
+            sessions: rows.iter().map(|s| session_proto(s, now)).collect(),
+        }))
+    }
+
+    async fn get_session(&self, req: Request<v1::GetSessionRequest>) -> Result<Response<v1::Session>, Status> {
+        require_role(&self.state, &req, "read sessions", |_| true)?;
+        let id = req.into_inner().transaction_id;
+        if id.is_empty() || id.len() > 64 {
+            return Err(invalid("transaction_id must be 1 to 64 characters"));
+        }
+        let store = self.state.store.clone();
+        let key = id.clone();
+        let rec = blocking(move || repo::get_session(store.as_ref(), &key)).await?;
+        let rec = rec.ok_or_else(|| crate::status::to_status(RepoError::NotFound(format!("session {id}"))))?;
+        Ok(Response::new(session_proto(&rec, now_ms())))
+    }
+
+    async fn watch_sessions(&self, req: Request<v1::WatchSessionsRequest>) -> Result<Response<WatchStream>, Status> {
+        require_role(&self.state, &req, "watch sessions", |_| true)?;
+        let only = req.into_inner().transaction_id;
+        let (tx, rx) = mpsc::channel(64);
+        let store = self.state.store.clone();
+        tokio::spawn(async move {
+            // Sends a session whenever what an operator sees of it changed.
+            let mut last: std::collections::HashMap<String, (u64, u32, String, u64)> = Default::default();
+            loop {
+                let (store2, only2) = (store.clone(), only.clone());
+                let rows = tokio::task::spawn_blocking(move || -> Result<Vec<SessionRecord>, RepoError> {
+                    if only2.is_empty() {
+                        Ok(repo::list_sessions(store2.as_ref(), Some(SessionStatus::Active), None, None, 10_000)?.0)
+                    } else {
+                        Ok(repo::get_session(store2.as_ref(), &only2)?.into_iter().collect())
+                    }
+                })
+                .await;
+                let rows = match rows {
+                    Ok(Ok(rows)) => rows,
+                    _ => break,
+                };
+                let now = now_ms();
+                for r in rows {
+                    let p = session_proto(&r, now);
+                    let key = (p.energy_wh, p.power_w, p.status.clone(), p.duration_s);
+                    if last.get(&p.transaction_id) != Some(&key) {
+                        last.insert(p.transaction_id.clone(), key);
+                        if tx.send(Ok(p)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if tx.is_closed() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+fn rand_id() -> u64 {
+    use std::sync::atomic::AtomicU64;
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    let t = time::OffsetDateTime::now_utc().unix_timestamp_nanos() as u64;
+    t ^ NEXT.fetch_add(1, Ordering::Relaxed).rotate_left(32)
 }
