@@ -232,6 +232,37 @@ pub struct Attached {
 }
 
 impl Attached {
+    /// Sends one message and waits for the reply that names it (commands
+    /// arriving meanwhile are collected in `commands`).
+    pub async fn request(&mut self, payload: v1::charger_message::Payload) -> anyhow::Result<v1::CentralMessage> {
+        self.next_id += 1;
+        let id = self.next_id;
+        self.tx
+            .send(v1::ChargerMessage {
+                msg_id: id,
+                payload: Some(payload),
+            })
+            .await?;
+        loop {
+            let m = tokio::time::timeout(Duration::from_secs(15), self.rx.message())
+                .await??
+                .ok_or_else(|| anyhow::anyhow!("stream ended"))?;
+            if m.msg_id == id {
+                return Ok(m);
+            }
+        }
+    }
+
+    /// Sends a transaction event; Ok(true) when acknowledged, Ok(false) when rejected.
+    pub async fn event(&mut self, e: v1::TransactionEvent) -> anyhow::Result<bool> {
+        let r = self.request(v1::charger_message::Payload::Transaction(e)).await?;
+        match r.payload {
+            Some(v1::central_message::Payload::TransactionAck(_)) => Ok(true),
+            Some(v1::central_message::Payload::Rejected(_)) => Ok(false),
+            other => anyhow::bail!("unexpected reply {other:?}"),
+        }
+    }
+
     pub async fn heartbeat(&mut self) -> anyhow::Result<v1::CentralMessage> {
         self.next_id += 1;
         self.tx
@@ -353,4 +384,105 @@ pub async fn served(node: &TestNode, creds: &Creds) -> bool {
 
 fn tonic_health_client(ch: Channel) -> tonic_health::pb::health_client::HealthClient<Channel> {
     tonic_health::pb::health_client::HealthClient::new(ch)
+}
+
+/// A transaction event on connector 1 at `minute` minutes into the session.
+pub fn tx_event(
+    tx: &str,
+    seq: u64,
+    kind: v1::TransactionEventType,
+    energy_wh: u64,
+    minute: i64,
+) -> v1::TransactionEvent {
+    v1::TransactionEvent {
+        transaction_id: tx.into(),
+        seq,
+        event_type: kind as i32,
+        connector_id: 1,
+        timestamp_ms: 1_700_000_000_000 + minute * 60_000,
+        id_token: "04A1B2C3".into(),
+        meter: Some(v1::MeterValue {
+            energy_wh,
+            power_w: 11_000,
+            current_ma: 16_000,
+            voltage_mv: 230_000,
+            soc_percent: Some(40),
+        }),
+        offline: false,
+        stop_reason: if kind == v1::TransactionEventType::Ended {
+            "ev-disconnected".into()
+        } else {
+            String::new()
+        },
+    }
+}
+
+/// A whole session: start, `updates` updates of 150 Wh a minute, end.
+pub fn session_events(tx: &str, updates: u64) -> Vec<v1::TransactionEvent> {
+    let mut v = vec![tx_event(tx, 0, v1::TransactionEventType::Started, 10_000, 0)];
+    for i in 1..=updates {
+        v.push(tx_event(
+            tx,
+            i,
+            v1::TransactionEventType::Updated,
+            10_000 + 150 * i,
+            i as i64,
+        ));
+    }
+    v.push(tx_event(
+        tx,
+        updates + 1,
+        v1::TransactionEventType::Ended,
+        10_000 + 150 * (updates + 1),
+        updates as i64 + 1,
+    ));
+    v
+}
+
+/// Where cargo put the workspace's binaries; builds them if missing.
+pub fn bin(name: &str) -> std::path::PathBuf {
+    let dir = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let path = dir.join(name);
+    if !path.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let ok = std::process::Command::new(cargo)
+            .args(["build", "-p", "laddnet-node", "-p", "laddnet-cli", "--bins"])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "building the binaries failed");
+    }
+    path
+}
+
+impl TestNode {
+    pub async fn operator_client(&self) -> laddnet_proto::v1::operator_service_client::OperatorServiceClient<Channel> {
+        laddnet_proto::v1::operator_service_client::OperatorServiceClient::new(
+            self.channel(&self.admin).await.expect("admin connects"),
+        )
+    }
+
+    pub async fn session(&self, tx: &str) -> Option<v1::Session> {
+        self.operator_client()
+            .await
+            .get_session(v1::GetSessionRequest {
+                transaction_id: tx.into(),
+            })
+            .await
+            .ok()
+            .map(|r| r.into_inner())
+    }
+
+    /// Enrolls `id` and attaches it.
+    pub async fn charger(&self, id: &str) -> (Creds, Attached) {
+        let creds = self.enroll(id).await;
+        let a = attach(self.channel(&creds).await.unwrap(), id).await.expect("attached");
+        (creds, a)
+    }
 }

@@ -3,31 +3,11 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
+
+use laddnet_tests::bin;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
-
-fn bin(name: &str) -> PathBuf {
-    // target/debug/deps/cli-… → target/debug/<name>
-    let dir = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .to_path_buf();
-    let path = dir.join(name);
-    if !path.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let ok = Command::new(cargo)
-            .args(["build", "-p", "laddnet-node", "-p", "laddnet-cli", "--bins"])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "building the binaries failed");
-    }
-    path
-}
 
 struct Up {
     child: Child,
