@@ -12,6 +12,7 @@ const KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
 /// conflict here; reads run on snapshots beside the writer.
 pub struct RedbStore {
     db: Database,
+    durable: bool,
 }
 
 impl RedbStore {
@@ -22,7 +23,15 @@ impl RedbStore {
         let tx = db.begin_write().map_err(StoreError::io)?;
         tx.open_table(KV).map_err(StoreError::io)?;
         tx.commit().map_err(StoreError::io)?;
-        Ok(Self { db })
+        Ok(Self { db, durable: true })
+    }
+
+    /// A store whose commits are not flushed to disk: a crash loses recent
+    /// commits. Only for tests and benchmarks that measure something else.
+    pub fn open_volatile(path: impl AsRef<Path>) -> Result<Self, StoreError> {
+        let mut s = Self::open(path)?;
+        s.durable = false;
+        Ok(s)
     }
 }
 
@@ -164,7 +173,10 @@ impl Transaction for ReadTx {
 
 impl Store for RedbStore {
     fn run(&self, f: &mut dyn FnMut(&mut dyn Transaction) -> Result<(), StoreError>) -> Result<(), StoreError> {
-        let txn = self.db.begin_write().map_err(StoreError::io)?;
+        let mut txn = self.db.begin_write().map_err(StoreError::io)?;
+        if !self.durable {
+            txn.set_durability(redb::Durability::None).map_err(StoreError::io)?;
+        }
         {
             let table = txn.open_table(KV).map_err(StoreError::io)?;
             let mut tx = WriteTx { table, written: 0 };
