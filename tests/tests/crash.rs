@@ -40,7 +40,11 @@ fn start_node(dir: &Path) -> Proc {
         }
     });
     let (mtls, enrollment) = rx.recv_timeout(Duration::from_secs(60)).expect("node started");
-    Proc { child, mtls, enrollment }
+    Proc {
+        child,
+        mtls,
+        enrollment,
+    }
 }
 
 fn read(dir: &Path, p: &str) -> String {
@@ -50,30 +54,58 @@ fn read(dir: &Path, p: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_session_loses_no_acknowledged_reading() {
     let dir = tempfile::tempdir().unwrap();
-    let init = Command::new(bin("laddnet")).args(["init", "--data-dir", "d"]).current_dir(dir.path()).output().unwrap();
+    let init = Command::new(bin("laddnet"))
+        .args(["init", "--data-dir", "d"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
     assert!(init.status.success());
     let root = read(dir.path(), "d/ca/root.crt");
-    let admin = Creds { chain_pem: read(dir.path(), "d/credentials/admin.crt"), key_pem: read(dir.path(), "d/credentials/admin.key"), serial: String::new() };
-    let tls = |c: Option<&Creds>| laddnet_pki::tls::client_config(&root, c.map(|c| (c.chain_pem.as_str(), c.key_pem.as_str()))).unwrap();
+    let admin = Creds {
+        chain_pem: read(dir.path(), "d/credentials/admin.crt"),
+        key_pem: read(dir.path(), "d/credentials/admin.key"),
+        serial: String::new(),
+    };
+    let tls = |c: Option<&Creds>| {
+        laddnet_pki::tls::client_config(&root, c.map(|c| (c.chain_pem.as_str(), c.key_pem.as_str()))).unwrap()
+    };
 
     let mut node = start_node(dir.path());
-    let ch = laddnet_node::client::connect(&format!("https://{}", node.mtls), "localhost", tls(Some(&admin))).await.unwrap();
+    let ch = laddnet_node::client::connect(&format!("https://{}", node.mtls), "localhost", tls(Some(&admin)))
+        .await
+        .unwrap();
     let token = v1::pki_service_client::PkiServiceClient::new(ch)
-        .create_enrollment_token(v1::CreateEnrollmentTokenRequest { charger_id: "CP-K".into(), ttl_seconds: 0, site_id: String::new() })
+        .create_enrollment_token(v1::CreateEnrollmentTokenRequest {
+            charger_id: "CP-K".into(),
+            ttl_seconds: 0,
+            site_id: String::new(),
+        })
         .await
         .unwrap()
         .into_inner()
         .token;
     let (key, csr) = laddnet_pki::new_key_and_csr("CP-K").unwrap();
-    let ch = laddnet_node::client::connect(&format!("https://{}", node.enrollment), "localhost", tls(None)).await.unwrap();
+    let ch = laddnet_node::client::connect(&format!("https://{}", node.enrollment), "localhost", tls(None))
+        .await
+        .unwrap();
     let r = v1::enrollment_service_client::EnrollmentServiceClient::new(ch)
-        .enroll(v1::EnrollRequest { charger_id: "CP-K".into(), token, csr_pem: csr })
+        .enroll(v1::EnrollRequest {
+            charger_id: "CP-K".into(),
+            token,
+            csr_pem: csr,
+        })
         .await
         .unwrap()
         .into_inner();
-    let charger = Creds { chain_pem: r.chain_pem, key_pem: key.to_string(), serial: String::new() };
+    let charger = Creds {
+        chain_pem: r.chain_pem,
+        key_pem: key.to_string(),
+        serial: String::new(),
+    };
 
-    let ch = laddnet_node::client::connect(&format!("https://{}", node.mtls), "localhost", tls(Some(&charger))).await.unwrap();
+    let ch = laddnet_node::client::connect(&format!("https://{}", node.mtls), "localhost", tls(Some(&charger)))
+        .await
+        .unwrap();
     let mut cp = attach(ch, "CP-K").await.unwrap();
     let pid = node.child.id();
     let mut acked = Vec::new();
@@ -85,22 +117,38 @@ async fn sigkill_mid_session_loses_no_acknowledged_reading() {
                 let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
             });
         }
-        match cp.event(tx_event("tx-crash", seq, kind, 1000 + seq * 10, seq as i64)).await {
+        match cp
+            .event(tx_event("tx-crash", seq, kind, 1000 + seq * 10, seq as i64))
+            .await
+        {
             Ok(true) => acked.push(seq),
             _ => break,
         }
     }
     let _ = node.child.wait();
-    assert!(acked.len() >= 40, "only {} events acknowledged before the kill", acked.len());
+    assert!(
+        acked.len() >= 40,
+        "only {} events acknowledged before the kill",
+        acked.len()
+    );
 
     let node = start_node(dir.path());
-    let ch = laddnet_node::client::connect(&format!("https://{}", node.mtls), "localhost", tls(Some(&admin))).await.unwrap();
+    let ch = laddnet_node::client::connect(&format!("https://{}", node.mtls), "localhost", tls(Some(&admin)))
+        .await
+        .unwrap();
     let s = v1::operator_service_client::OperatorServiceClient::new(ch)
-        .get_session(v1::GetSessionRequest { transaction_id: "tx-crash".into() })
+        .get_session(v1::GetSessionRequest {
+            transaction_id: "tx-crash".into(),
+        })
         .await
         .unwrap()
         .into_inner();
-    assert!(s.samples >= acked.len() as u64, "{} acknowledged, {} stored", acked.len(), s.samples);
+    assert!(
+        s.samples >= acked.len() as u64,
+        "{} acknowledged, {} stored",
+        acked.len(),
+        s.samples
+    );
     assert!(s.last_seq >= *acked.last().unwrap());
     assert_eq!(s.missing_events, 0, "no hole among the acknowledged readings");
     let mut node = node;

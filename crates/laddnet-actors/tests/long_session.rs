@@ -47,7 +47,11 @@ impl Transaction for ProbeTx<'_> {
 impl Store for Probe {
     fn run(&self, f: &mut dyn FnMut(&mut dyn Transaction) -> Result<(), StoreError>) -> Result<(), StoreError> {
         self.inner.run(&mut |tx| {
-            let mut p = ProbeTx { inner: tx, bytes: 0, max_value: 0 };
+            let mut p = ProbeTx {
+                inner: tx,
+                bytes: 0,
+                max_value: 0,
+            };
             let r = f(&mut p);
             self.max_tx_bytes.fetch_max(p.bytes, Ordering::Relaxed);
             self.max_value.fetch_max(p.max_value, Ordering::Relaxed);
@@ -83,14 +87,21 @@ fn a_100k_sample_session_stays_within_the_limits() {
             kind,
             connector_id: 1,
             at_ms: 1_700_000_000_000 + seq as i64 * 10_000,
-            meter: MeterSample { energy_wh: 1_000 + seq * 20, power_w: 7_200, ..Default::default() },
+            meter: MeterSample {
+                energy_wh: 1_000 + seq * 20,
+                power_w: 7_200,
+                ..Default::default()
+            },
             offline: false,
             stop_reason: String::new(),
         };
         repo::apply_event(probe.as_ref(), "CP-1", None, 22_000, &e).unwrap();
     }
     let r = repo::get_session(probe.as_ref(), "tx-long").unwrap().unwrap();
-    assert_eq!((r.samples, r.status, r.energy_wh()), (N, SessionStatus::Ended, (N - 1) * 20));
+    assert_eq!(
+        (r.samples, r.status, r.energy_wh()),
+        (N, SessionStatus::Ended, (N - 1) * 20)
+    );
     assert!(r.flags.is_empty(), "{:?}", r.flags);
     let max_tx = probe.max_tx_bytes.load(Ordering::Relaxed);
     let max_value = probe.max_value.load(Ordering::Relaxed);
@@ -110,6 +121,7 @@ trait Count {
 impl Count for Probe {
     fn snapshot_count(&self, b: &[u8], e: &[u8]) -> usize {
         use laddnet_store::StoreExt;
-        self.snapshot(|tx| tx.get_range(b, e, 0, false).map(|v| v.len())).unwrap()
+        self.snapshot(|tx| tx.get_range(b, e, 0, false).map(|v| v.len()))
+            .unwrap()
     }
 }

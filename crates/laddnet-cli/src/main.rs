@@ -49,6 +49,12 @@ enum Cmd {
     /// Chargers.
     #[command(subcommand)]
     Chargers(ChargersCmd),
+    /// Sites: where chargers stand, with their grid limit and time zone.
+    #[command(subcommand)]
+    Sites(SitesCmd),
+    /// Charging sessions.
+    #[command(subcommand)]
+    Sessions(SessionsCmd),
     /// Who the node thinks you are.
     Whoami,
     /// Print shell completions.
@@ -153,10 +159,95 @@ enum OperatorsCmd {
 
 #[derive(Subcommand)]
 enum ChargersCmd {
-    /// Chargers connected now.
+    /// Every charger the node knows, connected or not.
     List {
         #[command(flatten)]
         page: PageArgs,
+    },
+    /// One charger with its connectors.
+    Show { charger_id: String },
+    /// Move a charger to a site.
+    SetSite { charger_id: String, site_id: String },
+    /// Send a command and wait for the charger's reply.
+    Command {
+        charger_id: String,
+        #[command(subcommand)]
+        command: ChargerCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ChargerCommand {
+    /// Soft reset (or --hard).
+    Reset {
+        #[arg(long)]
+        hard: bool,
+    },
+    Unlock {
+        #[arg(long, default_value_t = 1)]
+        connector: u32,
+    },
+    /// Start charging for a token.
+    Start {
+        #[arg(long, default_value_t = 1)]
+        connector: u32,
+        #[arg(long)]
+        token: String,
+    },
+    Stop {
+        #[arg(long)]
+        transaction: String,
+    },
+    /// Make a connector (0 = the whole charger) operative or inoperative.
+    Availability {
+        #[arg(long, default_value_t = 0)]
+        connector: u32,
+        #[arg(long, value_parser = ["operative", "inoperative"])]
+        state: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum SitesCmd {
+    Create {
+        site_id: String,
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value = "")]
+        address: String,
+        /// IANA time zone.
+        #[arg(long, default_value = "UTC")]
+        time_zone: String,
+        /// Grid connection limit in kW.
+        #[arg(long, default_value_t = 0)]
+        grid_limit_kw: u32,
+    },
+    List {
+        #[command(flatten)]
+        page: PageArgs,
+    },
+    Show {
+        site_id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum SessionsCmd {
+    List {
+        /// active, interrupted or ended
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long)]
+        charger: Option<String>,
+        #[command(flatten)]
+        page: PageArgs,
+    },
+    Show {
+        transaction_id: String,
+    },
+    /// Follow active sessions live (or one): power, kWh, duration. Ctrl-C stops.
+    Watch {
+        transaction_id: Option<String>,
     },
 }
 
@@ -256,6 +347,125 @@ fn cert_row(c: &v1::CertificateInfo) -> Vec<String> {
         c.role.clone(),
         c.status.clone(),
         c.not_after.clone(),
+    ]
+}
+
+fn charger_json(c: &v1::Charger) -> Value {
+    json!({
+        "charger_id": c.charger_id, "connected": c.connected, "vendor": c.vendor, "model": c.model,
+        "firmware_version": c.firmware_version, "connected_since": c.connected_since, "last_heartbeat": c.last_heartbeat,
+        "last_seen": c.last_seen, "certificate_serial": c.certificate_serial, "site_id": c.site_id,
+        "connectors": c.connectors.iter().map(|k| json!({
+            "connector_id": k.connector_id,
+            "type": enum_name(v1::ConnectorType::try_from(k.r#type).map(|t| t.as_str_name()), "CONNECTOR_TYPE_"),
+            "max_power_w": k.max_power_w,
+            "status": enum_name(v1::ConnectorStatus::try_from(k.status).map(|t| t.as_str_name()), "CONNECTOR_STATUS_"),
+            "error_code": k.error_code,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn enum_name<E>(r: Result<&str, E>, prefix: &str) -> String {
+    r.map(|s| s.trim_start_matches(prefix).to_ascii_lowercase().replace('_', "-"))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+fn emit_connectors(out: Output, c: &v1::Charger) {
+    let j = charger_json(c);
+    let rows = j["connectors"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|k| {
+            vec![
+                c.charger_id.clone(),
+                c.site_id.clone(),
+                c.connected.to_string(),
+                k["connector_id"].to_string(),
+                k["type"].as_str().unwrap_or_default().to_string(),
+                kw(k["max_power_w"].as_u64().unwrap_or(0)),
+                k["status"].as_str().unwrap_or_default().to_string(),
+                k["error_code"].as_str().unwrap_or_default().to_string(),
+            ]
+        })
+        .collect();
+    emit(
+        out,
+        j,
+        &[
+            "CHARGER",
+            "SITE",
+            "CONNECTED",
+            "CONNECTOR",
+            "TYPE",
+            "MAX KW",
+            "STATUS",
+            "ERROR",
+        ],
+        rows,
+    );
+}
+
+/// Watts as kW with one decimal, in integers.
+fn kw(w: u64) -> String {
+    format!("{}.{}", w / 1000, (w % 1000) / 100)
+}
+
+const SITE_HEADERS: &[&str] = &["SITE", "NAME", "TIME ZONE", "GRID LIMIT KW", "ADDRESS"];
+
+fn site_json(s: &v1::Site) -> Value {
+    json!({"site_id": s.site_id, "name": s.name, "address": s.address, "time_zone": s.time_zone, "grid_limit_w": s.grid_limit_w})
+}
+
+fn site_row(s: &v1::Site) -> Vec<String> {
+    vec![
+        s.site_id.clone(),
+        s.name.clone(),
+        s.time_zone.clone(),
+        kw(u64::from(s.grid_limit_w)),
+        s.address.clone(),
+    ]
+}
+
+const SESSION_HEADERS: &[&str] = &[
+    "TRANSACTION",
+    "CHARGER",
+    "CONN",
+    "STATUS",
+    "KWH",
+    "KW",
+    "DURATION",
+    "SOC",
+    "FLAGS",
+];
+
+fn session_json(s: &v1::Session) -> Value {
+    json!({
+        "transaction_id": s.transaction_id, "charger_id": s.charger_id, "connector_id": s.connector_id, "site_id": s.site_id,
+        "status": s.status, "started_at": s.started_at, "ended_at": s.ended_at, "energy_wh": s.energy_wh, "power_w": s.power_w,
+        "duration_s": s.duration_s, "samples": s.samples, "last_seq": s.last_seq, "missing_events": s.missing_events,
+        "soc_percent": s.soc_percent, "flags": s.flags, "stop_reason": s.stop_reason,
+        "meter_start_wh": s.meter_start_wh, "meter_stop_wh": s.meter_stop_wh,
+    })
+}
+
+fn session_row(s: &v1::Session) -> Vec<String> {
+    // Display only: energy is stored and billed in integer Wh.
+    vec![
+        s.transaction_id.clone(),
+        s.charger_id.clone(),
+        s.connector_id.to_string(),
+        s.status.clone(),
+        format!("{}.{:03}", s.energy_wh / 1000, s.energy_wh % 1000),
+        kw(u64::from(s.power_w)),
+        format!(
+            "{}:{:02}:{:02}",
+            s.duration_s / 3600,
+            s.duration_s / 60 % 60,
+            s.duration_s % 60
+        ),
+        s.soc_percent.map(|p| format!("{p}%")).unwrap_or_default(),
+        s.flags.join(","),
     ]
 }
 
@@ -538,6 +748,173 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             emit(out, j, CERT_HEADERS, vec![cert_row(&info)]);
             if out == Output::Table {
                 eprintln!("wrote {} and {}", cp.display(), kp.display());
+            }
+        }
+        Cmd::Chargers(ChargersCmd::Show { charger_id }) => {
+            let mut c = OperatorServiceClient::new(channel(cfg).await?);
+            let ch = c.get_charger(v1::GetChargerRequest { charger_id }).await?.into_inner();
+            emit_connectors(out, &ch);
+        }
+        Cmd::Chargers(ChargersCmd::SetSite { charger_id, site_id }) => {
+            let mut c = OperatorServiceClient::new(channel(cfg).await?);
+            let ch = c
+                .set_charger_site(v1::SetChargerSiteRequest { charger_id, site_id })
+                .await?
+                .into_inner();
+            emit_connectors(out, &ch);
+        }
+        Cmd::Chargers(ChargersCmd::Command { charger_id, command }) => {
+            use v1::command::Kind;
+            let kind = match command {
+                ChargerCommand::Reset { hard } => Kind::Reset(v1::Reset { hard }),
+                ChargerCommand::Unlock { connector } => Kind::UnlockConnector(v1::UnlockConnector {
+                    connector_id: connector,
+                }),
+                ChargerCommand::Start { connector, token } => Kind::RemoteStart(v1::RemoteStart {
+                    connector_id: connector,
+                    id_token: token,
+                }),
+                ChargerCommand::Stop { transaction } => Kind::RemoteStop(v1::RemoteStop {
+                    transaction_id: transaction,
+                }),
+                ChargerCommand::Availability { connector, state } => Kind::ChangeAvailability(v1::ChangeAvailability {
+                    connector_id: connector,
+                    operative: state == "operative",
+                }),
+            };
+            let mut c = OperatorServiceClient::new(channel(cfg).await?);
+            let r = c
+                .send_command(v1::SendCommandRequest {
+                    charger_id,
+                    command: Some(v1::Command {
+                        command_id: String::new(),
+                        kind: Some(kind),
+                    }),
+                })
+                .await?
+                .into_inner();
+            let status = v1::CommandStatus::try_from(r.status)
+                .map(|s| {
+                    s.as_str_name()
+                        .trim_start_matches("COMMAND_STATUS_")
+                        .to_ascii_lowercase()
+                })
+                .unwrap_or_default();
+            emit(
+                out,
+                json!({"command_id": r.command_id, "status": status, "detail": r.detail}),
+                &["COMMAND", "STATUS", "DETAIL"],
+                vec![vec![r.command_id, status.clone(), r.detail]],
+            );
+            if status != "accepted" {
+                bail!("the charger did not accept the command ({status})");
+            }
+        }
+        Cmd::Sites(SitesCmd::Create {
+            site_id,
+            name,
+            address,
+            time_zone,
+            grid_limit_kw,
+        }) => {
+            let mut c = OperatorServiceClient::new(channel(cfg).await?);
+            let grid_limit_w = grid_limit_kw
+                .checked_mul(1000)
+                .ok_or_else(|| anyhow!("--grid-limit-kw is too large"))?;
+            let s = c
+                .create_site(v1::CreateSiteRequest {
+                    site: Some(v1::Site {
+                        site_id,
+                        name,
+                        address,
+                        time_zone,
+                        grid_limit_w,
+                    }),
+                })
+                .await?
+                .into_inner();
+            emit(out, site_json(&s), SITE_HEADERS, vec![site_row(&s)]);
+        }
+        Cmd::Sites(SitesCmd::List { page }) => {
+            let mut c = OperatorServiceClient::new(channel(cfg).await?);
+            let mut token = page.page_token.clone();
+            let mut all = Vec::new();
+            loop {
+                let r = c
+                    .list_sites(v1::ListSitesRequest {
+                        page: Some(page.req(&token)),
+                    })
+                    .await?
+                    .into_inner();
+                all.extend(r.sites);
+                token = r.next_page_token;
+                if !page.all || token.is_empty() {
+                    break;
+                }
+            }
+            emit(
+                out,
+                json!({"sites": all.iter().map(site_json).collect::<Vec<_>>(), "next_page_token": token}),
+                SITE_HEADERS,
+                all.iter().map(site_row).collect(),
+            );
+        }
+        Cmd::Sites(SitesCmd::Show { site_id }) => {
+            let mut c = OperatorServiceClient::new(channel(cfg).await?);
+            let s = c.get_site(v1::GetSiteRequest { site_id }).await?.into_inner();
+            emit(out, site_json(&s), SITE_HEADERS, vec![site_row(&s)]);
+        }
+        Cmd::Sessions(SessionsCmd::List { status, charger, page }) => {
+            let mut c = OperatorServiceClient::new(channel(cfg).await?);
+            let mut token = page.page_token.clone();
+            let mut all = Vec::new();
+            loop {
+                let r = c
+                    .list_sessions(v1::ListSessionsRequest {
+                        page: Some(page.req(&token)),
+                        status: status.clone().unwrap_or_default(),
+                        charger_id: charger.clone().unwrap_or_default(),
+                    })
+                    .await?
+                    .into_inner();
+                all.extend(r.sessions);
+                token = r.next_page_token;
+                if !page.all || token.is_empty() {
+                    break;
+                }
+            }
+            emit(
+                out,
+                json!({"sessions": all.iter().map(session_json).collect::<Vec<_>>(), "next_page_token": token}),
+                SESSION_HEADERS,
+                all.iter().map(session_row).collect(),
+            );
+        }
+        Cmd::Sessions(SessionsCmd::Show { transaction_id }) => {
+            let mut c = OperatorServiceClient::new(channel(cfg).await?);
+            let s = c
+                .get_session(v1::GetSessionRequest { transaction_id })
+                .await?
+                .into_inner();
+            emit(out, session_json(&s), SESSION_HEADERS, vec![session_row(&s)]);
+        }
+        Cmd::Sessions(SessionsCmd::Watch { transaction_id }) => {
+            let mut c = OperatorServiceClient::new(channel(cfg).await?);
+            let mut stream = c
+                .watch_sessions(v1::WatchSessionsRequest {
+                    transaction_id: transaction_id.unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            if out == Output::Table {
+                println!("{}", SESSION_HEADERS.join("  "));
+            }
+            while let Some(s) = stream.message().await? {
+                if out == Output::Json {
+                    println!("{}", session_json(&s));
+                } else {
+                    println!("{}", session_row(&s).join("  "));
+                }
             }
         }
         Cmd::Chargers(ChargersCmd::List { page }) => {
