@@ -11,26 +11,10 @@ use anyhow::Context;
 use laddnet_core::{OperatorName, Role};
 use laddnet_pki::{Ca, CaFiles, Subject};
 use laddnet_vault::KeySource;
-use serde::{Deserialize, Serialize};
+pub use laddnet_client::CtlConfig;
 
 use crate::config::NodeConfig;
 use crate::node::{key_source, load_policy, open_store};
-
-/// What `laddctl` reads: where the node is and which credentials to use.
-/// Relative paths are relative to the file.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct CtlConfig {
-    /// `https://host:port` of the mutual-TLS listener.
-    pub endpoint: String,
-    /// The name to check in the node's certificate.
-    pub server_name: String,
-    /// The root CA certificate to trust.
-    pub ca_cert: PathBuf,
-    /// This operator's certificate chain and key.
-    pub cert: PathBuf,
-    pub key: PathBuf,
-}
 
 /// What [`init_data_dir`] made.
 #[derive(Debug, Clone)]

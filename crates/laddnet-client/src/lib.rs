@@ -1,11 +1,34 @@
-//! Connecting to a node as a client: TLS by rustls (the same protocol
-//! choices as the server), gRPC by tonic. Used by `laddctl`, the simulator
-//! and the tests.
+//! Connecting to a laddnet node as a client: TLS by rustls (configured by
+//! `laddnet_pki::tls::client_config`, the same protocol choices as the
+//! server), gRPC by tonic; and [`CtlConfig`], what `laddctl.toml` holds.
+//! Used by `laddctl`, the simulator, `laddnet up` and the tests.
+
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// What `laddctl` reads: where the node is and which credentials to use.
+/// Relative paths are relative to the file.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CtlConfig {
+    /// `https://host:port` of the mutual-TLS listener.
+    pub endpoint: String,
+    /// The name to check in the node's certificate.
+    pub server_name: String,
+    /// The root CA certificate to trust.
+    pub ca_cert: PathBuf,
+    /// This operator's certificate chain and key.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
 
 use std::sync::Arc;
 
 use hyper_util::rt::TokioIo;
-use rustls::ClientConfig;
+pub use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;

@@ -1,0 +1,522 @@
+//! Simulated chargers. Each one is a real client: it enrolls with a
+//! one-time token over the enrollment listener, then attaches over mutual
+//! TLS with its own certificate, and behaves like a charger in the field:
+//!
+//! - AC chargers deliver a flat power up to 22 kW (what the car's onboard
+//!   charger takes); DC chargers 50–350 kW, tapering as the state of charge
+//!   rises.
+//! - Drivers arrive and leave at random; the session ends at the car's
+//!   target state of charge or when the driver leaves.
+//! - Every event waits in a queue until the node acknowledges it: a
+//!   dropped connection keeps queueing (flagged offline) and the queue is
+//!   replayed on reconnect, which uses jittered exponential backoff.
+//! - Commands are answered; remote start and stop act on sessions.
+//! - Faults can be injected on demand ([`Fault`]).
+
+#![forbid(unsafe_code)]
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use laddnet_proto::v1;
+use laddnet_proto::v1::central_message::Payload as Out;
+use laddnet_proto::v1::charger_message::Payload as In;
+use rand::Rng;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+
+/// Where the node is and what to trust.
+#[derive(Clone)]
+pub struct Endpoints {
+    pub mtls: String,
+    pub enrollment: String,
+    pub server_name: String,
+    pub root_pem: String,
+}
+
+/// A charger's identity: chain and key PEM.
+#[derive(Clone)]
+pub struct Identity {
+    pub chain_pem: String,
+    pub key_pem: String,
+}
+
+/// Enrolls `charger_id` with `token`, as a real charger does: a new key,
+/// a CSR, the token, over server-side TLS.
+pub async fn enroll(ep: &Endpoints, charger_id: &str, token: &str) -> anyhow::Result<Identity> {
+    let (key, csr) = laddnet_pki::new_key_and_csr(charger_id)?;
+    let tls = laddnet_pki::tls::client_config(&ep.root_pem, None)?;
+    let ch = laddnet_client::connect(&ep.enrollment, &ep.server_name, tls).await?;
+    let r = v1::enrollment_service_client::EnrollmentServiceClient::new(ch)
+        .enroll(v1::EnrollRequest { charger_id: charger_id.into(), token: token.into(), csr_pem: csr })
+        .await?
+        .into_inner();
+    Ok(Identity { chain_pem: r.chain_pem, key_pem: key.to_string() })
+}
+
+/// Loads an identity saved by [`save_identity`], if present.
+pub fn load_identity(dir: &std::path::Path, charger_id: &str) -> Option<Identity> {
+    let chain_pem = std::fs::read_to_string(dir.join(format!("{charger_id}.crt"))).ok()?;
+    let key_pem = std::fs::read_to_string(dir.join(format!("{charger_id}.key"))).ok()?;
+    Some(Identity { chain_pem, key_pem })
+}
+
+pub fn save_identity(dir: &std::path::Path, charger_id: &str, id: &Identity) -> anyhow::Result<()> {
+    use std::io::Write;
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(dir.join(format!("{charger_id}.crt")), &id.chain_pem)?;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    opts.open(dir.join(format!("{charger_id}.key")))?.write_all(id.key_pem.as_bytes())?;
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Ac,
+    Dc,
+}
+
+/// A simulated charger's make-up.
+#[derive(Debug, Clone)]
+pub struct Profile {
+    pub charger_id: String,
+    pub kind: Kind,
+    /// Rated power per connector, W.
+    pub max_power_w: u32,
+    pub connectors: u32,
+    /// Real time between meter samples.
+    pub sample_every: Duration,
+    /// Simulated seconds per real second (a demo compresses an hour).
+    pub speed: u32,
+    /// Mean real seconds between a connector freeing up and the next car.
+    pub mean_idle: Duration,
+}
+
+impl Profile {
+    /// A mixed fleet: mostly AC, every fourth a DC fast charger.
+    pub fn fleet_member(i: usize) -> Self {
+        let dc = i % 4 == 3;
+        Profile {
+            charger_id: format!("SIM-{:04}", i + 1),
+            kind: if dc { Kind::Dc } else { Kind::Ac },
+            max_power_w: if dc { [50_000, 150_000, 350_000][i % 3] } else { 22_000 },
+            connectors: if dc { 1 } else { 2 },
+            sample_every: Duration::from_secs(2),
+            speed: 30,
+            mean_idle: Duration::from_secs(8),
+        }
+    }
+}
+
+/// Faults to inject.
+#[derive(Debug, Clone)]
+pub enum Fault {
+    /// The connector reports Faulted with this error code (until cleared).
+    ErrorCode(u32, String),
+    ClearError(u32),
+    /// The next reading jumps forward by this many Wh.
+    MeterJump(u64),
+    /// The next reading goes backwards by this many Wh.
+    MeterBackwards(u64),
+    /// Send nothing (no heartbeats, no samples) for this long.
+    Silence(Duration),
+    /// Drop the connection now (the charger reconnects with backoff).
+    Disconnect,
+}
+
+/// Live figures, for the `up` summary and tests.
+#[derive(Debug, Clone, Default)]
+pub struct SimStatus {
+    pub connected: bool,
+    pub active_sessions: u32,
+    pub power_w: u32,
+    pub queued: usize,
+    pub reconnects: u64,
+    pub acked: u64,
+}
+
+/// A running simulated charger.
+pub struct SimHandle {
+    pub charger_id: String,
+    faults: mpsc::Sender<Fault>,
+    pub status: watch::Receiver<SimStatus>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SimHandle {
+    pub async fn inject(&self, f: Fault) {
+        let _ = self.faults.send(f).await;
+    }
+    pub fn stop(&self) {
+        self.task.abort();
+    }
+}
+
+struct Session {
+    tx_id: String,
+    connector: u32,
+    seq: u64,
+    soc: f64,
+    target_soc: f64,
+    car_max_w: u32,
+    leaves_after: Duration,
+    elapsed: Duration,
+}
+
+struct Sim {
+    p: Profile,
+    register_wh: Vec<u64>,
+    sessions: Vec<Session>,
+    queue: VecDeque<v1::ChargerMessage>,
+    next_msg: u64,
+    pending_jump: i64,
+    faulted: Vec<bool>,
+    idle_until: Vec<tokio::time::Instant>,
+    status: SimStatus,
+}
+
+fn now_ms() -> i64 {
+    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+impl Sim {
+    fn msg(&mut self, payload: In) -> v1::ChargerMessage {
+        self.next_msg += 1;
+        v1::ChargerMessage { msg_id: self.next_msg, payload: Some(payload) }
+    }
+
+    fn queue_status(&mut self, connector: u32, status: v1::ConnectorStatus, code: &str) {
+        let m = self.msg(In::Status(v1::StatusNotification { connector_id: connector, status: status as i32, error_code: code.into(), timestamp_ms: now_ms() }));
+        self.queue.push_back(m);
+    }
+
+    fn queue_event(&mut self, i: usize, kind: v1::TransactionEventType, power_w: u32, stop: &str, offline: bool) {
+        let s = &mut self.sessions[i];
+        let seq = s.seq;
+        s.seq += 1;
+        let (tx_id, connector, soc) = (s.tx_id.clone(), s.connector, s.soc);
+        let wh = self.register_wh[(connector - 1) as usize];
+        let m = self.msg(In::Transaction(v1::TransactionEvent {
+            transaction_id: tx_id,
+            seq,
+            event_type: kind as i32,
+            connector_id: connector,
+            timestamp_ms: now_ms(),
+            id_token: "SIMTOKEN".into(),
+            meter: Some(v1::MeterValue {
+                energy_wh: wh,
+                power_w,
+                current_ma: power_w / 230 * 1000 / if self.p.kind == Kind::Ac { 3 } else { 1 },
+                voltage_mv: if self.p.kind == Kind::Ac { 230_000 } else { 400_000 },
+                soc_percent: Some(soc as u32),
+            }),
+            offline,
+            stop_reason: stop.into(),
+        }));
+        self.queue.push_back(m);
+    }
+
+    fn start_session(&mut self, connector: u32, offline: bool) {
+        let mut rng = rand::thread_rng();
+        let car_max_w = match self.p.kind {
+            Kind::Ac => *[7_400u32, 11_000, 22_000].get(rng.gen_range(0..3)).unwrap_or(&11_000),
+            Kind::Dc => rng.gen_range(50_000..=270_000),
+        };
+        let tx_id = format!("{}-{}-{:08x}", self.p.charger_id, connector, rng.r#gen::<u32>());
+        self.queue_status(connector, v1::ConnectorStatus::Charging, "");
+        self.sessions.push(Session {
+            tx_id,
+            connector,
+            seq: 0,
+            soc: rng.gen_range(10.0..50.0),
+            target_soc: rng.gen_range(70.0..95.0),
+            car_max_w,
+            leaves_after: Duration::from_secs(rng.gen_range(30..180)),
+            elapsed: Duration::ZERO,
+        });
+        let i = self.sessions.len() - 1;
+        self.queue_event(i, v1::TransactionEventType::Started, 0, "", offline);
+    }
+
+    fn stop_session(&mut self, i: usize, reason: &str, offline: bool) {
+        self.queue_event(i, v1::TransactionEventType::Ended, 0, reason, offline);
+        let s = self.sessions.remove(i);
+        self.queue_status(s.connector, v1::ConnectorStatus::Available, "");
+        let mean = self.p.mean_idle.as_secs_f64().max(0.1);
+        let wait = rand::thread_rng().gen_range(0.2 * mean..1.8 * mean);
+        self.idle_until[(s.connector - 1) as usize] = tokio::time::Instant::now() + Duration::from_secs_f64(wait);
+    }
+
+    /// One sample period: energy flows, sessions end, cars arrive.
+    fn tick(&mut self, offline: bool) {
+        let dt = self.p.sample_every;
+        let sim_s = dt.as_secs_f64() * f64::from(self.p.speed);
+        let mut i = 0;
+        while i < self.sessions.len() {
+            let s = &mut self.sessions[i];
+            s.elapsed += dt;
+            let rated = self.p.max_power_w.min(s.car_max_w);
+            // DC tapers above 50 % state of charge; AC is flat.
+            let power = match self.p.kind {
+                Kind::Ac => rated,
+                Kind::Dc if s.soc < 50.0 => rated,
+                Kind::Dc => (f64::from(rated) * (1.0 - (s.soc - 50.0) / 60.0)).max(5_000.0) as u32,
+            };
+            let wh = (f64::from(power) * sim_s / 3600.0) as u64;
+            let c = (s.connector - 1) as usize;
+            self.register_wh[c] += wh;
+            if self.pending_jump != 0 {
+                self.register_wh[c] = self.register_wh[c].saturating_add_signed(self.pending_jump);
+                self.pending_jump = 0;
+            }
+            // A 60 kWh battery.
+            s.soc = (s.soc + wh as f64 / 600.0).min(100.0);
+            let done = s.soc >= s.target_soc;
+            let left = s.elapsed >= s.leaves_after;
+            self.queue_event(i, v1::TransactionEventType::Updated, power, "", offline);
+            if done || left {
+                self.stop_session(i, if done { "ev-full" } else { "ev-disconnected" }, offline);
+            } else {
+                i += 1;
+            }
+        }
+        let now = tokio::time::Instant::now();
+        for c in 1..=self.p.connectors {
+            let idx = (c - 1) as usize;
+            let busy = self.sessions.iter().any(|s| s.connector == c);
+            if !busy && !self.faulted[idx] && now >= self.idle_until[idx] {
+                self.start_session(c, offline);
+            }
+        }
+        self.status.active_sessions = self.sessions.len() as u32;
+        self.status.power_w = self.sessions.iter().map(|s| self.p.max_power_w.min(s.car_max_w)).sum();
+        self.status.queued = self.queue.len();
+    }
+}
+
+/// Starts a simulated charger that runs until stopped.
+pub fn spawn(ep: Endpoints, identity: Identity, profile: Profile) -> SimHandle {
+    let (faults_tx, faults_rx) = mpsc::channel(16);
+    let (status_tx, status_rx) = watch::channel(SimStatus::default());
+    let charger_id = profile.charger_id.clone();
+    let task = tokio::spawn(run(ep, identity, profile, faults_rx, status_tx));
+    SimHandle { charger_id, faults: faults_tx, status: status_rx, task }
+}
+
+async fn run(ep: Endpoints, identity: Identity, p: Profile, mut faults: mpsc::Receiver<Fault>, status: watch::Sender<SimStatus>) {
+    let n = p.connectors as usize;
+    let start = tokio::time::Instant::now();
+    let mut sim = Sim {
+        register_wh: (0..n).map(|_| rand::thread_rng().gen_range(100_000..5_000_000)).collect(),
+        sessions: Vec::new(),
+        queue: VecDeque::new(),
+        next_msg: 0,
+        pending_jump: 0,
+        faulted: vec![false; n],
+        idle_until: (0..n).map(|_| start + Duration::from_millis(rand::thread_rng().gen_range(0..4_000))).collect(),
+        status: SimStatus::default(),
+        p,
+    };
+    let tls = match laddnet_pki::tls::client_config(&ep.root_pem, Some((&identity.chain_pem, &identity.key_pem))) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!(charger_id = %sim.p.charger_id, error = %e, "bad simulator identity");
+            return;
+        }
+    };
+    let mut backoff = Duration::from_millis(250);
+    let mut silent_until = tokio::time::Instant::now();
+    let mut ticker = tokio::time::interval(sim.p.sample_every);
+    loop {
+        // Offline: keep charging and queueing until a connection works.
+        let attempt = connect_once(&ep, tls.clone(), &sim).await;
+        let (out_tx, mut inbound) = match attempt {
+            Ok(pair) => {
+                backoff = Duration::from_millis(250);
+                pair
+            }
+            Err(e) => {
+                tracing::debug!(charger_id = %sim.p.charger_id, error = %e, "connect failed");
+                let jitter = rand::thread_rng().gen_range(0.5..1.5);
+                let wait = backoff.mul_f64(jitter);
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+                let deadline = tokio::time::Instant::now() + wait;
+                while tokio::time::Instant::now() < deadline {
+                    tokio::select! {
+                        _ = ticker.tick() => sim.tick(true),
+                        _ = tokio::time::sleep_until(deadline) => {}
+                    }
+                }
+                continue;
+            }
+        };
+        sim.status.connected = true;
+        let _ = status.send(sim.status.clone());
+        // Replay what the node has not acknowledged, oldest first.
+        let mut in_flight = 0usize;
+        let mut heartbeat = tokio::time::interval(Duration::from_secs(30));
+        let disconnected = loop {
+            // One message in flight at a time: the node answers each.
+            if in_flight == 0
+                && tokio::time::Instant::now() >= silent_until
+                && let Some(m) = sim.queue.front().cloned()
+            {
+                // Command replies get no answer: send and move on.
+                let is_reply = matches!(m.payload, Some(In::CommandReply(_)));
+                if is_reply {
+                    sim.queue.pop_front();
+                }
+                if out_tx.send(m).await.is_err() {
+                    break true;
+                }
+                if is_reply {
+                    continue;
+                }
+                in_flight = 1;
+            }
+            tokio::select! {
+                _ = ticker.tick() => {
+                    if tokio::time::Instant::now() >= silent_until {
+                        sim.tick(false);
+                    }
+                }
+                _ = heartbeat.tick() => {
+                    if sim.queue.is_empty() && tokio::time::Instant::now() >= silent_until {
+                        let m = sim.msg(In::Heartbeat(v1::Heartbeat {}));
+                        sim.queue.push_back(m);
+                    }
+                }
+                f = faults.recv() => match f {
+                    None => {}
+                    Some(Fault::ErrorCode(c, code)) => {
+                        if let Some(x) = sim.faulted.get_mut((c.max(1) - 1) as usize) { *x = true; }
+                        if let Some(i) = sim.sessions.iter().position(|s| s.connector == c) { sim.stop_session(i, "charger-fault", false); }
+                        sim.queue_status(c, v1::ConnectorStatus::Faulted, &code);
+                    }
+                    Some(Fault::ClearError(c)) => {
+                        if let Some(x) = sim.faulted.get_mut((c.max(1) - 1) as usize) { *x = false; }
+                        sim.queue_status(c, v1::ConnectorStatus::Available, "");
+                    }
+                    Some(Fault::MeterJump(wh)) => sim.pending_jump = wh as i64,
+                    Some(Fault::MeterBackwards(wh)) => sim.pending_jump = -(wh as i64),
+                    Some(Fault::Silence(d)) => silent_until = tokio::time::Instant::now() + d,
+                    Some(Fault::Disconnect) => break true,
+                },
+                m = inbound.message() => match m {
+                    Ok(Some(m)) => {
+                        match m.payload {
+                            Some(Out::Command(cmd)) => {
+                                let reply = handle_command(&mut sim, &cmd);
+                                let r = sim.msg(In::CommandReply(reply));
+                                // Replies jump the queue (an operator is waiting),
+                                // behind the message in flight, if any.
+                                let at = in_flight.min(sim.queue.len());
+                                sim.queue.insert(at, r);
+                            }
+                            Some(Out::Closing(_)) => break true,
+                            Some(_) if m.msg_id != 0 => {
+                                if sim.queue.front().is_some_and(|q| q.msg_id == m.msg_id) {
+                                    sim.queue.pop_front();
+                                    sim.status.acked += 1;
+                                }
+                                in_flight = 0;
+                            }
+                            _ => {}
+                        }
+                    }
+                    _ => break true,
+                },
+            }
+            sim.status.queued = sim.queue.len();
+            let _ = status.send(sim.status.clone());
+        };
+        if disconnected {
+            sim.status.connected = false;
+            sim.status.reconnects += 1;
+            let _ = status.send(sim.status.clone());
+            // Everything still queued is replayed as offline events.
+            for m in sim.queue.iter_mut() {
+                if let Some(In::Transaction(t)) = &mut m.payload {
+                    t.offline = true;
+                }
+            }
+        }
+    }
+}
+
+fn handle_command(sim: &mut Sim, cmd: &v1::Command) -> v1::CommandReply {
+    use v1::command::Kind as K;
+    let accepted = |detail: &str| v1::CommandReply { command_id: cmd.command_id.clone(), status: v1::CommandStatus::Accepted as i32, detail: detail.into() };
+    let rejected = |detail: &str| v1::CommandReply { command_id: cmd.command_id.clone(), status: v1::CommandStatus::Rejected as i32, detail: detail.into() };
+    match &cmd.kind {
+        Some(K::RemoteStart(s)) => {
+            if s.connector_id == 0 || s.connector_id > sim.p.connectors || sim.sessions.iter().any(|x| x.connector == s.connector_id) {
+                return rejected("connector busy or unknown");
+            }
+            sim.start_session(s.connector_id, false);
+            accepted("started")
+        }
+        Some(K::RemoteStop(s)) => match sim.sessions.iter().position(|x| x.tx_id == s.transaction_id) {
+            Some(i) => {
+                sim.stop_session(i, "remote", false);
+                accepted("stopped")
+            }
+            None => rejected("no such transaction"),
+        },
+        Some(K::Reset(_)) | Some(K::UnlockConnector(_)) | Some(K::ChangeAvailability(_)) | Some(K::SetChargingLimit(_)) => accepted(""),
+        Some(K::GetDiagnostics(_)) | Some(K::UpdateFirmware(_)) => v1::CommandReply {
+            command_id: cmd.command_id.clone(),
+            status: v1::CommandStatus::NotSupported as i32,
+            detail: "not simulated".into(),
+        },
+        None => rejected("empty command"),
+    }
+}
+
+type Inbound = tonic::Streaming<v1::CentralMessage>;
+
+async fn connect_once(ep: &Endpoints, tls: Arc<laddnet_client::ClientConfig>, sim: &Sim) -> anyhow::Result<(mpsc::Sender<v1::ChargerMessage>, Inbound)> {
+    let ch = laddnet_client::connect(&ep.mtls, &ep.server_name, tls).await?;
+    let (tx, rx) = mpsc::channel(64);
+    let boot = v1::ChargerMessage {
+        msg_id: 0,
+        payload: Some(In::Boot(v1::Boot {
+            charger_id: sim.p.charger_id.clone(),
+            vendor: "laddnet-sim".into(),
+            model: match sim.p.kind {
+                Kind::Ac => "AC-22".into(),
+                Kind::Dc => format!("DC-{}", sim.p.max_power_w / 1000),
+            },
+            firmware_version: "1.0.0".into(),
+            connectors: (1..=sim.p.connectors)
+                .map(|c| v1::Connector {
+                    connector_id: c,
+                    r#type: match sim.p.kind {
+                        Kind::Ac => v1::ConnectorType::Ac,
+                        Kind::Dc => v1::ConnectorType::Dc,
+                    } as i32,
+                    max_power_w: sim.p.max_power_w,
+                })
+                .collect(),
+        })),
+    };
+    tx.send(boot).await?;
+    let mut inbound = v1::charger_service_client::ChargerServiceClient::new(ch).attach(ReceiverStream::new(rx)).await?.into_inner();
+    match inbound.message().await? {
+        Some(v1::CentralMessage { payload: Some(Out::BootAccepted(_)), .. }) => Ok((tx, inbound)),
+        other => anyhow::bail!("boot not accepted: {other:?}"),
+    }
+}
+
+/// Where a fleet keeps its enrolled identities.
+pub fn identity_dir(data_dir: &std::path::Path) -> PathBuf {
+    data_dir.join("sim")
+}
