@@ -17,7 +17,15 @@ struct Up {
 
 fn start_up(dir: &Path) -> Up {
     let mut child = Command::new(bin("laddnet"))
-        .args(["up", "--mtls-addr", "127.0.0.1:0", "--enrollment-addr", "127.0.0.1:0"])
+        .args([
+            "up",
+            "--mtls-addr",
+            "127.0.0.1:0",
+            "--enrollment-addr",
+            "127.0.0.1:0",
+            "--fault-every-s",
+            "0",
+        ])
         .current_dir(dir)
         .env_remove("LADDCTL_CONFIG")
         .env_remove("LADDNET_CA_PASSPHRASE")
@@ -79,8 +87,28 @@ fn json(out: &Output) -> serde_json::Value {
 #[test]
 fn up_then_laddctl_from_the_same_directory() {
     let dir = tempfile::tempdir().unwrap();
+    let started = std::time::Instant::now();
     let up = start_up(dir.path());
     assert!(up.ctl_config.ends_with("laddnet-data/laddctl.toml"));
+
+    // The simulated fleet charges within 15 s, and laddctl beside it sees it.
+    let mut sessions = Vec::new();
+    while started.elapsed() < Duration::from_secs(15) {
+        let out = ctl(dir.path(), &["sessions", "list", "--output", "json"]);
+        if out.status.success() {
+            sessions = json(&out)["sessions"].as_array().cloned().unwrap_or_default();
+            if !sessions.is_empty() {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert!(!sessions.is_empty(), "no session within 15 s of `laddnet up`");
+    assert!(sessions[0]["charger_id"].as_str().unwrap().starts_with("SIM-"));
+    let chargers = json(&ctl(dir.path(), &["chargers", "list", "-o", "json"]));
+    assert!(!chargers["chargers"].as_array().unwrap().is_empty());
+    let sites = json(&ctl(dir.path(), &["sites", "list", "-o", "json"]));
+    assert_eq!(sites["sites"].as_array().unwrap().len(), 3);
 
     let who = json(&ctl(dir.path(), &["whoami", "--output", "json"]));
     assert_eq!(who["role"], "admin");

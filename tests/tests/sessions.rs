@@ -203,12 +203,7 @@ async fn a_restart_loop_escalates_and_closes_the_chargers_connection() {
         .await;
     }
     let closed = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match a.rx.message().await {
-                Ok(Some(_)) => continue,
-                _ => break,
-            }
-        }
+        while let Ok(Some(_)) = a.rx.message().await {}
     })
     .await;
     assert!(closed.is_ok(), "the charger's stream should be closed after escalation");

@@ -8,10 +8,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
+pub use laddnet_client::CtlConfig;
 use laddnet_core::{OperatorName, Role};
 use laddnet_pki::{Ca, CaFiles, Subject};
 use laddnet_vault::KeySource;
-pub use laddnet_client::CtlConfig;
 
 use crate::config::NodeConfig;
 use crate::node::{key_source, load_policy, open_store};

@@ -22,8 +22,8 @@ pub mod state;
 pub mod status;
 pub mod transport;
 
-/// The client side: connector and `laddctl.toml` (re-exported).
-pub use laddnet_client as client;
 pub use bootstrap::{CtlConfig, InitOutput, init_data_dir, write_ctl_config};
 pub use config::NodeConfig;
+/// The client side: connector and `laddctl.toml` (re-exported).
+pub use laddnet_client as client;
 pub use node::RunningNode;

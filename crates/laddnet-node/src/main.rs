@@ -1,12 +1,13 @@
 //! `laddnet`: run a node, or bring up a whole local network with `up`.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use laddnet_core::OperatorName;
 use laddnet_node::{NodeConfig, RunningNode, init_data_dir};
+
+mod fleet;
 
 #[derive(Parser)]
 #[command(name = "laddnet", version, about = "laddnet: EV charging network manager")]
@@ -30,6 +31,12 @@ enum Cmd {
         mtls_addr: Option<std::net::SocketAddr>,
         #[arg(long)]
         enrollment_addr: Option<std::net::SocketAddr>,
+        /// Simulated chargers to run against the node (0: none).
+        #[arg(long, default_value_t = 20)]
+        chargers: usize,
+        /// Inject a fault into a random simulated charger every N seconds (0: never).
+        #[arg(long, default_value_t = 20)]
+        fault_every_s: u64,
     },
     /// Run a node from a config file.
     Node {
@@ -77,6 +84,8 @@ async fn up(
     data_dir: PathBuf,
     mtls: Option<std::net::SocketAddr>,
     enroll: Option<std::net::SocketAddr>,
+    chargers: usize,
+    fault_every_s: u64,
 ) -> anyhow::Result<()> {
     let config_path = data_dir.join("laddnet.toml");
     if !config_path.exists() {
@@ -107,25 +116,20 @@ async fn up(
     println!("  chargers and operators (mutual TLS): {}", node.mtls_addr);
     println!("  charger enrollment (server TLS):     {}", node.enrollment_addr);
     println!("  laddctl config: {}", ctl_abs.display());
-    println!("  try: LADDCTL_CONFIG={} laddctl pki list", ctl_abs.display());
+    println!(
+        "  try: laddctl sessions list   (from this directory, or with LADDCTL_CONFIG={})",
+        ctl_abs.display()
+    );
     println!("Ctrl-C stops the node.");
-    let state = node.state.clone();
-    let summary = tokio::spawn(async move {
-        let mut last = None;
-        loop {
-            tokio::time::sleep(Duration::from_secs(2)).await;
-            let now = (state.chargers.len(), state.conns.connections(), state.crl_number());
-            if last != Some(now) {
-                println!(
-                    "chargers connected: {:>5}   mTLS connections: {:>5}   CRL #{}",
-                    now.0, now.1, now.2
-                );
-                last = Some(now);
-            }
-        }
-    });
+    let fleet = fleet::start(&node, &data_dir, chargers).await?;
+    let summary = tokio::spawn(fleet::summary(node.state.clone()));
+    let faults = tokio::spawn(fleet::inject_faults(fleet.clone(), fault_every_s));
     wait_for_ctrl_c().await;
     summary.abort();
+    faults.abort();
+    for sim in fleet.lock().await.iter() {
+        sim.stop();
+    }
     eprintln!("stopping…");
     node.shutdown().await;
     Ok(())
@@ -141,7 +145,9 @@ async fn main() {
                 data_dir,
                 mtls_addr,
                 enrollment_addr,
-            } => up(data_dir, mtls_addr, enrollment_addr).await,
+                chargers,
+                fault_every_s,
+            } => up(data_dir, mtls_addr, enrollment_addr, chargers, fault_every_s).await,
             Cmd::Node { config } => {
                 let node = RunningNode::start(load(&config)?).await?;
                 println!(

@@ -50,10 +50,17 @@ pub async fn enroll(ep: &Endpoints, charger_id: &str, token: &str) -> anyhow::Re
     let tls = laddnet_pki::tls::client_config(&ep.root_pem, None)?;
     let ch = laddnet_client::connect(&ep.enrollment, &ep.server_name, tls).await?;
     let r = v1::enrollment_service_client::EnrollmentServiceClient::new(ch)
-        .enroll(v1::EnrollRequest { charger_id: charger_id.into(), token: token.into(), csr_pem: csr })
+        .enroll(v1::EnrollRequest {
+            charger_id: charger_id.into(),
+            token: token.into(),
+            csr_pem: csr,
+        })
         .await?
         .into_inner();
-    Ok(Identity { chain_pem: r.chain_pem, key_pem: key.to_string() })
+    Ok(Identity {
+        chain_pem: r.chain_pem,
+        key_pem: key.to_string(),
+    })
 }
 
 /// Loads an identity saved by [`save_identity`], if present.
@@ -74,7 +81,8 @@ pub fn save_identity(dir: &std::path::Path, charger_id: &str, id: &Identity) -> 
         use std::os::unix::fs::OpenOptionsExt;
         opts.mode(0o600);
     }
-    opts.open(dir.join(format!("{charger_id}.key")))?.write_all(id.key_pem.as_bytes())?;
+    opts.open(dir.join(format!("{charger_id}.key")))?
+        .write_all(id.key_pem.as_bytes())?;
     Ok(())
 }
 
@@ -110,7 +118,7 @@ impl Profile {
             max_power_w: if dc { [50_000, 150_000, 350_000][i % 3] } else { 22_000 },
             connectors: if dc { 1 } else { 2 },
             sample_every: Duration::from_secs(2),
-            speed: 30,
+            speed: 1,
             mean_idle: Duration::from_secs(8),
         }
     }
@@ -190,11 +198,19 @@ fn now_ms() -> i64 {
 impl Sim {
     fn msg(&mut self, payload: In) -> v1::ChargerMessage {
         self.next_msg += 1;
-        v1::ChargerMessage { msg_id: self.next_msg, payload: Some(payload) }
+        v1::ChargerMessage {
+            msg_id: self.next_msg,
+            payload: Some(payload),
+        }
     }
 
     fn queue_status(&mut self, connector: u32, status: v1::ConnectorStatus, code: &str) {
-        let m = self.msg(In::Status(v1::StatusNotification { connector_id: connector, status: status as i32, error_code: code.into(), timestamp_ms: now_ms() }));
+        let m = self.msg(In::Status(v1::StatusNotification {
+            connector_id: connector,
+            status: status as i32,
+            error_code: code.into(),
+            timestamp_ms: now_ms(),
+        }));
         self.queue.push_back(m);
     }
 
@@ -308,20 +324,35 @@ pub fn spawn(ep: Endpoints, identity: Identity, profile: Profile) -> SimHandle {
     let (status_tx, status_rx) = watch::channel(SimStatus::default());
     let charger_id = profile.charger_id.clone();
     let task = tokio::spawn(run(ep, identity, profile, faults_rx, status_tx));
-    SimHandle { charger_id, faults: faults_tx, status: status_rx, task }
+    SimHandle {
+        charger_id,
+        faults: faults_tx,
+        status: status_rx,
+        task,
+    }
 }
 
-async fn run(ep: Endpoints, identity: Identity, p: Profile, mut faults: mpsc::Receiver<Fault>, status: watch::Sender<SimStatus>) {
+async fn run(
+    ep: Endpoints,
+    identity: Identity,
+    p: Profile,
+    mut faults: mpsc::Receiver<Fault>,
+    status: watch::Sender<SimStatus>,
+) {
     let n = p.connectors as usize;
     let start = tokio::time::Instant::now();
     let mut sim = Sim {
-        register_wh: (0..n).map(|_| rand::thread_rng().gen_range(100_000..5_000_000)).collect(),
+        register_wh: (0..n)
+            .map(|_| rand::thread_rng().gen_range(100_000..5_000_000))
+            .collect(),
         sessions: Vec::new(),
         queue: VecDeque::new(),
         next_msg: 0,
         pending_jump: 0,
         faulted: vec![false; n],
-        idle_until: (0..n).map(|_| start + Duration::from_millis(rand::thread_rng().gen_range(0..4_000))).collect(),
+        idle_until: (0..n)
+            .map(|_| start + Duration::from_millis(rand::thread_rng().gen_range(0..4_000)))
+            .collect(),
         status: SimStatus::default(),
         p,
     };
@@ -454,11 +485,22 @@ async fn run(ep: Endpoints, identity: Identity, p: Profile, mut faults: mpsc::Re
 
 fn handle_command(sim: &mut Sim, cmd: &v1::Command) -> v1::CommandReply {
     use v1::command::Kind as K;
-    let accepted = |detail: &str| v1::CommandReply { command_id: cmd.command_id.clone(), status: v1::CommandStatus::Accepted as i32, detail: detail.into() };
-    let rejected = |detail: &str| v1::CommandReply { command_id: cmd.command_id.clone(), status: v1::CommandStatus::Rejected as i32, detail: detail.into() };
+    let accepted = |detail: &str| v1::CommandReply {
+        command_id: cmd.command_id.clone(),
+        status: v1::CommandStatus::Accepted as i32,
+        detail: detail.into(),
+    };
+    let rejected = |detail: &str| v1::CommandReply {
+        command_id: cmd.command_id.clone(),
+        status: v1::CommandStatus::Rejected as i32,
+        detail: detail.into(),
+    };
     match &cmd.kind {
         Some(K::RemoteStart(s)) => {
-            if s.connector_id == 0 || s.connector_id > sim.p.connectors || sim.sessions.iter().any(|x| x.connector == s.connector_id) {
+            if s.connector_id == 0
+                || s.connector_id > sim.p.connectors
+                || sim.sessions.iter().any(|x| x.connector == s.connector_id)
+            {
                 return rejected("connector busy or unknown");
             }
             sim.start_session(s.connector_id, false);
@@ -471,7 +513,10 @@ fn handle_command(sim: &mut Sim, cmd: &v1::Command) -> v1::CommandReply {
             }
             None => rejected("no such transaction"),
         },
-        Some(K::Reset(_)) | Some(K::UnlockConnector(_)) | Some(K::ChangeAvailability(_)) | Some(K::SetChargingLimit(_)) => accepted(""),
+        Some(K::Reset(_))
+        | Some(K::UnlockConnector(_))
+        | Some(K::ChangeAvailability(_))
+        | Some(K::SetChargingLimit(_)) => accepted(""),
         Some(K::GetDiagnostics(_)) | Some(K::UpdateFirmware(_)) => v1::CommandReply {
             command_id: cmd.command_id.clone(),
             status: v1::CommandStatus::NotSupported as i32,
@@ -483,7 +528,11 @@ fn handle_command(sim: &mut Sim, cmd: &v1::Command) -> v1::CommandReply {
 
 type Inbound = tonic::Streaming<v1::CentralMessage>;
 
-async fn connect_once(ep: &Endpoints, tls: Arc<laddnet_client::ClientConfig>, sim: &Sim) -> anyhow::Result<(mpsc::Sender<v1::ChargerMessage>, Inbound)> {
+async fn connect_once(
+    ep: &Endpoints,
+    tls: Arc<laddnet_client::ClientConfig>,
+    sim: &Sim,
+) -> anyhow::Result<(mpsc::Sender<v1::ChargerMessage>, Inbound)> {
     let ch = laddnet_client::connect(&ep.mtls, &ep.server_name, tls).await?;
     let (tx, rx) = mpsc::channel(64);
     let boot = v1::ChargerMessage {
@@ -509,9 +558,15 @@ async fn connect_once(ep: &Endpoints, tls: Arc<laddnet_client::ClientConfig>, si
         })),
     };
     tx.send(boot).await?;
-    let mut inbound = v1::charger_service_client::ChargerServiceClient::new(ch).attach(ReceiverStream::new(rx)).await?.into_inner();
+    let mut inbound = v1::charger_service_client::ChargerServiceClient::new(ch)
+        .attach(ReceiverStream::new(rx))
+        .await?
+        .into_inner();
     match inbound.message().await? {
-        Some(v1::CentralMessage { payload: Some(Out::BootAccepted(_)), .. }) => Ok((tx, inbound)),
+        Some(v1::CentralMessage {
+            payload: Some(Out::BootAccepted(_)),
+            ..
+        }) => Ok((tx, inbound)),
         other => anyhow::bail!("boot not accepted: {other:?}"),
     }
 }

@@ -36,7 +36,12 @@ async fn main() -> anyhow::Result<()> {
     let cfg: laddnet_client::CtlConfig = toml::from_str(&text).with_context(|| format!("{}", cli.config.display()))?;
     let read = |p: &PathBuf| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
     let root_pem = read(&cfg.ca_cert)?;
-    let ep = laddnet_sim::Endpoints { mtls: cfg.endpoint.clone(), enrollment: cli.enrollment.clone(), server_name: cfg.server_name.clone(), root_pem };
+    let ep = laddnet_sim::Endpoints {
+        mtls: cfg.endpoint.clone(),
+        enrollment: cli.enrollment.clone(),
+        server_name: cfg.server_name.clone(),
+        root_pem,
+    };
     let tls = laddnet_pki::tls::client_config(&ep.root_pem, Some((&read(&cfg.cert)?, &read(&cfg.key)?)))?;
     let admin = laddnet_client::connect(&cfg.endpoint, &cfg.server_name, tls).await?;
     let mut pki = v1::pki_service_client::PkiServiceClient::new(admin);
@@ -47,7 +52,11 @@ async fn main() -> anyhow::Result<()> {
             Some(id) => id,
             None => {
                 let token = pki
-                    .create_enrollment_token(v1::CreateEnrollmentTokenRequest { charger_id: profile.charger_id.clone(), ttl_seconds: 600, site_id: String::new() })
+                    .create_enrollment_token(v1::CreateEnrollmentTokenRequest {
+                        charger_id: profile.charger_id.clone(),
+                        ttl_seconds: 600,
+                        site_id: String::new(),
+                    })
                     .await?
                     .into_inner()
                     .token;

@@ -1,0 +1,174 @@
+//! The simulated fleet that `laddnet up` runs beside its node: three sites,
+//! chargers enrolled through the real enrollment listener (identities kept
+//! in `<data_dir>/sim`, so a restart reuses them), a fault now and then,
+//! and a live summary line.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use laddnet_actors::repo::{self, RepoError, SiteRecord};
+use laddnet_core::charging::{ConnectorStatus, SessionStatus};
+use laddnet_core::{ChargerId, SiteId};
+use laddnet_node::RunningNode;
+use laddnet_node::state::NodeState;
+use laddnet_sim::{Endpoints, Fault, Profile, SimHandle};
+use tokio::sync::Mutex;
+
+pub type Fleet = Arc<Mutex<Vec<SimHandle>>>;
+
+const SITES: &[(&str, &str, &str, u32)] = &[
+    ("central-garage", "Central station garage", "Europe/Stockholm", 150_000),
+    ("harbour-depot", "Harbour bus depot", "Europe/Stockholm", 600_000),
+    ("mall-north", "North mall car park", "Europe/Stockholm", 250_000),
+];
+
+/// Creates the demo sites (once) and starts `n` simulated chargers; those
+/// not yet enrolled enroll in the background, paced by the listener's
+/// rate limit like any charger.
+pub async fn start(node: &RunningNode, data_dir: &Path, n: usize) -> anyhow::Result<Fleet> {
+    let store = node.state.store.clone();
+    tokio::task::spawn_blocking(move || {
+        for (id, name, tz, limit) in SITES {
+            let site = SiteRecord {
+                site_id: (*id).into(),
+                name: (*name).into(),
+                address: String::new(),
+                time_zone: (*tz).into(),
+                grid_limit_w: *limit,
+            };
+            match repo::create_site(store.as_ref(), &site) {
+                Ok(()) | Err(RepoError::AlreadyExists(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    })
+    .await??;
+    let ep = Endpoints {
+        mtls: format!("https://{}", node.mtls_addr),
+        enrollment: format!("https://{}", node.enrollment_addr),
+        server_name: node
+            .state
+            .config
+            .tls
+            .server_names
+            .first()
+            .cloned()
+            .unwrap_or_else(|| "localhost".into()),
+        root_pem: node.state.ca.root_pem().to_string(),
+    };
+    let fleet: Fleet = Arc::new(Mutex::new(Vec::new()));
+    let dir = laddnet_sim::identity_dir(data_dir);
+    let ca = node.state.ca.clone();
+    let f = fleet.clone();
+    tokio::spawn(async move {
+        for i in 0..n {
+            let profile = Profile::fleet_member(i);
+            let id = profile.charger_id.clone();
+            let identity = match laddnet_sim::load_identity(&dir, &id) {
+                Some(identity) => identity,
+                None => {
+                    let mut wait = Duration::from_millis(500);
+                    loop {
+                        match enroll_one(&ca, &ep, &id, SITES[i % SITES.len()].0).await {
+                            Ok(identity) => break identity,
+                            Err(e) => {
+                                tracing::debug!(charger_id = %id, error = %e, "simulated charger enrollment retry");
+                                tokio::time::sleep(wait).await;
+                                wait = (wait * 2).min(Duration::from_secs(5));
+                            }
+                        }
+                    }
+                }
+            };
+            if let Err(e) = laddnet_sim::save_identity(&dir, &id, &identity) {
+                tracing::warn!(charger_id = %id, error = %e, "could not save the simulated charger's identity");
+            }
+            f.lock().await.push(laddnet_sim::spawn(ep.clone(), identity, profile));
+        }
+    });
+    Ok(fleet)
+}
+
+async fn enroll_one(
+    ca: &Arc<laddnet_pki::Ca>,
+    ep: &Endpoints,
+    id: &str,
+    site: &str,
+) -> anyhow::Result<laddnet_sim::Identity> {
+    let (ca, cid, sid) = (
+        ca.clone(),
+        ChargerId::new(id).map_err(|e| anyhow::anyhow!(e))?,
+        SiteId::new(site).map_err(|e| anyhow::anyhow!(e))?,
+    );
+    let token = tokio::task::spawn_blocking(move || ca.create_token(&cid, Some(&sid), 600, "system:up")).await??;
+    laddnet_sim::enroll(ep, id, &token.token).await
+}
+
+/// Every `every_s` seconds, something goes wrong somewhere.
+pub async fn inject_faults(fleet: Fleet, every_s: u64) {
+    if every_s == 0 {
+        return;
+    }
+    let mut round = 0u64;
+    loop {
+        tokio::time::sleep(Duration::from_secs(every_s)).await;
+        let sims = fleet.lock().await;
+        if sims.is_empty() {
+            continue;
+        }
+        let sim = &sims[(rand::random::<u32>() as usize) % sims.len()];
+        let fault = match round % 4 {
+            0 => Fault::ErrorCode(1, "GroundFailure".into()),
+            1 => Fault::MeterJump(80_000),
+            2 => Fault::Disconnect,
+            _ => Fault::ClearError(1),
+        };
+        tracing::info!(charger_id = %sim.charger_id, fault = ?fault, "injecting a simulated fault");
+        sim.inject(fault).await;
+        round += 1;
+    }
+}
+
+/// One line every two seconds: chargers, sessions, power, energy, alarms.
+pub async fn summary(state: Arc<NodeState>) {
+    let mut last = String::new();
+    loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let store = state.store.clone();
+        let figures = tokio::task::spawn_blocking(move || -> Result<(usize, u64, u64, usize, usize), RepoError> {
+            let (all, _) = repo::list_sessions(store.as_ref(), None, None, None, 1_000_000)?;
+            let active: Vec<_> = all.iter().filter(|s| s.status == SessionStatus::Active).collect();
+            let power: u64 = active.iter().map(|s| u64::from(s.power_w)).sum();
+            let energy: u64 = all.iter().map(|s| s.energy_wh()).sum();
+            let flagged = all.iter().filter(|s| !s.flags.is_empty()).count();
+            let (chargers, _) = repo::list_chargers(store.as_ref(), None, 1_000_000)?;
+            let faulted = chargers
+                .iter()
+                .flat_map(|c| &c.connectors)
+                .filter(|c| c.status == ConnectorStatus::Faulted)
+                .count();
+            Ok((active.len(), power, energy, flagged, faulted))
+        })
+        .await;
+        let Ok(Ok((active, power_w, energy_wh, flagged, faulted))) = figures else {
+            continue;
+        };
+        let line = format!(
+            "chargers {:>3} connected | sessions {:>3} active | {:>4}.{} kW | {:>6}.{} kWh delivered | alarms: {} faulted connectors, {} flagged sessions",
+            state.chargers.len(),
+            active,
+            power_w / 1000,
+            (power_w % 1000) / 100,
+            energy_wh / 1000,
+            (energy_wh % 1000) / 100,
+            faulted,
+            flagged,
+        );
+        if line != last {
+            println!("{line}");
+            last = line;
+        }
+    }
+}
