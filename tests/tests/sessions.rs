@@ -488,3 +488,80 @@ async fn sites_and_chargers_are_managed_and_viewers_cannot_change_them() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied);
 }
+
+#[tokio::test]
+async fn the_site_an_operator_sets_survives_a_reboot() {
+    let node = TestNode::start().await;
+    // Enrolled for depot-0 by its token.
+    let token = node
+        .pki()
+        .await
+        .create_enrollment_token(v1::CreateEnrollmentTokenRequest {
+            charger_id: "CP-S".into(),
+            ttl_seconds: 0,
+            site_id: "depot-0".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let (key, csr) = laddnet_pki::new_key_and_csr("CP-S").unwrap();
+    let r = node
+        .enrollment()
+        .await
+        .enroll(v1::EnrollRequest {
+            charger_id: "CP-S".into(),
+            token,
+            csr_pem: csr,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.certificate.as_ref().unwrap().site_id, "depot-0");
+    let creds = Creds {
+        chain_pem: r.chain_pem,
+        key_pem: key.to_string(),
+        serial: String::new(),
+    };
+    let a = attach(node.channel(&creds).await.unwrap(), "CP-S").await.unwrap();
+    let mut op = node.operator_client().await;
+    let c = op
+        .get_charger(v1::GetChargerRequest {
+            charger_id: "CP-S".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(c.site_id, "depot-0");
+    let site = v1::Site {
+        site_id: "depot-1".into(),
+        name: "Depot one".into(),
+        ..Default::default()
+    };
+    op.create_site(v1::CreateSiteRequest { site: Some(site) })
+        .await
+        .unwrap();
+    op.set_charger_site(v1::SetChargerSiteRequest {
+        charger_id: "CP-S".into(),
+        site_id: "depot-1".into(),
+    })
+    .await
+    .unwrap();
+    // The charger reboots and boots again with its certificate.
+    drop(a);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            node.node().state.chargers.connection("CP-S").is_none()
+        })
+        .await
+    );
+    let _a = attach(node.channel(&creds).await.unwrap(), "CP-S").await.unwrap();
+    let c = op
+        .get_charger(v1::GetChargerRequest {
+            charger_id: "CP-S".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((c.site_id.as_str(), c.connected), ("depot-1", true));
+}

@@ -334,7 +334,9 @@ pub fn record_boot(store: &dyn Store, mut rec: ChargerRecord) -> Result<ChargerR
     store.transact(|tx| {
         let old: Option<ChargerRecord> = get(tx, &charger_key(&rec.charger_id))?;
         if let Some(old) = old {
-            rec.site_id = rec.site_id.clone().or(old.site_id);
+            // The site an operator set wins over the one the enrollment
+            // token named: sites are changeable.
+            rec.site_id = old.site_id.or(rec.site_id.clone());
             // Keep known statuses of connectors that still exist.
             for c in &mut rec.connectors {
                 if let Some(o) = old.connectors.iter().find(|o| o.connector_id == c.connector_id) {

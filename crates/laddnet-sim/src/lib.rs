@@ -266,7 +266,15 @@ impl Sim {
         self.queue_event(i, v1::TransactionEventType::Ended, 0, reason, offline);
         let s = self.sessions.remove(i);
         self.queue_status(s.connector, v1::ConnectorStatus::Available, "");
-        let mean = self.p.mean_idle.as_secs_f64().max(0.1);
+        // Cars come more often at the commuter peaks (07–09, 16–19 UTC here)
+        // and rarely at night.
+        let hour = time::OffsetDateTime::now_utc().hour();
+        let busy = match hour {
+            7..=9 | 16..=19 => 0.5,
+            0..=5 => 3.0,
+            _ => 1.0,
+        };
+        let mean = (self.p.mean_idle.as_secs_f64() * busy).max(0.1);
         let wait = rand::thread_rng().gen_range(0.2 * mean..1.8 * mean);
         self.idle_until[(s.connector - 1) as usize] = tokio::time::Instant::now() + Duration::from_secs_f64(wait);
     }

@@ -59,7 +59,7 @@ pub(crate) fn connector_type(t: i32) -> Result<ConnectorType, String> {
     }
 }
 
-pub(crate) fn connector_status(s: i32) -> Result<ConnectorStatus, String> {
+pub fn connector_status(s: i32) -> Result<ConnectorStatus, String> {
     use v1::ConnectorStatus as P;
     Ok(
         match P::try_from(s).map_err(|_| format!("unknown connector status {s}"))? {
@@ -78,7 +78,7 @@ pub(crate) fn connector_status(s: i32) -> Result<ConnectorStatus, String> {
 }
 
 /// A transaction event from the wire, checked.
-pub(crate) fn tx_event(e: v1::TransactionEvent) -> Result<TxEvent, String> {
+pub fn tx_event(e: v1::TransactionEvent) -> Result<TxEvent, String> {
     let kind = match v1::TransactionEventType::try_from(e.event_type) {
         Ok(v1::TransactionEventType::Started) => TxEventKind::Started,
         Ok(v1::TransactionEventType::Updated) => TxEventKind::Updated,
@@ -112,7 +112,12 @@ pub(crate) fn tx_event(e: v1::TransactionEvent) -> Result<TxEvent, String> {
     Ok(event)
 }
 
-fn boot_record(id: &ChargerId, site: Option<String>, serial: &str, boot: &v1::Boot) -> Result<ChargerRecord, String> {
+pub fn boot_record(
+    id: &ChargerId,
+    site: Option<String>,
+    serial: &str,
+    boot: &v1::Boot,
+) -> Result<ChargerRecord, String> {
     if boot.connectors.is_empty() || boot.connectors.len() > 32 {
         return Err("boot must declare 1 to 32 connectors".into());
     }
