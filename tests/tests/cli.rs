@@ -54,9 +54,13 @@ fn start_up(dir: &Path) -> Up {
     }
 }
 
-fn stop(mut up: Up) -> (std::process::ExitStatus, String) {
+fn stop(up: Up) -> (std::process::ExitStatus, String) {
+    stop_with(up, "-INT")
+}
+
+fn stop_with(mut up: Up, signal: &str) -> (std::process::ExitStatus, String) {
     let ok = Command::new("kill")
-        .args(["-INT", &up.child.id().to_string()])
+        .args([signal, &up.child.id().to_string()])
         .status()
         .unwrap()
         .success();
@@ -205,8 +209,10 @@ fn up_then_laddctl_from_the_same_directory() {
         2,
         "admin and Op One survive the restart"
     );
-    let (status, stderr) = stop(again);
+    // SIGTERM (systemd, containers) stops it as cleanly as Ctrl-C.
+    let (status, stderr) = stop_with(again, "-TERM");
     assert!(status.success());
+    assert!(stderr.contains("node stopped"), "{stderr}");
     assert!(stderr.contains("resuming"));
 }
 

@@ -151,6 +151,10 @@ async fn sigkill_mid_session_loses_no_acknowledged_reading() {
     );
     assert!(s.last_seq >= *acked.last().unwrap());
     assert_eq!(s.missing_events, 0, "no hole among the acknowledged readings");
+    assert_eq!(
+        s.status, "interrupted",
+        "after a crash the session waits for its charger"
+    );
     let mut node = node;
     let _ = node.child.kill();
     let _ = node.child.wait();

@@ -241,6 +241,27 @@ pub fn interrupt_sessions(store: &dyn Store, charger_id: &str, now: i64) -> Resu
     })
 }
 
+/// At node start no charger is attached yet: every active session is
+/// interrupted until its charger comes back (or the timeout closes it).
+pub fn interrupt_all_active(store: &dyn Store, now: i64) -> Result<usize, RepoError> {
+    let (b, e) = keys::tuple_range(&("session-open",));
+    let chargers: std::collections::BTreeSet<String> = store.snapshot(|tx| {
+        tx.get_range(&b, &e, 0, false)?
+            .into_iter()
+            .map(|(k, _)| {
+                keys::unpack::<(String, String, String)>(&k)
+                    .map(|t| t.1)
+                    .map_err(|e| RepoError::Corrupted(format!("{e:?}")))
+            })
+            .collect::<Result<_, RepoError>>()
+    })?;
+    let mut n = 0;
+    for c in chargers {
+        n += interrupt_sessions(store, &c, now)?.len();
+    }
+    Ok(n)
+}
+
 /// Closes sessions interrupted for longer than `timeout_s`.
 pub fn close_interrupted(store: &dyn Store, timeout_s: i64, now: i64) -> Result<Vec<String>, RepoError> {
     let (b, e) = keys::tuple_range(&("session-open",));

@@ -906,14 +906,38 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 })
                 .await?
                 .into_inner();
-            if out == Output::Table {
-                println!("{}", SESSION_HEADERS.join("  "));
+            // A stream has no end to align a table at: fixed widths.
+            const W: [usize; 9] = [24, 10, 4, 11, 9, 6, 9, 4, 0];
+            let line = |cells: Vec<String>| {
+                cells
+                    .iter()
+                    .zip(W)
+                    .map(|(c, w)| format!("{c:<w$}"))
+                    .collect::<Vec<_>>()
+                    .join("  ")
+                    .trim_end()
+                    .to_string()
+            };
+            let mut stdout = std::io::stdout().lock();
+            if out == Output::Table
+                && writeln!(
+                    stdout,
+                    "{}",
+                    line(SESSION_HEADERS.iter().map(|h| h.to_string()).collect())
+                )
+                .is_err()
+            {
+                return Ok(());
             }
             while let Some(s) = stream.message().await? {
-                if out == Output::Json {
-                    println!("{}", session_json(&s));
+                let text = if out == Output::Json {
+                    session_json(&s).to_string()
                 } else {
-                    println!("{}", session_row(&s).join("  "));
+                    line(session_row(&s))
+                };
+                // A closed pipe (`| head`) ends the watch quietly.
+                if writeln!(stdout, "{text}").and_then(|_| stdout.flush()).is_err() {
+                    break;
                 }
             }
         }

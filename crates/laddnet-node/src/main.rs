@@ -74,7 +74,19 @@ fn load(config: &std::path::Path) -> anyhow::Result<NodeConfig> {
     Ok(NodeConfig::load(config, std::env::vars())?)
 }
 
+/// Ctrl-C, or SIGTERM (what systemd and container runtimes send).
 async fn wait_for_ctrl_c() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
     if tokio::signal::ctrl_c().await.is_err() {
         std::future::pending::<()>().await;
     }

@@ -118,6 +118,21 @@ impl RunningNode {
         )?;
         let enroll_cfg = laddnet_pki::tls::server_only_config(chain.clone(), key.clone_key())?;
         let mtls_shared = Arc::new(RwLock::new(mtls_cfg));
+        {
+            // A previous run may have stopped uncleanly: no charger is attached
+            // yet, so its active sessions wait for their chargers as interrupted.
+            let store = store.clone();
+            let now = time::OffsetDateTime::now_utc().unix_timestamp();
+            let n =
+                tokio::task::spawn_blocking(move || laddnet_actors::repo::interrupt_all_active(store.as_ref(), now))
+                    .await??;
+            if n > 0 {
+                tracing::info!(
+                    sessions = n,
+                    "sessions left active by the previous run are interrupted until their chargers return"
+                );
+            }
+        }
         let actors = laddnet_actors::SupervisorHandle::start(config.sessions.actor_config())
             .await
             .map_err(|e| anyhow::anyhow!("starting the actor tree: {e}"))?;
