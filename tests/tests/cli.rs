@@ -91,6 +91,9 @@ fn json(out: &Output) -> serde_json::Value {
 #[test]
 fn up_then_laddctl_from_the_same_directory() {
     let dir = tempfile::tempdir().unwrap();
+    // Find (or build) the binaries before the clock starts.
+    bin("laddnet");
+    bin("laddctl");
     let started = std::time::Instant::now();
     let up = start_up(dir.path());
     assert!(up.ctl_config.ends_with("laddnet-data/laddctl.toml"));

@@ -6,15 +6,18 @@
 //! - [`Role`]: what an operator certificate allows.
 //! - [`charging`]: connectors, meter samples, transaction events and the
 //!   order-independent session record.
+//! - [`tariff`] and [`cost`]: OCPI 2.2.1 tariffs and the pure cost engine.
 //! - [`ErrorKind`]: the coarse classes that the node maps to gRPC codes in
 //!   one table.
 
 #![forbid(unsafe_code)]
 
 pub mod charging;
+pub mod cost;
 mod error;
 mod ids;
 mod role;
+pub mod tariff;
 
 pub use error::{ErrorKind, HasKind};
 pub use ids::{ChargerId, IdError, OperatorName, SiteId};

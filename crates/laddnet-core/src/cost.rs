@@ -1,0 +1,452 @@
+//! The cost engine: a tariff and a session's meter readings give charging
+//! periods and a cost breakdown per dimension. Pure and deterministic: the
+//! same inputs always give the same cost, live or after the fact.
+//!
+//! - Consecutive readings make segments. A segment where energy flowed is
+//!   charging (ENERGY, TIME); one where it did not is parking
+//!   (PARKING_TIME). Its power is the energy over the time, its current the
+//!   later reading's.
+//! - Restrictions hold continuously: a segment is split wherever it
+//!   crosses a boundary — a local time of day named by any element, local
+//!   midnight (days, dates, DST), a duration threshold, an energy threshold
+//!   — and each part is priced by the first element that matches it.
+//!   Energy is spread linearly over time within a segment.
+//! - Step size rounds each dimension's priced volume up once per session,
+//!   at the last element that priced it. Charging time added by that
+//!   rounding covers parking that falls inside it (OCPI 2.2.1's step-size
+//!   example 1); parking beyond it is billed in full.
+//! - `min_price` and `max_price` bound the total excl. VAT and incl. VAT
+//!   each on its own; a bound given only excl. VAT scales the incl. total
+//!   by the same factor. A component without VAT has none (incl = excl).
+//! - Amounts are `Decimal`; rounding to the currency's minor unit (half
+//!   away from zero) happens once, on the totals.
+
+use std::collections::BTreeSet;
+
+use chrono::{DateTime, Datelike, Duration, NaiveDate, NaiveTime, TimeZone, Utc};
+use chrono_tz::Tz;
+use rust_decimal::{Decimal, RoundingStrategy};
+use serde::{Deserialize, Serialize};
+
+use crate::tariff::{Dimension, Restrictions, Tariff, currency_exponent, parse_date, parse_time};
+
+/// One meter reading of a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reading {
+    /// Unix milliseconds, UTC.
+    pub at_ms: i64,
+    /// The energy register, Wh.
+    pub energy_wh: u64,
+    /// Sum over phases, mA.
+    pub current_ma: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CostError {
+    #[error("readings must be in time order")]
+    Unordered,
+    #[error("a session needs at least one reading")]
+    Empty,
+}
+
+/// A stretch of the session priced by one set of elements.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChargingPeriod {
+    /// Unix milliseconds (fractional where an energy threshold split it).
+    pub start_ms: Decimal,
+    pub end_ms: Decimal,
+    pub energy_wh: Decimal,
+    pub charging: bool,
+    /// The element pricing each dimension in this period, if any.
+    pub energy_element: Option<usize>,
+    pub time_element: Option<usize>,
+    pub parking_element: Option<usize>,
+}
+
+/// What one dimension cost under one element.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CostLine {
+    pub dimension: Dimension,
+    pub element: usize,
+    /// Measured: Wh (ENERGY), seconds (TIME, PARKING_TIME), 1 (FLAT).
+    pub volume: Decimal,
+    /// After step-size rounding.
+    pub billed_volume: Decimal,
+    pub price: Decimal,
+    pub vat: Option<Decimal>,
+    /// Unrounded.
+    pub excl_vat: Decimal,
+    pub incl_vat: Decimal,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cost {
+    pub currency: String,
+    pub periods: Vec<ChargingPeriod>,
+    pub lines: Vec<CostLine>,
+    /// Sums of the lines, unrounded.
+    pub subtotal_excl_vat: Decimal,
+    pub subtotal_incl_vat: Decimal,
+    /// After min/max price, rounded to the currency's minor unit.
+    pub total_excl_vat: Decimal,
+    pub total_incl_vat: Decimal,
+    pub min_price_applied: bool,
+    pub max_price_applied: bool,
+}
+
+impl Cost {
+    pub fn total_vat(&self) -> Decimal {
+        self.total_incl_vat - self.total_excl_vat
+    }
+}
+
+/// The state a restriction is checked against.
+struct State {
+    local: chrono::NaiveDateTime,
+    energy_kwh: Decimal,
+    duration_s: Decimal,
+    power_kw: Decimal,
+    current_a: Decimal,
+}
+
+fn matches(r: &Restrictions, s: &State) -> bool {
+    let t = s.local.time();
+    let start = r.start_time.as_deref().and_then(parse_time);
+    let end = r.end_time.as_deref().and_then(parse_time);
+    let in_time = match (start, end) {
+        (Some(a), Some(b)) if a <= b => t >= a && t < b,
+        (Some(a), Some(b)) => t >= a || t < b,
+        (Some(a), None) => t >= a,
+        (None, Some(b)) => t < b,
+        (None, None) => true,
+    };
+    let d = s.local.date();
+    let in_dates = r.start_date.as_deref().and_then(parse_date).is_none_or(|a| d >= a)
+        && r.end_date.as_deref().and_then(parse_date).is_none_or(|b| d < b);
+    let in_days = r.day_of_week.is_empty() || r.day_of_week.iter().any(|w| w.matches(d.weekday()));
+    let lo = |min: Option<Decimal>, v: Decimal| min.is_none_or(|m| v >= m);
+    let hi = |max: Option<Decimal>, v: Decimal| max.is_none_or(|m| v < m);
+    in_time
+        && in_dates
+        && in_days
+        && lo(r.min_kwh, s.energy_kwh)
+        && hi(r.max_kwh, s.energy_kwh)
+        && lo(r.min_power, s.power_kw)
+        && hi(r.max_power, s.power_kw)
+        && lo(r.min_current, s.current_a)
+        && hi(r.max_current, s.current_a)
+        && lo(r.min_duration.map(Decimal::from), s.duration_s)
+        && hi(r.max_duration.map(Decimal::from), s.duration_s)
+}
+
+fn element_for(t: &Tariff, dim: Dimension, s: &State) -> Option<usize> {
+    t.elements.iter().position(|e| {
+        e.price_components.iter().any(|c| c.dimension == dim) && e.restrictions.as_ref().is_none_or(|r| matches(r, s))
+    })
+}
+
+fn local(tz: &Tz, ms: Decimal) -> chrono::NaiveDateTime {
+    let ms = ms.floor().try_into().unwrap_or(0i64);
+    DateTime::<Utc>::from_timestamp_millis(ms)
+        .unwrap_or_default()
+        .with_timezone(tz)
+        .naive_local()
+}
+
+/// The UTC instant of a local wall-clock time; a time skipped by a DST
+/// change maps to the first instant after the gap.
+fn utc_of(tz: &Tz, date: NaiveDate, time: NaiveTime) -> Option<i64> {
+    let mut dt = date.and_time(time);
+    for _ in 0..4 {
+        if let Some(t) = tz.from_local_datetime(&dt).earliest() {
+            return Some(t.timestamp_millis());
+        }
+        dt += Duration::minutes(30);
+    }
+    None
+}
+
+/// Boundaries every session might cross: local times of day, durations, energies.
+struct Boundaries {
+    times: Vec<NaiveTime>,
+    durations_ms: Vec<i64>,
+    energies_wh: Vec<Decimal>,
+}
+
+impl Boundaries {
+    fn of(t: &Tariff) -> Self {
+        let mut times: BTreeSet<NaiveTime> = BTreeSet::new();
+        times.insert(NaiveTime::MIN);
+        let mut durations = BTreeSet::new();
+        let mut energies = BTreeSet::new();
+        for r in t.elements.iter().filter_map(|e| e.restrictions.as_ref()) {
+            for s in [&r.start_time, &r.end_time].into_iter().flatten() {
+                if let Some(x) = parse_time(s) {
+                    times.insert(x);
+                }
+            }
+            for d in [r.min_duration, r.max_duration].into_iter().flatten() {
+                durations.insert(d.saturating_mul(1000).min(i64::MAX as u64) as i64);
+            }
+            for k in [r.min_kwh, r.max_kwh].into_iter().flatten() {
+                energies.insert(k * Decimal::from(1000));
+            }
+        }
+        Boundaries {
+            times: times.into_iter().collect(),
+            durations_ms: durations.into_iter().collect(),
+            energies_wh: energies.into_iter().collect(),
+        }
+    }
+}
+
+/// Prices a session's readings into periods (no step rounding, no totals).
+/// `start_ms` and `base_wh` are the session's start and first register
+/// value, so a session priced in pieces gives the same periods.
+pub fn periods(
+    t: &Tariff,
+    readings: &[Reading],
+    tz: &Tz,
+    start_ms: i64,
+    base_wh: u64,
+) -> Result<Vec<ChargingPeriod>, CostError> {
+    if readings.windows(2).any(|w| w[1].at_ms < w[0].at_ms) {
+        return Err(CostError::Unordered);
+    }
+    let b = Boundaries::of(t);
+    let mut out = Vec::new();
+    for w in readings.windows(2) {
+        let (a, z) = (w[0], w[1]);
+        if z.at_ms == a.at_ms {
+            continue;
+        }
+        let (t0, t1) = (Decimal::from(a.at_ms), Decimal::from(z.at_ms));
+        let dt = t1 - t0;
+        let de = Decimal::from(z.energy_wh.saturating_sub(a.energy_wh));
+        let e0 = Decimal::from(a.energy_wh.saturating_sub(base_wh));
+        let charging = de > Decimal::ZERO;
+        // kW = Wh / h.
+        let power_kw = de * Decimal::from(3600) / dt;
+        let current_a = Decimal::from(z.current_ma) / Decimal::from(1000);
+        // Split points as (time, cumulative energy), both exact where they are the boundary.
+        let mut cuts: Vec<(Decimal, Decimal)> = vec![(t0, e0), (t1, e0 + de)];
+        let energy_at = |t: Decimal| e0 + de * (t - t0) / dt;
+        let (d0, d1) = (
+            local(tz, t0).date() - Duration::days(1),
+            local(tz, t1).date() + Duration::days(1),
+        );
+        let mut day = d0;
+        while day <= d1 {
+            for time in &b.times {
+                if let Some(ms) = utc_of(tz, day, *time) {
+                    let ms = Decimal::from(ms);
+                    if ms > t0 && ms < t1 {
+                        cuts.push((ms, energy_at(ms)));
+                    }
+                }
+            }
+            day += Duration::days(1);
+        }
+        for d in &b.durations_ms {
+            let ms = Decimal::from(start_ms) + Decimal::from(*d);
+            if ms > t0 && ms < t1 {
+                cuts.push((ms, energy_at(ms)));
+            }
+        }
+        for e in &b.energies_wh {
+            if *e > e0 && *e < e0 + de {
+                cuts.push((t0 + dt * (*e - e0) / de, *e));
+            }
+        }
+        cuts.sort();
+        cuts.dedup_by(|x, y| x.0 == y.0);
+        for c in cuts.windows(2) {
+            let ((s, es), (e, ee)) = (c[0], c[1]);
+            let state = State {
+                local: local(tz, s),
+                energy_kwh: es / Decimal::from(1000),
+                duration_s: (s - Decimal::from(start_ms)) / Decimal::from(1000),
+                power_kw,
+                current_a,
+            };
+            out.push(ChargingPeriod {
+                start_ms: s,
+                end_ms: e,
+                energy_wh: ee - es,
+                charging,
+                energy_element: if charging {
+                    element_for(t, Dimension::Energy, &state)
+                } else {
+                    None
+                },
+                time_element: if charging {
+                    element_for(t, Dimension::Time, &state)
+                } else {
+                    None
+                },
+                parking_element: if charging {
+                    None
+                } else {
+                    element_for(t, Dimension::ParkingTime, &state)
+                },
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// The cost of a whole session (or of a session so far: the running cost).
+pub fn price(t: &Tariff, readings: &[Reading], tz: &Tz) -> Result<Cost, CostError> {
+    let first = *readings.first().ok_or(CostError::Empty)?;
+    let periods = periods(t, readings, tz, first.at_ms, first.energy_wh)?;
+    let mut lines: Vec<CostLine> = Vec::new();
+    // FLAT: once, by the element matching at the start.
+    let start_state = State {
+        local: local(tz, Decimal::from(first.at_ms)),
+        energy_kwh: Decimal::ZERO,
+        duration_s: Decimal::ZERO,
+        power_kw: Decimal::ZERO,
+        current_a: Decimal::from(first.current_ma) / Decimal::from(1000),
+    };
+    if let Some(i) = element_for(t, Dimension::Flat, &start_state) {
+        push(&mut lines, t, Dimension::Flat, i, Decimal::ONE);
+    }
+    for p in &periods {
+        let secs = (p.end_ms - p.start_ms) / Decimal::from(1000);
+        if let Some(i) = p.energy_element {
+            push(&mut lines, t, Dimension::Energy, i, p.energy_wh);
+        }
+        if let Some(i) = p.time_element {
+            push(&mut lines, t, Dimension::Time, i, secs);
+        }
+        if let Some(i) = p.parking_element {
+            push(&mut lines, t, Dimension::ParkingTime, i, secs);
+        }
+    }
+    // Step size: once per dimension, on the last line that priced it.
+    let mut time_surplus = Decimal::ZERO;
+    for dim in [Dimension::Energy, Dimension::Time, Dimension::ParkingTime] {
+        let total: Decimal = lines.iter().filter(|l| l.dimension == dim).map(|l| l.volume).sum();
+        let Some(last) = lines.iter_mut().rev().find(|l| l.dimension == dim) else {
+            continue;
+        };
+        let step = Decimal::from(component(t, dim, last.element).map_or(1, |c| c.step_size.max(1)));
+        let billed = (total / step).ceil() * step;
+        if dim == Dimension::ParkingTime && total > Decimal::ZERO && total <= time_surplus {
+            for l in lines.iter_mut().filter(|l| l.dimension == dim) {
+                l.billed_volume = Decimal::ZERO;
+            }
+            continue;
+        }
+        last.billed_volume += billed - total;
+        if dim == Dimension::Time {
+            time_surplus = billed - total;
+        }
+    }
+    let (mut excl, mut incl) = (Decimal::ZERO, Decimal::ZERO);
+    for l in &mut lines {
+        let units = match l.dimension {
+            Dimension::Energy => l.billed_volume / Decimal::from(1000),
+            Dimension::Time | Dimension::ParkingTime => l.billed_volume / Decimal::from(3600),
+            Dimension::Flat => l.billed_volume,
+        };
+        l.excl_vat = units * l.price;
+        l.incl_vat = match l.vat {
+            Some(v) => l.excl_vat * (Decimal::ONE + v / Decimal::from(100)),
+            None => l.excl_vat,
+        };
+        excl += l.excl_vat;
+        incl += l.incl_vat;
+    }
+    let (subtotal_excl_vat, subtotal_incl_vat) = (excl, incl);
+    let (mut min_applied, mut max_applied) = (false, false);
+    if let Some(min) = &t.min_price
+        && excl < min.excl_vat
+    {
+        let factor = if excl.is_zero() {
+            None
+        } else {
+            Some(min.excl_vat / excl)
+        };
+        excl = min.excl_vat;
+        incl = match (min.incl_vat, factor) {
+            (Some(m), _) => incl.max(m),
+            (None, Some(f)) => incl * f,
+            (None, None) => incl.max(min.excl_vat),
+        };
+        min_applied = true;
+    } else if let Some(m) = t.min_price.as_ref().and_then(|m| m.incl_vat)
+        && incl < m
+    {
+        incl = m;
+        min_applied = true;
+    }
+    if let Some(max) = &t.max_price {
+        if excl > max.excl_vat {
+            let factor = max.excl_vat / excl;
+            excl = max.excl_vat;
+            incl = match max.incl_vat {
+                Some(m) => incl.min(m),
+                None => incl * factor,
+            };
+            max_applied = true;
+        } else if let Some(m) = max.incl_vat
+            && incl > m
+        {
+            incl = m;
+            max_applied = true;
+        }
+    }
+    let dp = currency_exponent(&t.currency);
+    let round = |d: Decimal| d.round_dp_with_strategy(dp, RoundingStrategy::MidpointAwayFromZero);
+    Ok(Cost {
+        currency: t.currency.clone(),
+        periods,
+        lines,
+        subtotal_excl_vat,
+        subtotal_incl_vat,
+        total_excl_vat: round(excl),
+        total_incl_vat: round(incl),
+        min_price_applied: min_applied,
+        max_price_applied: max_applied,
+    })
+}
+
+fn component(t: &Tariff, dim: Dimension, element: usize) -> Option<&crate::tariff::PriceComponent> {
+    t.elements
+        .get(element)?
+        .price_components
+        .iter()
+        .find(|c| c.dimension == dim)
+}
+
+fn push(lines: &mut Vec<CostLine>, t: &Tariff, dim: Dimension, element: usize, volume: Decimal) {
+    if let Some(last) = lines.last_mut()
+        && last.dimension == dim
+        && last.element == element
+    {
+        last.volume += volume;
+        last.billed_volume += volume;
+        return;
+    }
+    // Lines of one dimension stay together in time order; interleaving with
+    // other dimensions is fine because step rounding looks per dimension.
+    if let Some(l) = lines.iter_mut().rev().find(|l| l.dimension == dim)
+        && l.element == element
+    {
+        l.volume += volume;
+        l.billed_volume += volume;
+        return;
+    }
+    let c = component(t, dim, element);
+    lines.push(CostLine {
+        dimension: dim,
+        element,
+        volume,
+        billed_volume: volume,
+        price: c.map_or(Decimal::ZERO, |c| c.price),
+        vat: c.and_then(|c| c.vat),
+        excl_vat: Decimal::ZERO,
+        incl_vat: Decimal::ZERO,
+    });
+}
