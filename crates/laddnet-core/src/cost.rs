@@ -16,8 +16,9 @@
 //!   rounding covers parking that falls inside it (OCPI 2.2.1's step-size
 //!   example 1); parking beyond it is billed in full.
 //! - `min_price` and `max_price` bound the total excl. VAT and incl. VAT
-//!   each on its own; a bound given only excl. VAT scales the incl. total
-//!   by the same factor. A component without VAT has none (incl = excl).
+//!   each on its own. A tariff whose components carry VAT must give both
+//!   (the incl. bound cannot be derived: the VAT mix changes during a
+//!   session). A component without VAT has none (incl = excl).
 //! - Amounts are `Decimal`; rounding to the currency's minor unit (half
 //!   away from zero) happens once, on the totals.
 
@@ -359,43 +360,24 @@ pub fn price(t: &Tariff, readings: &[Reading], tz: &Tz) -> Result<Cost, CostErro
         incl += l.incl_vat;
     }
     let (subtotal_excl_vat, subtotal_incl_vat) = (excl, incl);
+    // Each bound holds on its own; validation guarantees an incl.-VAT bound
+    // wherever VAT applies, so without one incl equals excl.
     let (mut min_applied, mut max_applied) = (false, false);
-    if let Some(min) = &t.min_price
-        && excl < min.excl_vat
-    {
-        let factor = if excl.is_zero() {
-            None
-        } else {
-            Some(min.excl_vat / excl)
-        };
-        excl = min.excl_vat;
-        incl = match (min.incl_vat, factor) {
-            (Some(m), _) => incl.max(m),
-            (None, Some(f)) => incl * f,
-            (None, None) => incl.max(min.excl_vat),
-        };
-        min_applied = true;
-    } else if let Some(m) = t.min_price.as_ref().and_then(|m| m.incl_vat)
-        && incl < m
-    {
-        incl = m;
-        min_applied = true;
+    if let Some(min) = &t.min_price {
+        let min_incl = min.incl_vat.unwrap_or(min.excl_vat);
+        if excl < min.excl_vat || incl < min_incl {
+            min_applied = true;
+        }
+        excl = excl.max(min.excl_vat);
+        incl = incl.max(min_incl);
     }
     if let Some(max) = &t.max_price {
-        if excl > max.excl_vat {
-            let factor = max.excl_vat / excl;
-            excl = max.excl_vat;
-            incl = match max.incl_vat {
-                Some(m) => incl.min(m),
-                None => incl * factor,
-            };
-            max_applied = true;
-        } else if let Some(m) = max.incl_vat
-            && incl > m
-        {
-            incl = m;
+        let max_incl = max.incl_vat.unwrap_or(max.excl_vat);
+        if excl > max.excl_vat || incl > max_incl {
             max_applied = true;
         }
+        excl = excl.min(max.excl_vat);
+        incl = incl.min(max_incl);
     }
     let dp = currency_exponent(&t.currency);
     let round = |d: Decimal| d.round_dp_with_strategy(dp, RoundingStrategy::MidpointAwayFromZero);

@@ -249,6 +249,18 @@ impl Tariff {
                 }
             }
         }
+        // With VAT in play the incl.-VAT bound cannot be derived from the
+        // excl. one (the VAT mix changes during a session): it must be given.
+        let has_vat = self
+            .elements
+            .iter()
+            .flat_map(|e| &e.price_components)
+            .any(|c| c.vat.is_some_and(|v| !v.is_zero()));
+        for (name, p) in [("min_price", &self.min_price), ("max_price", &self.max_price)] {
+            if has_vat && p.as_ref().is_some_and(|p| p.incl_vat.is_none()) {
+                return err(format!("{name}.incl_vat"), "required when price components carry VAT");
+            }
+        }
         if let (Some(min), Some(max)) = (&self.min_price, &self.max_price)
             && min.excl_vat > max.excl_vat
         {
