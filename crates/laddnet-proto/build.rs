@@ -11,6 +11,7 @@ const PROTOS: &[&str] = &[
     "laddnet/v1/enrollment.proto",
     "laddnet/v1/pki.proto",
     "laddnet/v1/operator.proto",
+    "laddnet/v1/billing.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -82,6 +82,7 @@ impl ChargerActor {
             charger_id: state.args.charger_id.clone(),
             site_id: state.args.site_id.clone(),
             max_power_w,
+            bill_in: state.args.config.bill_on_end.clone(),
         };
         let (actor, _) = Actor::spawn_linked(None, SessionActor, args, myself.get_cell()).await?;
         state.by_actor.insert(actor.get_id(), tx_id.to_string());

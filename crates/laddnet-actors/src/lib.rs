@@ -42,6 +42,8 @@ pub struct ActorConfig {
     pub ping_timeout: Duration,
     /// A session with no meter data for this long is flagged stuck.
     pub stuck_after: Duration,
+    /// Bill a session as soon as it ends, in this default currency.
+    pub bill_on_end: Option<String>,
 }
 
 impl Default for ActorConfig {
@@ -53,6 +55,7 @@ impl Default for ActorConfig {
             watchdog_interval: Duration::from_secs(5),
             ping_timeout: Duration::from_secs(2),
             stuck_after: Duration::from_secs(600),
+            bill_on_end: Some("EUR".into()),
         }
     }
 }

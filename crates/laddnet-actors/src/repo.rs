@@ -179,6 +179,14 @@ pub fn apply_event(
         put(tx, &session_key(&e.transaction_id), &record)?;
         if record.status == SessionStatus::Ended {
             tx.clear(&open_key(charger_id, &e.transaction_id))?;
+            // Billed by whoever gets there first: the session actor now, or
+            // the billing sweeper after a crash. The CDR clears this.
+            if tx
+                .get(&keys::pack(&("cdr-written", e.transaction_id.as_str())))?
+                .is_none()
+            {
+                tx.set(&laddnet_ledger::cdr::unbilled_key(&e.transaction_id), b"")?;
+            }
         } else {
             tx.set(&open_key(charger_id, &e.transaction_id), b"")?;
         }
@@ -288,6 +296,7 @@ pub fn close_interrupted(store: &dyn Store, timeout_s: i64, now: i64) -> Result<
                     r.stop_reason = "interrupted".into();
                     put(tx, &session_key(&id), &r)?;
                     tx.clear(&open_key(&charger, &id))?;
+                    tx.set(&laddnet_ledger::cdr::unbilled_key(&id), b"")?;
                     Ok::<_, RepoError>(true)
                 }
                 _ => Ok(false),

@@ -19,6 +19,9 @@ pub struct SessionArgs {
     pub charger_id: String,
     pub site_id: Option<String>,
     pub max_power_w: u32,
+    /// Bill the session when it ends, in this default currency (None: leave
+    /// it to the billing sweeper).
+    pub bill_in: Option<String>,
 }
 
 pub struct SessionState {
@@ -87,9 +90,25 @@ impl Actor for SessionActor {
                     state.record = Some(applied.record.clone());
                     state.last_event = Instant::now();
                 }
-                let ended = matches!(&result, Ok(a) if a.record.status == SessionStatus::Ended);
+                let ended = matches!(&result, Ok(a) if a.record.status == SessionStatus::Ended && !a.duplicate);
                 let foreign = matches!(&result, Err(RepoError::ForeignTransaction(_)));
                 let _ = reply.send(result);
+                if ended && let Some(currency) = state.args.bill_in.clone() {
+                    // The charger has its ack; the CDR follows. If this fails or
+                    // the node dies first, the billing sweeper does it.
+                    let (store, id) = (state.args.store.clone(), state.args.transaction_id.clone());
+                    let billed = tokio::task::spawn_blocking(move || {
+                        laddnet_ledger::cdr::bill_session(
+                            store.as_ref(),
+                            &id,
+                            &laddnet_ledger::cdr::BillingDefaults { currency },
+                        )
+                    })
+                    .await;
+                    if let Ok(Err(e)) = billed {
+                        tracing::warn!(transaction_id = %state.args.transaction_id, error = %e, "billing at session end failed; the sweeper retries");
+                    }
+                }
                 if ended || foreign {
                     myself.stop(Some(if ended { "session ended" } else { "foreign transaction" }.into()));
                 }

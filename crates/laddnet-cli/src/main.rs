@@ -14,6 +14,7 @@ use anyhow::{Context, anyhow, bail};
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use laddnet_node::CtlConfig;
 use laddnet_proto::v1;
+use laddnet_proto::v1::billing_service_client::BillingServiceClient;
 use laddnet_proto::v1::operator_service_client::OperatorServiceClient;
 use laddnet_proto::v1::pki_service_client::PkiServiceClient;
 use serde_json::{Value, json};
@@ -55,6 +56,15 @@ enum Cmd {
     /// Charging sessions.
     #[command(subcommand)]
     Sessions(SessionsCmd),
+    /// Tariffs (OCPI 2.2.1 JSON), their versions and assignment.
+    #[command(subcommand)]
+    Tariffs(TariffsCmd),
+    /// Charge detail records.
+    #[command(subcommand)]
+    Cdrs(CdrsCmd),
+    /// The revenue ledger.
+    #[command(subcommand)]
+    Ledger(LedgerCmd),
     /// Who the node thinks you are.
     Whoami,
     /// Print shell completions.
@@ -205,6 +215,93 @@ enum ChargerCommand {
         #[arg(long, value_parser = ["operative", "inoperative"])]
         state: String,
     },
+}
+
+#[derive(Subcommand)]
+enum TariffsCmd {
+    /// Store a tariff from a JSON file as a new version of its id.
+    Create {
+        #[arg(long)]
+        file: PathBuf,
+    },
+    List,
+    Show {
+        id: String,
+        /// A past version (default: the latest).
+        #[arg(long, default_value_t = 0)]
+        version: u32,
+    },
+    /// Apply a tariff to the operator (default), a site, a charger or a connector type.
+    Assign {
+        tariff_id: String,
+        /// operator, site, charger or connector-type
+        #[arg(long, default_value = "operator")]
+        scope: String,
+        /// Site id, charger id, or ac/dc.
+        #[arg(long, default_value = "")]
+        target: String,
+        /// RFC 3339 (default: now).
+        #[arg(long, default_value = "")]
+        from: String,
+        #[arg(long, default_value = "")]
+        to: String,
+    },
+    /// Price a hypothetical session: --stretch MINUTES:KWH[:AMPS], repeated
+    /// (0 kWh = parked), from --start in --time-zone.
+    Preview {
+        /// A stored tariff's id, or --file for one not stored.
+        #[arg(long, default_value = "")]
+        tariff: String,
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// RFC 3339 start (default: now).
+        #[arg(long, default_value = "")]
+        start: String,
+        #[arg(long, default_value = "UTC")]
+        time_zone: String,
+        #[arg(long = "stretch", required = true)]
+        stretches: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum CdrsCmd {
+    List {
+        #[command(flatten)]
+        page: PageArgs,
+    },
+    Show {
+        id: String,
+    },
+    /// Export CDRs stopped in [--from, --to) as JSON or CSV.
+    Export {
+        #[arg(long, default_value = "")]
+        from: String,
+        #[arg(long, default_value = "")]
+        to: String,
+        #[arg(long, default_value = "json", value_parser = ["json", "csv"])]
+        format: String,
+        /// Write here instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Post a CDR held for review.
+    Approve {
+        id: String,
+    },
+    /// Refund a posted CDR in full (a reversing posting).
+    Refund {
+        id: String,
+        #[arg(long)]
+        reason: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum LedgerCmd {
+    Balance,
+    /// Prove debits equal credits and every CDR is posted exactly once.
+    Verify,
 }
 
 #[derive(Subcommand)]
@@ -750,6 +847,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 eprintln!("wrote {} and {}", cp.display(), kp.display());
             }
         }
+        Cmd::Tariffs(cmd) => tariffs_cmd(out, cfg, cmd).await?,
+        Cmd::Cdrs(cmd) => cdrs_cmd(out, cfg, cmd).await?,
+        Cmd::Ledger(cmd) => ledger_cmd(out, cfg, cmd).await?,
         Cmd::Chargers(ChargersCmd::Show { charger_id }) => {
             let mut c = OperatorServiceClient::new(channel(cfg).await?);
             let ch = c.get_charger(v1::GetChargerRequest { charger_id }).await?.into_inner();
@@ -994,6 +1094,307 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 &["NAME", "ROLE", "SERIAL", "NOT AFTER"],
                 vec![vec![w.name, w.role, w.serial, w.not_after]],
             );
+        }
+    }
+    Ok(())
+}
+
+async fn billing(cfg: Option<&Path>) -> anyhow::Result<BillingServiceClient<Channel>> {
+    Ok(BillingServiceClient::new(channel(cfg).await?))
+}
+
+async fn tariffs_cmd(out: Output, cfg: Option<&Path>, cmd: TariffsCmd) -> anyhow::Result<()> {
+    let row = |t: &v1::TariffInfo| vec![t.id.clone(), t.version.to_string(), t.currency.clone()];
+    let tjson = |t: &v1::TariffInfo| json!({"id": t.id, "version": t.version, "currency": t.currency, "tariff": serde_json::from_str::<Value>(&t.tariff_json).unwrap_or_default()});
+    match cmd {
+        TariffsCmd::Create { file } => {
+            let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+            let t = billing(cfg)
+                .await?
+                .create_tariff(v1::CreateTariffRequest { tariff_json: text })
+                .await?
+                .into_inner();
+            emit(out, tjson(&t), &["TARIFF", "VERSION", "CURRENCY"], vec![row(&t)]);
+        }
+        TariffsCmd::List => {
+            let r = billing(cfg)
+                .await?
+                .list_tariffs(v1::ListTariffsRequest {})
+                .await?
+                .into_inner();
+            emit(
+                out,
+                json!({"tariffs": r.tariffs.iter().map(tjson).collect::<Vec<_>>(), "assignments": r.assignments.iter().map(|a| json!({"scope": a.scope, "target": a.target, "tariff_id": a.tariff_id, "valid_from": a.valid_from, "valid_to": a.valid_to})).collect::<Vec<_>>()}),
+                &["TARIFF", "VERSION", "CURRENCY", "ASSIGNED TO"],
+                r.tariffs
+                    .iter()
+                    .map(|t| {
+                        let to: Vec<String> = r
+                            .assignments
+                            .iter()
+                            .filter(|a| a.tariff_id == t.id)
+                            .map(|a| {
+                                if a.target.is_empty() {
+                                    a.scope.clone()
+                                } else {
+                                    format!("{}:{}", a.scope, a.target)
+                                }
+                            })
+                            .collect();
+                        let mut v = row(t);
+                        v.push(to.join(", "));
+                        v
+                    })
+                    .collect(),
+            );
+        }
+        TariffsCmd::Show { id, version } => {
+            let t = billing(cfg)
+                .await?
+                .get_tariff(v1::GetTariffRequest { id, version })
+                .await?
+                .into_inner();
+            if out == Output::Json {
+                emit(out, tjson(&t), &[], vec![]);
+            } else {
+                println!("{}", t.tariff_json);
+            }
+        }
+        TariffsCmd::Assign {
+            tariff_id,
+            scope,
+            target,
+            from,
+            to,
+        } => {
+            billing(cfg)
+                .await?
+                .assign_tariff(v1::AssignTariffRequest {
+                    assignment: Some(v1::TariffAssignment {
+                        scope: scope.clone(),
+                        target: target.clone(),
+                        tariff_id: tariff_id.clone(),
+                        valid_from: from,
+                        valid_to: to,
+                    }),
+                })
+                .await?;
+            emit(
+                out,
+                json!({"tariff_id": tariff_id, "scope": scope, "target": target}),
+                &["TARIFF", "SCOPE", "TARGET"],
+                vec![vec![tariff_id, scope, target]],
+            );
+        }
+        TariffsCmd::Preview {
+            tariff,
+            file,
+            start,
+            time_zone,
+            stretches,
+        } => {
+            let tariff_json = match &file {
+                Some(f) => std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?,
+                None => String::new(),
+            };
+            let fmt = &time::format_description::well_known::Rfc3339;
+            let mut at = if start.is_empty() {
+                time::OffsetDateTime::now_utc()
+            } else {
+                time::OffsetDateTime::parse(&start, fmt)
+                    .with_context(|| format!("--start {start:?} is not RFC 3339"))?
+            };
+            let mut wh: u64 = 0;
+            let mut readings = vec![v1::PreviewReading {
+                timestamp: at.format(fmt)?,
+                energy_wh: 0,
+                current_ma: 0,
+            }];
+            for s in &stretches {
+                let parts: Vec<&str> = s.split(':').collect();
+                let bad = || anyhow!("--stretch {s:?}: expected MINUTES:KWH[:AMPS], e.g. 60:20:32");
+                if !(2..=3).contains(&parts.len()) {
+                    return Err(bad());
+                }
+                let minutes: u32 = parts[0].parse().map_err(|_| bad())?;
+                let kwh: rust_decimal::Decimal = parts[1].parse().map_err(|_| bad())?;
+                let amps: u32 = parts
+                    .get(2)
+                    .map(|a| a.parse())
+                    .transpose()
+                    .map_err(|_| bad())?
+                    .unwrap_or(if kwh.is_zero() { 0 } else { 16 });
+                let add: u64 = (kwh * rust_decimal::Decimal::from(1000))
+                    .trunc()
+                    .try_into()
+                    .map_err(|_| bad())?;
+                at += time::Duration::minutes(i64::from(minutes));
+                wh += add;
+                readings.push(v1::PreviewReading {
+                    timestamp: at.format(fmt)?,
+                    energy_wh: wh,
+                    current_ma: amps * 1000,
+                });
+            }
+            let c = billing(cfg)
+                .await?
+                .preview_cost(v1::PreviewCostRequest {
+                    tariff_id: tariff,
+                    tariff_json,
+                    time_zone,
+                    readings,
+                })
+                .await?
+                .into_inner();
+            emit(
+                out,
+                serde_json::from_str(&c.json).unwrap_or_default(),
+                &["CURRENCY", "EXCL VAT", "VAT", "INCL VAT"],
+                vec![vec![c.currency, c.total_excl_vat, c.total_vat, c.total_incl_vat]],
+            );
+        }
+    }
+    Ok(())
+}
+
+const CDR_HEADERS: &[&str] = &[
+    "CDR", "CHARGER", "STOP", "KWH", "CURRENCY", "EXCL VAT", "INCL VAT", "REVIEW", "FLAGS",
+];
+
+fn cdr_row(c: &v1::CdrInfo) -> Vec<String> {
+    vec![
+        c.id.clone(),
+        c.charger_id.clone(),
+        c.stop.clone(),
+        format!("{}.{:03}", c.energy_wh / 1000, c.energy_wh % 1000),
+        c.currency.clone(),
+        c.total_excl_vat.clone(),
+        c.total_incl_vat.clone(),
+        if c.review_required && !c.approved {
+            "held".into()
+        } else {
+            String::new()
+        },
+        c.flags.join(","),
+    ]
+}
+
+async fn cdrs_cmd(out: Output, cfg: Option<&Path>, cmd: CdrsCmd) -> anyhow::Result<()> {
+    let cjson = |c: &v1::CdrInfo| serde_json::from_str::<Value>(&c.json).unwrap_or_default();
+    match cmd {
+        CdrsCmd::List { page } => {
+            let mut b = billing(cfg).await?;
+            let mut token = page.page_token.clone();
+            let mut all = Vec::new();
+            loop {
+                let r = b
+                    .list_cdrs(v1::ListCdrsRequest {
+                        page: Some(page.req(&token)),
+                    })
+                    .await?
+                    .into_inner();
+                all.extend(r.cdrs);
+                token = r.next_page_token;
+                if !page.all || token.is_empty() {
+                    break;
+                }
+            }
+            emit(
+                out,
+                json!({"cdrs": all.iter().map(cjson).collect::<Vec<_>>(), "next_page_token": token}),
+                CDR_HEADERS,
+                all.iter().map(cdr_row).collect(),
+            );
+        }
+        CdrsCmd::Show { id } => {
+            let c = billing(cfg)
+                .await?
+                .get_cdr(v1::GetCdrRequest { id })
+                .await?
+                .into_inner();
+            if out == Output::Json {
+                emit(out, cjson(&c), &[], vec![]);
+            } else {
+                println!("{}", c.json);
+            }
+        }
+        CdrsCmd::Export {
+            from,
+            to,
+            format,
+            out: file,
+        } => {
+            let r = billing(cfg)
+                .await?
+                .export_cdrs(v1::ExportCdrsRequest { from, to, format })
+                .await?
+                .into_inner();
+            match file {
+                Some(f) => {
+                    std::fs::write(&f, &r.content).with_context(|| format!("writing {}", f.display()))?;
+                    eprintln!("{} CDRs written to {}", r.count, f.display());
+                }
+                None => print!("{}", r.content),
+            }
+        }
+        CdrsCmd::Approve { id } => {
+            let c = billing(cfg)
+                .await?
+                .approve_cdr(v1::GetCdrRequest { id })
+                .await?
+                .into_inner();
+            emit(out, cjson(&c), CDR_HEADERS, vec![cdr_row(&c)]);
+        }
+        CdrsCmd::Refund { id, reason } => {
+            billing(cfg)
+                .await?
+                .refund_cdr(v1::RefundCdrRequest { id: id.clone(), reason })
+                .await?;
+            emit(out, json!({"refunded": id}), &["REFUNDED"], vec![vec![id]]);
+        }
+    }
+    Ok(())
+}
+
+async fn ledger_cmd(out: Output, cfg: Option<&Path>, cmd: LedgerCmd) -> anyhow::Result<()> {
+    match cmd {
+        LedgerCmd::Balance => {
+            let r = billing(cfg)
+                .await?
+                .ledger_balances(v1::LedgerBalancesRequest {})
+                .await?
+                .into_inner();
+            emit(
+                out,
+                json!({"balances": r.balances.iter().map(|b| json!({"currency": b.currency, "account": b.account, "amount": b.amount})).collect::<Vec<_>>()}),
+                &["CURRENCY", "ACCOUNT", "BALANCE (DEBIT − CREDIT)"],
+                r.balances
+                    .iter()
+                    .map(|b| vec![b.currency.clone(), b.account.clone(), b.amount.clone()])
+                    .collect(),
+            );
+        }
+        LedgerCmd::Verify => {
+            let v = billing(cfg)
+                .await?
+                .verify_ledger(v1::VerifyLedgerRequest {})
+                .await?
+                .into_inner();
+            emit(
+                out,
+                json!({"ok": v.ok, "entries": v.entries, "postings": v.postings, "cdrs": v.cdrs, "problems": v.problems}),
+                &["OK", "ENTRIES", "POSTINGS", "CDRS", "PROBLEMS"],
+                vec![vec![
+                    v.ok.to_string(),
+                    v.entries.to_string(),
+                    v.postings.to_string(),
+                    v.cdrs.to_string(),
+                    v.problems.join("; "),
+                ]],
+            );
+            if !v.ok {
+                bail!("the ledger does not verify: {}", v.problems.join("; "));
+            }
         }
     }
     Ok(())

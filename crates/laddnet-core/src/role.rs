@@ -41,6 +41,16 @@ impl Role {
         matches!(self, Role::SecurityAdmin | Role::Admin)
     }
 
+    /// May change tariffs, approve and refund CDRs.
+    pub fn can_bill(self) -> bool {
+        matches!(self, Role::Billing | Role::Admin)
+    }
+
+    /// May read money: tariffs, CDRs, the ledger.
+    pub fn can_read_billing(self) -> bool {
+        matches!(self, Role::Billing | Role::Admin | Role::Operator)
+    }
+
     /// May send commands to chargers and change the network.
     pub fn can_operate(self) -> bool {
         matches!(self, Role::Operator | Role::Admin)

@@ -33,6 +33,29 @@ pub struct NodeConfig {
     pub ca: CaSection,
     #[serde(default)]
     pub sessions: SessionsSection,
+    #[serde(default)]
+    pub billing: BillingSection,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BillingSection {
+    /// Currency of CDRs for sessions no tariff applies to.
+    pub default_currency: String,
+    /// Bill each session the moment it ends (else only the sweeper does).
+    pub bill_on_end: bool,
+    /// How often ended-but-unbilled sessions are looked for.
+    pub sweep_interval_ms: u64,
+}
+
+impl Default for BillingSection {
+    fn default() -> Self {
+        Self {
+            default_currency: "EUR".into(),
+            bill_on_end: true,
+            sweep_interval_ms: 2_000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -80,6 +103,15 @@ impl Default for SessionsSection {
 }
 
 impl SessionsSection {
+    /// The actor settings with this node's billing choice.
+    pub fn actor_config_with(&self, billing: &BillingSection) -> laddnet_actors::ActorConfig {
+        let mut c = self.actor_config();
+        if billing.bill_on_end {
+            c.bill_on_end = Some(billing.default_currency.clone());
+        }
+        c
+    }
+
     pub fn actor_config(&self) -> laddnet_actors::ActorConfig {
         laddnet_actors::ActorConfig {
             call_timeout: Duration::from_millis(self.call_timeout_ms),
@@ -88,6 +120,7 @@ impl SessionsSection {
             watchdog_interval: Duration::from_millis(self.watchdog_interval_ms),
             ping_timeout: Duration::from_millis(self.ping_timeout_ms),
             stuck_after: Duration::from_secs(self.stuck_after_s),
+            bill_on_end: None,
         }
     }
 }
@@ -217,6 +250,7 @@ impl NodeConfig {
             grpc: Default::default(),
             ca: Default::default(),
             sessions: Default::default(),
+            billing: Default::default(),
         }
     }
 
@@ -332,6 +366,13 @@ impl NodeConfig {
         }
         if se.interrupted_timeout_s == 0 || se.stuck_after_s == 0 {
             return bad("sessions.interrupted_timeout_s and stuck_after_s must be at least 1");
+        }
+        let b = &self.billing;
+        if b.default_currency.len() != 3 || !b.default_currency.bytes().all(|c| c.is_ascii_uppercase()) {
+            return bad("billing.default_currency must be an ISO 4217 code such as EUR");
+        }
+        if b.sweep_interval_ms < 10 {
+            return bad("billing.sweep_interval_ms must be at least 10");
         }
         if self.node.heartbeat_interval_s == 0 {
             return bad("node.heartbeat_interval_s must be at least 1");

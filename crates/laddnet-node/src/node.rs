@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use laddnet_pki::{Ca, CaFiles, Clock, Policy, Subject};
+use laddnet_proto::v1::billing_service_server::BillingServiceServer;
 use laddnet_proto::v1::charger_service_server::ChargerServiceServer;
 use laddnet_proto::v1::enrollment_service_server::EnrollmentServiceServer;
 use laddnet_proto::v1::operator_service_server::OperatorServiceServer;
@@ -24,6 +25,7 @@ use tonic_health::server::HealthReporter;
 
 use crate::config::NodeConfig;
 use crate::identity::CaIdentityCheck;
+use crate::services::billing::Billing;
 use crate::services::{
     charger::Charger, enrollment::Enrollment, enrollment::RateLimiter, operator::Operator, pki::Pki,
 };
@@ -133,7 +135,7 @@ impl RunningNode {
                 );
             }
         }
-        let actors = laddnet_actors::SupervisorHandle::start(config.sessions.actor_config())
+        let actors = laddnet_actors::SupervisorHandle::start(config.sessions.actor_config_with(&config.billing))
             .await
             .map_err(|e| anyhow::anyhow!("starting the actor tree: {e}"))?;
         let state = Arc::new(NodeState::new(
@@ -233,6 +235,11 @@ impl RunningNode {
                 OperatorServiceServer::new(Operator { state: state.clone() })
                     .max_decoding_message_size(limit)
                     .max_encoding_message_size(limit),
+            )
+            .add_service(
+                BillingServiceServer::new(Billing { state: state.clone() })
+                    .max_decoding_message_size(limit)
+                    .max_encoding_message_size(limit),
             );
         let e = &ca.policy().enrollment;
         let enroll_router = server()
@@ -269,6 +276,7 @@ impl RunningNode {
         }));
         tasks.push(tokio::spawn(revocation_poller(state.clone(), shutdown.clone())));
         tasks.push(tokio::spawn(interruption_sweeper(state.clone(), shutdown.clone())));
+        tasks.push(tokio::spawn(billing_sweeper(state.clone(), shutdown.clone())));
 
         tracing::info!(mtls = %mtls_addr, enrollment = %enrollment_addr, store = "redb", "node serving");
         Ok(Self {
@@ -350,6 +358,39 @@ async fn interruption_sweeper(state: Arc<NodeState>, shutdown: CancellationToken
             }
             Ok(Err(e)) => tracing::error!(error = %e, "closing interrupted sessions failed"),
             Err(_) => {}
+        }
+    }
+}
+
+/// Bills ended sessions that have no CDR yet: those a crash caught between
+/// the end and billing, and interrupted sessions the sweeper closed. Runs
+/// at start, then every `billing.sweep_interval_ms`.
+async fn billing_sweeper(state: Arc<NodeState>, shutdown: CancellationToken) {
+    let every = Duration::from_millis(state.config.billing.sweep_interval_ms);
+    let mut first = true;
+    loop {
+        if !first {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+        }
+        first = false;
+        let store = state.store.clone();
+        let currency = state.config.billing.default_currency.clone();
+        let r = tokio::task::spawn_blocking(move || -> Result<usize, laddnet_ledger::LedgerError> {
+            let ids = laddnet_ledger::cdr::unbilled(store.as_ref())?;
+            let defaults = laddnet_ledger::cdr::BillingDefaults { currency };
+            for id in &ids {
+                laddnet_ledger::cdr::bill_session(store.as_ref(), id, &defaults)?;
+            }
+            Ok(ids.len())
+        })
+        .await;
+        match r {
+            Ok(Ok(n)) if n > 0 => tracing::info!(sessions = n, "billed sessions that ended without a CDR"),
+            Ok(Err(e)) => tracing::error!(error = %e, "billing sweep failed"),
+            _ => {}
         }
     }
 }

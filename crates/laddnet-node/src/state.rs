@@ -120,6 +120,11 @@ impl NodeState {
         Ok(())
     }
 
+    /// The actor tree's settings, billing included.
+    pub fn actor_config(&self) -> laddnet_actors::ActorConfig {
+        self.config.sessions.actor_config_with(&self.config.billing)
+    }
+
     pub fn crl_number(&self) -> u64 {
         self.crl_number.load(Ordering::Acquire)
     }

@@ -257,7 +257,7 @@ impl ChargerService for Charger {
             charger_id: id.to_string(),
             site_id: stored.site_id.clone(),
             connectors: stored.connectors.clone(),
-            config: self.state.config.sessions.actor_config(),
+            config: self.state.actor_config(),
         };
         let handle = match self.state.actors.attach(args, closed.clone()).await {
             Ok(h) => h,

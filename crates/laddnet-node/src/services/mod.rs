@@ -3,6 +3,7 @@
 //! prost types to domain types, and runs CA and store work on blocking
 //! threads.
 
+pub mod billing;
 pub mod charger;
 pub mod enrollment;
 pub mod operator;
