@@ -296,8 +296,22 @@ pub fn periods(
     Ok(out)
 }
 
-/// The cost of a whole session (or of a session so far: the running cost).
+/// The final cost of a session that has ended: step sizes round each
+/// dimension up once, at the last element that priced it.
 pub fn price(t: &Tariff, readings: &[Reading], tz: &Tz) -> Result<Cost, CostError> {
+    price_with(t, readings, tz, true)
+}
+
+/// The running cost of a session still in progress: what has been consumed
+/// so far, before step rounding (which happens once, when the session
+/// ends). It never decreases as readings arrive. (Rounding a session still
+/// in progress would not be monotone: OCPI bills the step surplus at the
+/// last element's price, and moving into a cheaper element lowers it.)
+pub fn running_cost(t: &Tariff, readings: &[Reading], tz: &Tz) -> Result<Cost, CostError> {
+    price_with(t, readings, tz, false)
+}
+
+fn price_with(t: &Tariff, readings: &[Reading], tz: &Tz, ended: bool) -> Result<Cost, CostError> {
     let first = *readings.first().ok_or(CostError::Empty)?;
     let periods = periods(t, readings, tz, first.at_ms, first.energy_wh)?;
     let mut lines: Vec<CostLine> = Vec::new();
@@ -326,7 +340,12 @@ pub fn price(t: &Tariff, readings: &[Reading], tz: &Tz) -> Result<Cost, CostErro
     }
     // Step size: once per dimension, on the last line that priced it.
     let mut time_surplus = Decimal::ZERO;
-    for dim in [Dimension::Energy, Dimension::Time, Dimension::ParkingTime] {
+    let dims: &[Dimension] = if ended {
+        &[Dimension::Energy, Dimension::Time, Dimension::ParkingTime]
+    } else {
+        &[]
+    };
+    for &dim in dims {
         let total: Decimal = lines.iter().filter(|l| l.dimension == dim).map(|l| l.volume).sum();
         let Some(last) = lines.iter_mut().rev().find(|l| l.dimension == dim) else {
             continue;
