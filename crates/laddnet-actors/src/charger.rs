@@ -59,6 +59,16 @@ pub enum ChargerMsg {
     Inspect(RpcReplyPort<(Vec<(String, ActorId)>, u64)>),
 }
 
+/// Whether the stored session has ended (its actor stops normally then; a
+/// failure for any other reason goes through supervision and its budget).
+async fn session_ended(store: &SharedStore, tx_id: &str) -> bool {
+    let (store, id) = (store.clone(), tx_id.to_string());
+    matches!(
+        tokio::task::spawn_blocking(move || repo::get_session(store.as_ref(), &id)).await,
+        Ok(Ok(Some(r))) if r.status == laddnet_core::charging::SessionStatus::Ended
+    )
+}
+
 fn now() -> i64 {
     time::OffsetDateTime::now_utc().unix_timestamp()
 }
@@ -163,8 +173,21 @@ impl Actor for ChargerActor {
                 };
                 let timeout = state.args.config.call_timeout;
                 let tx_id = event.transaction_id.clone();
+                let retry = event.clone();
                 match actor.call(|r| SessionMsg::Event(event, r), Some(timeout)).await {
                     Ok(CallResult::Success(r)) => {
+                        let _ = reply.send(r);
+                    }
+                    // The actor stopped under us (its session had just ended):
+                    // a fresh one, from the store, takes the event.
+                    Ok(CallResult::SenderError) | Err(_) if session_ended(&state.args.store, &tx_id).await => {
+                        state.sessions.remove(&tx_id);
+                        state.by_actor.remove(&actor.get_id());
+                        let fresh = Self::spawn_session(&myself, state, &tx_id, retry.connector_id).await?;
+                        let r = match fresh.call(|r| SessionMsg::Event(retry, r), Some(timeout)).await {
+                            Ok(CallResult::Success(r)) => r,
+                            _ => Err(RepoError::Gone("session actor failed while handling the event".into())),
+                        };
                         let _ = reply.send(r);
                     }
                     Ok(CallResult::Timeout) => {
