@@ -17,6 +17,14 @@ use tokio::sync::Mutex;
 
 pub type Fleet = Arc<Mutex<Vec<SimHandle>>>;
 
+/// The demo's tariff: a start fee, energy by time of day, idle fee after a
+/// grace hour.
+const DEMO_TARIFF: &str = r#"{"id":"demo-standard","currency":"EUR","elements":[
+  {"price_components":[{"type":"FLAT","price":0.50,"vat":25.0,"step_size":1}]},
+  {"price_components":[{"type":"ENERGY","price":0.45,"vat":25.0,"step_size":1}],"restrictions":{"start_time":"07:00","end_time":"21:00"}},
+  {"price_components":[{"type":"ENERGY","price":0.32,"vat":25.0,"step_size":1}]},
+  {"price_components":[{"type":"PARKING_TIME","price":6.00,"vat":25.0,"step_size":300}],"restrictions":{"min_duration":3600}}]}"#;
+
 const SITES: &[(&str, &str, &str, u32)] = &[
     ("central-garage", "Central station garage", "Europe/Stockholm", 150_000),
     ("harbour-depot", "Harbour bus depot", "Europe/Stockholm", 600_000),
@@ -39,10 +47,25 @@ pub async fn start(node: &RunningNode, data_dir: &Path, n: usize) -> anyhow::Res
             };
             match repo::create_site(store.as_ref(), &site) {
                 Ok(()) | Err(RepoError::AlreadyExists(_)) => {}
-                Err(e) => return Err(e),
+                Err(e) => return Err(anyhow::anyhow!(e)),
             }
         }
-        Ok(())
+        // A tariff, so sessions have costs from the first minute.
+        if laddnet_ledger::tariffs::list(store.as_ref())?.is_empty() {
+            let t = laddnet_core::tariff::Tariff::parse_json(DEMO_TARIFF)?;
+            laddnet_ledger::tariffs::create_at(store.as_ref(), t, 0)?;
+            laddnet_ledger::tariffs::assign(
+                store.as_ref(),
+                &laddnet_ledger::tariffs::Assignment {
+                    scope: laddnet_ledger::tariffs::Scope::Operator,
+                    target: String::new(),
+                    tariff_id: "demo-standard".into(),
+                    valid_from: 0,
+                    valid_to: None,
+                },
+            )?;
+        }
+        Ok::<_, anyhow::Error>(())
     })
     .await??;
     let ep = Endpoints {
@@ -137,32 +160,42 @@ pub async fn summary(state: Arc<NodeState>) {
     loop {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let store = state.store.clone();
-        let figures = tokio::task::spawn_blocking(move || -> Result<(usize, u64, u64, usize, usize), RepoError> {
-            let (all, _) = repo::list_sessions(store.as_ref(), None, None, None, 1_000_000)?;
-            let active: Vec<_> = all.iter().filter(|s| s.status == SessionStatus::Active).collect();
-            let power: u64 = active.iter().map(|s| u64::from(s.power_w)).sum();
-            let energy: u64 = all.iter().map(|s| s.energy_wh()).sum();
-            let flagged = all.iter().filter(|s| !s.flags.is_empty()).count();
-            let (chargers, _) = repo::list_chargers(store.as_ref(), None, 1_000_000)?;
-            let faulted = chargers
-                .iter()
-                .flat_map(|c| &c.connectors)
-                .filter(|c| c.status == ConnectorStatus::Faulted)
-                .count();
-            Ok((active.len(), power, energy, flagged, faulted))
-        })
+        let figures = tokio::task::spawn_blocking(
+            move || -> anyhow::Result<(usize, u64, u64, usize, usize, usize, rust_decimal::Decimal)> {
+                let (all, _) = repo::list_sessions(store.as_ref(), None, None, None, 1_000_000)?;
+                let active: Vec<_> = all.iter().filter(|s| s.status == SessionStatus::Active).collect();
+                let power: u64 = active.iter().map(|s| u64::from(s.power_w)).sum();
+                let energy: u64 = all.iter().map(|s| s.energy_wh()).sum();
+                let flagged = all.iter().filter(|s| !s.flags.is_empty()).count();
+                let (chargers, _) = repo::list_chargers(store.as_ref(), None, 1_000_000)?;
+                let faulted = chargers
+                    .iter()
+                    .flat_map(|c| &c.connectors)
+                    .filter(|c| c.status == ConnectorStatus::Faulted)
+                    .count();
+                let cdrs = laddnet_ledger::cdr::all(store.as_ref())?;
+                let billed = cdrs
+                    .iter()
+                    .filter(|c| !c.review_required || c.approved)
+                    .map(|c| c.total_incl_vat)
+                    .sum();
+                Ok((active.len(), power, energy, flagged, faulted, cdrs.len(), billed))
+            },
+        )
         .await;
-        let Ok(Ok((active, power_w, energy_wh, flagged, faulted))) = figures else {
+        let Ok(Ok((active, power_w, energy_wh, flagged, faulted, cdrs, billed))) = figures else {
             continue;
         };
         let line = format!(
-            "chargers {:>3} connected | sessions {:>3} active | {:>4}.{} kW | {:>6}.{} kWh delivered | alarms: {} faulted connectors, {} flagged sessions",
+            "chargers {:>3} | sessions {:>3} active | {:>4}.{} kW | {:>5}.{} kWh | {:>3} CDRs, EUR {:>7} billed | alarms: {} faulted connectors, {} flagged sessions",
             state.chargers.len(),
             active,
             power_w / 1000,
             (power_w % 1000) / 100,
             energy_wh / 1000,
             (energy_wh % 1000) / 100,
+            cdrs,
+            billed,
             faulted,
             flagged,
         );
