@@ -131,6 +131,59 @@ async fn an_ended_session_is_billed_once_and_the_ledger_balances() {
         .into_inner();
     assert_eq!(csv.count, 1);
     assert!(csv.content.lines().nth(1).unwrap().contains(",3.00,0.35,3.35,"));
+    // Revenue reports group posted CDRs.
+    let rep = b
+        .revenue_report(v1::RevenueReportRequest {
+            from: String::new(),
+            to: String::new(),
+            by: "site".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(rep.rows.len(), 1);
+    let row = &rep.rows[0];
+    assert_eq!(
+        (
+            row.key.as_str(),
+            row.sessions,
+            row.energy_wh,
+            row.excl_vat.as_str(),
+            row.vat.as_str(),
+            row.incl_vat.as_str()
+        ),
+        ("(none)", 1, 10_000, "3.00", "0.35", "3.35")
+    );
+    assert!(rep.csv.starts_with("key,currency,sessions"));
+    let by_charger = b
+        .revenue_report(v1::RevenueReportRequest {
+            from: String::new(),
+            to: String::new(),
+            by: "charger".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(by_charger.rows[0].key, "CP-1");
+    let none = b
+        .revenue_report(v1::RevenueReportRequest {
+            from: "2001-01-01T00:00:00Z".into(),
+            to: "2001-02-01T00:00:00Z".into(),
+            by: "month".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(none.rows.is_empty());
+    let err = b
+        .revenue_report(v1::RevenueReportRequest {
+            from: String::new(),
+            to: String::new(),
+            by: "planet".into(),
+        })
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("planet"));
     // A refund is a reversing posting: the site's revenue returns to zero.
     b.refund_cdr(v1::RefundCdrRequest {
         id: "tx-1".into(),
@@ -155,6 +208,16 @@ async fn an_ended_session_is_billed_once_and_the_ledger_balances() {
         .into_inner()
         .balances;
     assert!(bal.iter().all(|x| x.amount == "0.00"), "{bal:?}");
+    let rep = b
+        .revenue_report(v1::RevenueReportRequest {
+            from: String::new(),
+            to: String::new(),
+            by: "site".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(rep.rows.is_empty(), "a refunded session is no revenue: {:?}", rep.rows);
 }
 
 #[tokio::test]

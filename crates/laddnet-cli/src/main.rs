@@ -65,6 +65,9 @@ enum Cmd {
     /// The revenue ledger.
     #[command(subcommand)]
     Ledger(LedgerCmd),
+    /// Revenue reports.
+    #[command(subcommand)]
+    Revenue(RevenueCmd),
     /// Who the node thinks you are.
     Whoami,
     /// Print shell completions.
@@ -294,6 +297,22 @@ enum CdrsCmd {
         id: String,
         #[arg(long)]
         reason: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum RevenueCmd {
+    /// Revenue of posted CDRs stopped in [--from, --to), grouped.
+    Report {
+        #[arg(long, default_value = "")]
+        from: String,
+        #[arg(long, default_value = "")]
+        to: String,
+        #[arg(long, default_value = "site", value_parser = ["operator", "site", "charger", "tariff", "day", "month"])]
+        by: String,
+        /// Print CSV instead of a table.
+        #[arg(long)]
+        csv: bool,
     },
 }
 
@@ -850,6 +869,48 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Tariffs(cmd) => tariffs_cmd(out, cfg, cmd).await?,
         Cmd::Cdrs(cmd) => cdrs_cmd(out, cfg, cmd).await?,
         Cmd::Ledger(cmd) => ledger_cmd(out, cfg, cmd).await?,
+        Cmd::Revenue(RevenueCmd::Report { from, to, by, csv }) => {
+            let r = billing(cfg)
+                .await?
+                .revenue_report(v1::RevenueReportRequest {
+                    from,
+                    to,
+                    by: by.clone(),
+                })
+                .await?
+                .into_inner();
+            if csv {
+                print!("{}", r.csv);
+            } else {
+                emit(
+                    out,
+                    json!({"by": by, "rows": r.rows.iter().map(|x| json!({"key": x.key, "currency": x.currency, "sessions": x.sessions, "energy_wh": x.energy_wh, "excl_vat": x.excl_vat, "vat": x.vat, "incl_vat": x.incl_vat})).collect::<Vec<_>>()}),
+                    &[
+                        &by.to_ascii_uppercase(),
+                        "CURRENCY",
+                        "SESSIONS",
+                        "KWH",
+                        "EXCL VAT",
+                        "VAT",
+                        "INCL VAT",
+                    ],
+                    r.rows
+                        .iter()
+                        .map(|x| {
+                            vec![
+                                x.key.clone(),
+                                x.currency.clone(),
+                                x.sessions.to_string(),
+                                format!("{}.{:03}", x.energy_wh / 1000, x.energy_wh % 1000),
+                                x.excl_vat.clone(),
+                                x.vat.clone(),
+                                x.incl_vat.clone(),
+                            ]
+                        })
+                        .collect(),
+                );
+            }
+        }
         Cmd::Chargers(ChargersCmd::Show { charger_id }) => {
             let mut c = OperatorServiceClient::new(channel(cfg).await?);
             let ch = c.get_charger(v1::GetChargerRequest { charger_id }).await?.into_inner();

@@ -17,6 +17,7 @@
 
 pub mod cdr;
 pub mod ledger;
+pub mod report;
 pub mod tariffs;
 
 use laddnet_core::{ErrorKind, HasKind};

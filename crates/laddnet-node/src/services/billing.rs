@@ -278,6 +278,35 @@ impl BillingService for Billing {
         }))
     }
 
+    async fn revenue_report(
+        &self,
+        req: Request<v1::RevenueReportRequest>,
+    ) -> Result<Response<v1::RevenueReportResponse>, Status> {
+        require_role(&self.state, &req, READ, Role::can_read_billing)?;
+        let r = req.into_inner();
+        let from = parse_time(&r.from, "from")?.map_or(i64::MIN, |s| s * 1000);
+        let to = parse_time(&r.to, "to")?.map_or(i64::MAX, |s| s * 1000);
+        let by = laddnet_ledger::report::GroupBy::parse(if r.by.is_empty() { "site" } else { &r.by })
+            .map_err(crate::status::to_status)?;
+        let store = self.state.store.clone();
+        let rows = blocking(move || laddnet_ledger::report::revenue(store.as_ref(), from, to, by)).await?;
+        Ok(Response::new(v1::RevenueReportResponse {
+            csv: laddnet_ledger::report::to_csv(&rows),
+            rows: rows
+                .into_iter()
+                .map(|x| v1::RevenueRow {
+                    key: x.key,
+                    currency: x.currency,
+                    sessions: x.sessions,
+                    energy_wh: x.energy_wh,
+                    excl_vat: x.excl_vat.to_string(),
+                    vat: x.vat.to_string(),
+                    incl_vat: x.incl_vat.to_string(),
+                })
+                .collect(),
+        }))
+    }
+
     async fn verify_ledger(
         &self,
         req: Request<v1::VerifyLedgerRequest>,

@@ -1,0 +1,144 @@
+//! Money benchmarks, each beside a baseline measured in the same run,
+//! interleaved (baseline, laddnet, baseline, laddnet, …), median of the
+//! pairs. Prints a Markdown table; `scripts/bench-money.sh` puts it in
+//! docs/performance.md. Not a test: nothing here asserts a time.
+//!
+//! - ledger posting (a CDR: 3 entries, 3 atomic adds, the idempotency key,
+//!   one durable commit) vs a raw durable single-row commit of the store;
+//! - the cost engine on a 480-sample session under a 4-element tariff vs a
+//!   plain pass over the same readings.
+
+use std::time::{Duration, Instant};
+
+use laddnet_core::cost::{Reading, price};
+use laddnet_core::tariff::Tariff;
+use laddnet_ledger::cdr::Cdr;
+use laddnet_store::{RedbStore, Store, StoreExt};
+use rust_decimal::Decimal;
+
+const PAIRS: usize = 7;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn per_second(n: usize, d: Duration) -> f64 {
+    n as f64 / d.as_secs_f64()
+}
+
+fn cdr(i: usize) -> Cdr {
+    Cdr {
+        id: format!("bench-{i}"),
+        charger_id: "CP-1".into(),
+        connector_id: 1,
+        site_id: Some("site-1".into()),
+        driver_ref: None,
+        start_ms: 0,
+        stop_ms: 3_600_000,
+        meter_start_wh: 0,
+        meter_stop_wh: 22_000,
+        energy_wh: 22_000,
+        charging_s: Decimal::from(3600),
+        idle_s: Decimal::ZERO,
+        tariff_id: Some("t".into()),
+        tariff_version: Some(1),
+        currency: "EUR".into(),
+        periods: vec![],
+        lines: vec![],
+        total_excl_vat: Decimal::new(1050, 2),
+        total_incl_vat: Decimal::new(1313, 2),
+        total_vat: Decimal::new(263, 2),
+        flags: vec![],
+        review_required: false,
+        approved: false,
+        stop_reason: String::new(),
+        created_at: 0,
+        content_hash: String::new(),
+    }
+}
+
+fn main() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = RedbStore::open(dir.path().join("bench.redb")).expect("store");
+    let n_commit = 200;
+    let (mut raw, mut posting) = (Vec::new(), Vec::new());
+    let mut next = 0usize;
+    for _ in 0..PAIRS {
+        let t = Instant::now();
+        for i in 0..n_commit {
+            store
+                .transact(|tx| tx.set(format!("raw-{next}-{i}").as_bytes(), b"x"))
+                .expect("commit");
+        }
+        raw.push(per_second(n_commit, t.elapsed()));
+        let t = Instant::now();
+        for _ in 0..n_commit {
+            let c = cdr(next);
+            next += 1;
+            store
+                .run(&mut |tx| {
+                    laddnet_ledger::ledger::post_cdr(tx, &c)
+                        .map(|_| ())
+                        .map_err(|e| laddnet_store::StoreError::Internal(e.to_string()))
+                })
+                .expect("post");
+        }
+        posting.push(per_second(n_commit, t.elapsed()));
+    }
+    let v = laddnet_ledger::ledger::verify(&store).expect("verify");
+    assert!(v.problems.is_empty(), "{:?}", v.problems);
+
+    let tariff = Tariff::parse_json(
+        r#"{"id":"bench","currency":"EUR","elements":[
+        {"price_components":[{"type":"FLAT","price":0.50,"vat":25,"step_size":1}]},
+        {"price_components":[{"type":"ENERGY","price":0.45,"vat":25,"step_size":1}],"restrictions":{"start_time":"07:00","end_time":"21:00"}},
+        {"price_components":[{"type":"ENERGY","price":0.32,"vat":25,"step_size":1}]},
+        {"price_components":[{"type":"PARKING_TIME","price":6.00,"vat":25,"step_size":300}],"restrictions":{"min_duration":3600}}]}"#,
+    )
+    .expect("tariff");
+    let tz: chrono_tz::Tz = "Europe/Stockholm".parse().expect("tz");
+    // 480 samples, one a minute, 8 hours from 17:00 local: crosses 21:00.
+    let readings: Vec<Reading> = (0..480)
+        .map(|i| Reading {
+            at_ms: 1_781_190_000_000 + i * 60_000,
+            energy_wh: 1_000_000 + (i as u64) * 180,
+            current_ma: 16_000,
+        })
+        .collect();
+    let rounds = 2_000;
+    let (mut pass, mut engine) = (Vec::new(), Vec::new());
+    let mut sink = 0u64;
+    for _ in 0..PAIRS {
+        let t = Instant::now();
+        for _ in 0..rounds {
+            sink = sink.wrapping_add(
+                readings
+                    .windows(2)
+                    .map(|w| w[1].energy_wh - w[0].energy_wh)
+                    .sum::<u64>(),
+            );
+            std::hint::black_box(&readings);
+        }
+        pass.push(t.elapsed().as_secs_f64() * 1e6 / rounds as f64);
+        let t = Instant::now();
+        for _ in 0..rounds {
+            let c = price(std::hint::black_box(&tariff), std::hint::black_box(&readings), &tz).expect("price");
+            sink = sink.wrapping_add(c.lines.len() as u64);
+        }
+        engine.push(t.elapsed().as_secs_f64() * 1e6 / rounds as f64);
+    }
+    std::hint::black_box(sink);
+    let (raw, posting, pass, engine) = (median(raw), median(posting), median(pass), median(engine));
+    println!("| figure | laddnet | baseline (same run) | ratio |");
+    println!("|---|---|---|---|");
+    println!(
+        "| ledger postings per second (durable) | {posting:.0} | raw single-row durable commits: {raw:.0}/s | {:.2} |",
+        posting / raw
+    );
+    println!(
+        "| cost of a 480-sample session, 4-element tariff | {engine:.1} µs ({:.2} M samples/s) | plain pass over the readings: {pass:.2} µs | {:.0}× |",
+        480.0 / engine,
+        engine / pass
+    );
+}
