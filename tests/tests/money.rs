@@ -72,7 +72,35 @@ async fn an_ended_session_is_billed_once_and_the_ledger_balances() {
         events.push(tx_event("tx-1", i, T::Updated, 20_000 + i * 1000, i as i64 * 6));
     }
     events.push(tx_event("tx-1", 10, T::Ended, 30_000, 60));
-    for e in &events {
+    // The charger sees the running cost in each ack: after 6 kWh it is
+    // 0.50 + 1.50 = 2.00 excl, 0.60 + 1.65 = 2.25 incl.
+    for e in &events[..6] {
+        assert!(cp.event(e.clone()).await.unwrap());
+    }
+    let ack = cp
+        .request(v1::charger_message::Payload::Transaction(tx_event(
+            "tx-1",
+            6,
+            T::Updated,
+            26_000,
+            36,
+        )))
+        .await
+        .unwrap();
+    let Some(v1::central_message::Payload::TransactionAck(ack)) = ack.payload else {
+        panic!("{ack:?}")
+    };
+    assert_eq!(
+        (
+            ack.currency.as_str(),
+            ack.running_cost_excl_vat.as_str(),
+            ack.running_cost_incl_vat.as_str()
+        ),
+        ("EUR", "2.00", "2.25")
+    );
+    let live = node.session("tx-1").await.unwrap();
+    assert_eq!((live.currency.as_str(), live.cost_excl_vat.as_str()), ("EUR", "2.00"));
+    for e in &events[7..] {
         assert!(cp.event(e.clone()).await.unwrap());
     }
     let c = wait_cdr(&mut b, "tx-1", 10).await;

@@ -112,6 +112,17 @@ pub struct Applied {
     pub record: SessionRecord,
     /// The event had been accepted before (a replay): nothing changed.
     pub duplicate: bool,
+    /// The session's running cost after this event, when a tariff applies.
+    pub running_cost: Option<RunningCost>,
+}
+
+/// A live session's cost so far (before step rounding, which happens when
+/// it ends).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunningCost {
+    pub currency: String,
+    pub excl_vat: rust_decimal::Decimal,
+    pub incl_vat: rust_decimal::Decimal,
 }
 
 /// Validates an event's fields before anything is stored.
@@ -150,6 +161,7 @@ pub fn apply_event(
             return Ok(Applied {
                 record,
                 duplicate: true,
+                running_cost: None,
             });
         }
         put(tx, &ek, e)?;
@@ -193,6 +205,7 @@ pub fn apply_event(
         Ok(Applied {
             record,
             duplicate: false,
+            running_cost: None,
         })
     })
 }

@@ -9,7 +9,10 @@ use laddnet_core::charging::{SessionRecord, SessionStatus, TxEvent};
 use laddnet_store::SharedStore;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
-use crate::repo::{self, Applied, RepoError};
+use laddnet_core::cost::{Meter, Reading};
+use laddnet_core::tariff::Tariff;
+
+use crate::repo::{self, Applied, RepoError, RunningCost};
 
 pub struct SessionActor;
 
@@ -28,6 +31,88 @@ pub struct SessionState {
     args: SessionArgs,
     record: Option<SessionRecord>,
     last_event: Instant,
+    pricing: Option<LivePricing>,
+    /// Whether a tariff lookup has been done (none may apply).
+    priced: bool,
+    running: Option<RunningCost>,
+}
+
+/// The running cost, kept incrementally: each new reading's periods are
+/// added to the meter (pricing in pieces equals pricing whole).
+struct LivePricing {
+    tariff: Tariff,
+    tz: chrono_tz::Tz,
+    first: Reading,
+    last: Reading,
+    meter: Meter,
+}
+
+impl LivePricing {
+    fn running(&self) -> RunningCost {
+        let c = self.meter.cost(&self.tariff, false);
+        RunningCost {
+            currency: c.currency,
+            excl_vat: c.total_excl_vat,
+            incl_vat: c.total_incl_vat,
+        }
+    }
+}
+
+/// Builds the pricing of a session from everything stored for it.
+fn load_pricing(store: &SharedStore, tx_id: &str) -> Result<Option<LivePricing>, RepoError> {
+    let gone = |e: laddnet_ledger::LedgerError| RepoError::Gone(e.to_string());
+    let Some(s) = repo::get_session(store.as_ref(), tx_id)? else {
+        return Ok(None);
+    };
+    let readings = laddnet_ledger::cdr::readings(store.as_ref(), tx_id).map_err(gone)?;
+    let Some(first) = readings.first().copied() else {
+        return Ok(None);
+    };
+    let ctx = laddnet_ledger::cdr::pricing_context(store.as_ref(), &s, first.at_ms).map_err(gone)?;
+    let Some(tariff) = ctx.tariff else { return Ok(None) };
+    let periods = laddnet_core::cost::periods(&tariff, &readings, &ctx.tz, first.at_ms, first.energy_wh)
+        .map_err(|e| RepoError::Invalid(e.to_string()))?;
+    let mut meter = Meter::start(&tariff, first, &ctx.tz);
+    for p in &periods {
+        meter.add(&tariff, p);
+    }
+    let last = *readings.last().unwrap_or(&first);
+    Ok(Some(LivePricing {
+        tariff,
+        tz: ctx.tz,
+        first,
+        last,
+        meter,
+    }))
+}
+
+impl SessionState {
+    async fn update_pricing(&mut self, reading: Reading) {
+        let in_order = matches!(&self.pricing, Some(p) if reading.at_ms >= p.last.at_ms);
+        if in_order {
+            if let Some(p) = &mut self.pricing
+                && let Ok(new) =
+                    laddnet_core::cost::periods(&p.tariff, &[p.last, reading], &p.tz, p.first.at_ms, p.first.energy_wh)
+            {
+                for x in &new {
+                    p.meter.add(&p.tariff, x);
+                }
+                p.last = reading;
+            }
+        } else if self.pricing.is_some() || !self.priced {
+            // First event of this actor's life, or one out of time order:
+            // rebuild from the store.
+            let (store, id) = (self.args.store.clone(), self.args.transaction_id.clone());
+            match blocking(move || load_pricing(&store, &id)).await {
+                Ok(p) => self.pricing = p,
+                Err(e) => {
+                    tracing::warn!(transaction_id = %self.args.transaction_id, error = %e, "running cost unavailable")
+                }
+            }
+            self.priced = true;
+        }
+        self.running = self.pricing.as_ref().map(LivePricing::running);
+    }
 }
 
 /// Faults a test can inject (feature `fault-injection`).
@@ -70,6 +155,9 @@ impl Actor for SessionActor {
             args,
             record,
             last_event: Instant::now(),
+            pricing: None,
+            priced: false,
+            running: None,
         })
     }
 
@@ -84,11 +172,20 @@ impl Actor for SessionActor {
                 let a = &state.args;
                 let (store, charger, site, max) =
                     (a.store.clone(), a.charger_id.clone(), a.site_id.clone(), a.max_power_w);
-                let result =
+                let reading = Reading {
+                    at_ms: event.at_ms,
+                    energy_wh: event.meter.energy_wh,
+                    current_ma: event.meter.current_ma,
+                };
+                let mut result =
                     blocking(move || repo::apply_event(store.as_ref(), &charger, site.as_deref(), max, &event)).await;
-                if let Ok(applied) = &result {
+                if let Ok(applied) = &mut result {
                     state.record = Some(applied.record.clone());
                     state.last_event = Instant::now();
+                    if !applied.duplicate && applied.record.status != SessionStatus::Ended {
+                        state.update_pricing(reading).await;
+                    }
+                    applied.running_cost = state.running.clone();
                 }
                 let ended = matches!(&result, Ok(a) if a.record.status == SessionStatus::Ended && !a.duplicate);
                 let foreign = matches!(&result, Err(RepoError::ForeignTransaction(_)));

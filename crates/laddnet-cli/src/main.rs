@@ -562,6 +562,7 @@ fn session_json(s: &v1::Session) -> Value {
         "duration_s": s.duration_s, "samples": s.samples, "last_seq": s.last_seq, "missing_events": s.missing_events,
         "soc_percent": s.soc_percent, "flags": s.flags, "stop_reason": s.stop_reason,
         "meter_start_wh": s.meter_start_wh, "meter_stop_wh": s.meter_stop_wh,
+        "currency": s.currency, "cost_excl_vat": s.cost_excl_vat, "cost_incl_vat": s.cost_incl_vat,
     })
 }
 
@@ -581,6 +582,11 @@ fn session_row(s: &v1::Session) -> Vec<String> {
             s.duration_s % 60
         ),
         s.soc_percent.map(|p| format!("{p}%")).unwrap_or_default(),
+        if s.currency.is_empty() {
+            String::new()
+        } else {
+            format!("{} {}", s.cost_incl_vat, s.currency)
+        },
         s.flags.join(","),
     ]
 }
@@ -1068,7 +1074,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await?
                 .into_inner();
             // A stream has no end to align a table at: fixed widths.
-            const W: [usize; 9] = [24, 10, 4, 11, 9, 6, 9, 4, 0];
+            const W: [usize; 10] = [24, 10, 4, 11, 9, 6, 9, 4, 12, 0];
             let line = |cells: Vec<String>| {
                 cells
                     .iter()

@@ -314,103 +314,131 @@ pub fn running_cost(t: &Tariff, readings: &[Reading], tz: &Tz) -> Result<Cost, C
 fn price_with(t: &Tariff, readings: &[Reading], tz: &Tz, ended: bool) -> Result<Cost, CostError> {
     let first = *readings.first().ok_or(CostError::Empty)?;
     let periods = periods(t, readings, tz, first.at_ms, first.energy_wh)?;
-    let mut lines: Vec<CostLine> = Vec::new();
-    // FLAT: once, by the element matching at the start.
-    let start_state = State {
-        local: local(tz, Decimal::from(first.at_ms)),
-        energy_kwh: Decimal::ZERO,
-        duration_s: Decimal::ZERO,
-        power_kw: Decimal::ZERO,
-        current_a: Decimal::from(first.current_ma) / Decimal::from(1000),
-    };
-    if let Some(i) = element_for(t, Dimension::Flat, &start_state) {
-        push(&mut lines, t, Dimension::Flat, i, Decimal::ONE);
-    }
+    let mut meter = Meter::start(t, first, tz);
     for p in &periods {
+        meter.add(t, p);
+    }
+    let mut cost = meter.cost(t, ended);
+    cost.periods = periods;
+    Ok(cost)
+}
+
+/// A session's cost as it accumulates: periods are added as they are
+/// priced, so a live session's running cost costs O(1) per reading.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Meter {
+    lines: Vec<CostLine>,
+}
+
+impl Meter {
+    /// A meter for a session starting at `first` (FLAT is decided here).
+    pub fn start(t: &Tariff, first: Reading, tz: &Tz) -> Meter {
+        let mut lines = Vec::new();
+        let start_state = State {
+            local: local(tz, Decimal::from(first.at_ms)),
+            energy_kwh: Decimal::ZERO,
+            duration_s: Decimal::ZERO,
+            power_kw: Decimal::ZERO,
+            current_a: Decimal::from(first.current_ma) / Decimal::from(1000),
+        };
+        if let Some(i) = element_for(t, Dimension::Flat, &start_state) {
+            push(&mut lines, t, Dimension::Flat, i, Decimal::ONE);
+        }
+        Meter { lines }
+    }
+
+    /// Adds one priced period.
+    pub fn add(&mut self, t: &Tariff, p: &ChargingPeriod) {
         let secs = (p.end_ms - p.start_ms) / Decimal::from(1000);
         if let Some(i) = p.energy_element {
-            push(&mut lines, t, Dimension::Energy, i, p.energy_wh);
+            push(&mut self.lines, t, Dimension::Energy, i, p.energy_wh);
         }
         if let Some(i) = p.time_element {
-            push(&mut lines, t, Dimension::Time, i, secs);
+            push(&mut self.lines, t, Dimension::Time, i, secs);
         }
         if let Some(i) = p.parking_element {
-            push(&mut lines, t, Dimension::ParkingTime, i, secs);
+            push(&mut self.lines, t, Dimension::ParkingTime, i, secs);
         }
     }
-    // Step size: once per dimension, on the last line that priced it.
-    let mut time_surplus = Decimal::ZERO;
-    let dims: &[Dimension] = if ended {
-        &[Dimension::Energy, Dimension::Time, Dimension::ParkingTime]
-    } else {
-        &[]
-    };
-    for &dim in dims {
-        let total: Decimal = lines.iter().filter(|l| l.dimension == dim).map(|l| l.volume).sum();
-        let Some(last) = lines.iter_mut().rev().find(|l| l.dimension == dim) else {
-            continue;
+
+    /// The cost so far (`ended`: with step rounding, as the final cost).
+    /// The result's `periods` is empty; [`price`] fills it.
+    pub fn cost(&self, t: &Tariff, ended: bool) -> Cost {
+        let mut lines = self.lines.clone();
+        // Step size: once per dimension, on the last line that priced it.
+        let mut time_surplus = Decimal::ZERO;
+        let dims: &[Dimension] = if ended {
+            &[Dimension::Energy, Dimension::Time, Dimension::ParkingTime]
+        } else {
+            &[]
         };
-        let step = Decimal::from(component(t, dim, last.element).map_or(1, |c| c.step_size.max(1)));
-        let billed = (total / step).ceil() * step;
-        if dim == Dimension::ParkingTime && total > Decimal::ZERO && total <= time_surplus {
-            for l in lines.iter_mut().filter(|l| l.dimension == dim) {
-                l.billed_volume = Decimal::ZERO;
+        for &dim in dims {
+            let total: Decimal = lines.iter().filter(|l| l.dimension == dim).map(|l| l.volume).sum();
+            let Some(last) = lines.iter_mut().rev().find(|l| l.dimension == dim) else {
+                continue;
+            };
+            let step = Decimal::from(component(t, dim, last.element).map_or(1, |c| c.step_size.max(1)));
+            let billed = (total / step).ceil() * step;
+            if dim == Dimension::ParkingTime && total > Decimal::ZERO && total <= time_surplus {
+                for l in lines.iter_mut().filter(|l| l.dimension == dim) {
+                    l.billed_volume = Decimal::ZERO;
+                }
+                continue;
             }
-            continue;
+            last.billed_volume += billed - total;
+            if dim == Dimension::Time {
+                time_surplus = billed - total;
+            }
         }
-        last.billed_volume += billed - total;
-        if dim == Dimension::Time {
-            time_surplus = billed - total;
+        let (mut excl, mut incl) = (Decimal::ZERO, Decimal::ZERO);
+        for l in &mut lines {
+            let units = match l.dimension {
+                Dimension::Energy => l.billed_volume / Decimal::from(1000),
+                Dimension::Time | Dimension::ParkingTime => l.billed_volume / Decimal::from(3600),
+                Dimension::Flat => l.billed_volume,
+            };
+            l.excl_vat = units * l.price;
+            l.incl_vat = match l.vat {
+                Some(v) => l.excl_vat * (Decimal::ONE + v / Decimal::from(100)),
+                None => l.excl_vat,
+            };
+            excl += l.excl_vat;
+            incl += l.incl_vat;
+        }
+        let (subtotal_excl_vat, subtotal_incl_vat) = (excl, incl);
+        // Each bound holds on its own; validation guarantees an incl.-VAT bound
+        // wherever VAT applies, so without one incl equals excl.
+        let (mut min_applied, mut max_applied) = (false, false);
+        if let Some(min) = &t.min_price {
+            let min_incl = min.incl_vat.unwrap_or(min.excl_vat);
+            if excl < min.excl_vat || incl < min_incl {
+                min_applied = true;
+            }
+            excl = excl.max(min.excl_vat);
+            incl = incl.max(min_incl);
+        }
+        if let Some(max) = &t.max_price {
+            let max_incl = max.incl_vat.unwrap_or(max.excl_vat);
+            if excl > max.excl_vat || incl > max_incl {
+                max_applied = true;
+            }
+            excl = excl.min(max.excl_vat);
+            incl = incl.min(max_incl);
+        }
+        let dp = currency_exponent(&t.currency);
+        let round = |d: Decimal| d.round_dp_with_strategy(dp, RoundingStrategy::MidpointAwayFromZero);
+        Cost {
+            currency: t.currency.clone(),
+            periods: Vec::new(),
+            lines,
+            subtotal_excl_vat,
+            subtotal_incl_vat,
+            total_excl_vat: round(excl),
+            total_incl_vat: round(incl),
+            min_price_applied: min_applied,
+            max_price_applied: max_applied,
         }
     }
-    let (mut excl, mut incl) = (Decimal::ZERO, Decimal::ZERO);
-    for l in &mut lines {
-        let units = match l.dimension {
-            Dimension::Energy => l.billed_volume / Decimal::from(1000),
-            Dimension::Time | Dimension::ParkingTime => l.billed_volume / Decimal::from(3600),
-            Dimension::Flat => l.billed_volume,
-        };
-        l.excl_vat = units * l.price;
-        l.incl_vat = match l.vat {
-            Some(v) => l.excl_vat * (Decimal::ONE + v / Decimal::from(100)),
-            None => l.excl_vat,
-        };
-        excl += l.excl_vat;
-        incl += l.incl_vat;
-    }
-    let (subtotal_excl_vat, subtotal_incl_vat) = (excl, incl);
-    // Each bound holds on its own; validation guarantees an incl.-VAT bound
-    // wherever VAT applies, so without one incl equals excl.
-    let (mut min_applied, mut max_applied) = (false, false);
-    if let Some(min) = &t.min_price {
-        let min_incl = min.incl_vat.unwrap_or(min.excl_vat);
-        if excl < min.excl_vat || incl < min_incl {
-            min_applied = true;
-        }
-        excl = excl.max(min.excl_vat);
-        incl = incl.max(min_incl);
-    }
-    if let Some(max) = &t.max_price {
-        let max_incl = max.incl_vat.unwrap_or(max.excl_vat);
-        if excl > max.excl_vat || incl > max_incl {
-            max_applied = true;
-        }
-        excl = excl.min(max.excl_vat);
-        incl = incl.min(max_incl);
-    }
-    let dp = currency_exponent(&t.currency);
-    let round = |d: Decimal| d.round_dp_with_strategy(dp, RoundingStrategy::MidpointAwayFromZero);
-    Ok(Cost {
-        currency: t.currency.clone(),
-        periods,
-        lines,
-        subtotal_excl_vat,
-        subtotal_incl_vat,
-        total_excl_vat: round(excl),
-        total_incl_vat: round(incl),
-        min_price_applied: min_applied,
-        max_price_applied: max_applied,
-    })
 }
 
 fn component(t: &Tariff, dim: Dimension, element: usize) -> Option<&crate::tariff::PriceComponent> {

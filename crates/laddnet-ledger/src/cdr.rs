@@ -117,7 +117,7 @@ pub fn between(store: &dyn Store, from_ms: i64, to_ms: i64) -> Result<Vec<Cdr>, 
 }
 
 /// The session's readings, in order, read in pages (a session may be long).
-fn readings(store: &dyn Store, tx_id: &str) -> Result<Vec<Reading>, LedgerError> {
+pub fn readings(store: &dyn Store, tx_id: &str) -> Result<Vec<Reading>, LedgerError> {
     let (b, e) = keys::tuple_range(&("session-event", tx_id));
     let mut out = Vec::new();
     let mut from = b;
@@ -149,18 +149,16 @@ pub struct BillingDefaults {
     pub currency: String,
 }
 
-/// Writes the CDR of an ended session and posts it, exactly once. A second
-/// call (a retry, a restart) returns the CDR already written.
-pub fn bill_session(store: &dyn Store, tx_id: &str, defaults: &BillingDefaults) -> Result<Cdr, LedgerError> {
-    if let Some(c) = get_cdr(store, tx_id)? {
-        return Ok(c);
-    }
-    let s: SessionRecord = store
-        .snapshot(|tx| get(tx, &keys::pack(&("session", tx_id))))?
-        .ok_or_else(|| LedgerError::NotFound(format!("session {tx_id}")))?;
-    if s.status != SessionStatus::Ended {
-        return Err(LedgerError::Precondition(format!("session {tx_id} has not ended")));
-    }
+/// What prices a session: its tariff (if any assignment applies) and its
+/// site's time zone.
+#[derive(Debug, Clone)]
+pub struct PricingContext {
+    pub tariff: Option<laddnet_core::tariff::Tariff>,
+    pub tz: Tz,
+}
+
+/// Finds the tariff in force when the session started, at its site's time zone.
+pub fn pricing_context(store: &dyn Store, s: &SessionRecord, start_ms: i64) -> Result<PricingContext, LedgerError> {
     let site: Option<serde_json::Value> = match &s.site_id {
         Some(id) => store.snapshot(|tx| get(tx, &keys::pack(&("site", id.as_str()))))?,
         None => None,
@@ -182,12 +180,6 @@ pub fn bill_session(store: &dyn Store, tx_id: &str, defaults: &BillingDefaults) 
                 .map(|k| k["connector_type"] == "ac")
         })
         .unwrap_or(true);
-    let mut r = readings(store, tx_id)?;
-    // Bill to the end reading: events after the end are kept, not re-billed.
-    if let Some(end) = s.ended {
-        r.retain(|x| x.at_ms <= end.at_ms);
-    }
-    let start_ms = r.first().map_or(s.first.at_ms, |x| x.at_ms);
     let tariff = tariffs::resolve(
         store,
         &s.charger_id,
@@ -195,6 +187,45 @@ pub fn bill_session(store: &dyn Store, tx_id: &str, defaults: &BillingDefaults) 
         ac,
         start_ms.div_euclid(1000),
     )?;
+    Ok(PricingContext { tariff, tz })
+}
+
+/// What a session costs now: the CDR's totals once billed, else the
+/// running cost (before step rounding). None when no tariff applies.
+pub fn estimate(store: &dyn Store, tx_id: &str) -> Result<Option<(String, Decimal, Decimal)>, LedgerError> {
+    if let Some(c) = get_cdr(store, tx_id)? {
+        return Ok(Some((c.currency, c.total_excl_vat, c.total_incl_vat)));
+    }
+    let Some(s): Option<SessionRecord> = store.snapshot(|tx| get(tx, &keys::pack(&("session", tx_id))))? else {
+        return Ok(None);
+    };
+    let r = readings(store, tx_id)?;
+    let Some(first) = r.first() else { return Ok(None) };
+    let ctx = pricing_context(store, &s, first.at_ms)?;
+    let Some(t) = ctx.tariff else { return Ok(None) };
+    let c = laddnet_core::cost::running_cost(&t, &r, &ctx.tz).map_err(|e| LedgerError::Invalid(e.to_string()))?;
+    Ok(Some((c.currency, c.total_excl_vat, c.total_incl_vat)))
+}
+
+/// Writes the CDR of an ended session and posts it, exactly once. A second
+/// call (a retry, a restart) returns the CDR already written.
+pub fn bill_session(store: &dyn Store, tx_id: &str, defaults: &BillingDefaults) -> Result<Cdr, LedgerError> {
+    if let Some(c) = get_cdr(store, tx_id)? {
+        return Ok(c);
+    }
+    let s: SessionRecord = store
+        .snapshot(|tx| get(tx, &keys::pack(&("session", tx_id))))?
+        .ok_or_else(|| LedgerError::NotFound(format!("session {tx_id}")))?;
+    if s.status != SessionStatus::Ended {
+        return Err(LedgerError::Precondition(format!("session {tx_id} has not ended")));
+    }
+    let mut r = readings(store, tx_id)?;
+    // Bill to the end reading: events after the end are kept, not re-billed.
+    if let Some(end) = s.ended {
+        r.retain(|x| x.at_ms <= end.at_ms);
+    }
+    let start_ms = r.first().map_or(s.first.at_ms, |x| x.at_ms);
+    let PricingContext { tariff, tz } = pricing_context(store, &s, start_ms)?;
     let mut flags: Vec<String> = s
         .flags
         .iter()

@@ -401,11 +401,18 @@ async fn handle_message(
                         &state.metrics.events_accepted
                     };
                     counter.fetch_add(1, Ordering::Relaxed);
+                    let (currency, excl, incl) = match &applied.running_cost {
+                        Some(c) => (c.currency.clone(), c.excl_vat.to_string(), c.incl_vat.to_string()),
+                        None => Default::default(),
+                    };
                     out(
                         id,
                         Out::TransactionAck(v1::TransactionAck {
                             transaction_id: tx_id,
                             seq,
+                            currency,
+                            running_cost_excl_vat: excl,
+                            running_cost_incl_vat: incl,
                         }),
                     )
                 }

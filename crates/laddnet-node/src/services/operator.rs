@@ -99,7 +99,20 @@ pub(crate) fn session_proto(r: &SessionRecord, now_ms: i64) -> v1::Session {
         stop_reason: r.stop_reason.clone(),
         meter_start_wh: r.first.energy_wh,
         meter_stop_wh: r.ended.map(|p| p.energy_wh).unwrap_or_default(),
+        currency: String::new(),
+        cost_excl_vat: String::new(),
+        cost_incl_vat: String::new(),
     }
+}
+
+/// Adds the session's cost (final once billed, else running) to its view.
+fn with_cost(store: &laddnet_store::SharedStore, mut p: v1::Session) -> v1::Session {
+    if let Ok(Some((currency, excl, incl))) = laddnet_ledger::cdr::estimate(store.as_ref(), &p.transaction_id) {
+        p.currency = currency;
+        p.cost_excl_vat = excl.to_string();
+        p.cost_incl_vat = incl.to_string();
+    }
+    p
 }
 
 fn now_ms() -> i64 {
@@ -309,13 +322,17 @@ impl OperatorService for Operator {
             Some(ChargerId::new(r.charger_id).map_err(invalid)?.to_string())
         };
         let store = self.state.store.clone();
-        let (rows, more) =
-            blocking(move || repo::list_sessions(store.as_ref(), status, charger.as_deref(), after.as_deref(), limit))
-                .await?;
-        let now = now_ms();
+        let (last, more, sessions) = blocking(move || {
+            let (rows, more) =
+                repo::list_sessions(store.as_ref(), status, charger.as_deref(), after.as_deref(), limit)?;
+            let now = now_ms();
+            let sessions: Vec<v1::Session> = rows.iter().map(|s| with_cost(&store, session_proto(s, now))).collect();
+            Ok::<_, RepoError>((rows.last().map(|s| s.transaction_id.clone()), more, sessions))
+        })
+        .await?;
         Ok(Response::new(v1::ListSessionsResponse {
-            next_page_token: page_token(rows.last().map(|s| s.transaction_id.as_str()), more),
-            sessions: rows.iter().map(|s| session_proto(s, now)).collect(),
+            next_page_token: page_token(last.as_deref(), more),
+            sessions,
         }))
     }
 
@@ -329,7 +346,11 @@ impl OperatorService for Operator {
         let key = id.clone();
         let rec = blocking(move || repo::get_session(store.as_ref(), &key)).await?;
         let rec = rec.ok_or_else(|| crate::status::to_status(RepoError::NotFound(format!("session {id}"))))?;
-        Ok(Response::new(session_proto(&rec, now_ms())))
+        let (store, view) = (self.state.store.clone(), session_proto(&rec, now_ms()));
+        let view = tokio::task::spawn_blocking(move || with_cost(&store, view))
+            .await
+            .map_err(|e| Status::from(NodeError::Internal(e.to_string())))?;
+        Ok(Response::new(view))
     }
 
     async fn watch_sessions(&self, req: Request<v1::WatchSessionsRequest>) -> Result<Response<WatchStream>, Status> {
@@ -355,8 +376,18 @@ impl OperatorService for Operator {
                     _ => break,
                 };
                 let now = now_ms();
-                for r in rows {
-                    let p = session_proto(&r, now);
+                let (store2, views) = (
+                    store.clone(),
+                    rows.iter().map(|r| session_proto(r, now)).collect::<Vec<_>>(),
+                );
+                let Ok(views) = tokio::task::spawn_blocking(move || {
+                    views.into_iter().map(|v| with_cost(&store2, v)).collect::<Vec<_>>()
+                })
+                .await
+                else {
+                    break;
+                };
+                for p in views {
                     let key = (p.energy_wh, p.power_w, p.status.clone(), p.duration_s);
                     if last.get(&p.transaction_id) != Some(&key) {
                         last.insert(p.transaction_id.clone(), key);
