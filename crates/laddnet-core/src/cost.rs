@@ -216,6 +216,25 @@ pub fn periods(
     }
     let b = Boundaries::of(t);
     let mut out = Vec::new();
+    // Every local time-of-day boundary (and midnight) over the session's
+    // span as UTC instants, DST applied, sorted: each segment takes its own
+    // by binary search instead of converting time zones again.
+    let mut instants: Vec<i64> = Vec::new();
+    if let (Some(first), Some(last)) = (readings.first(), readings.last()) {
+        let d0 = local(tz, Decimal::from(first.at_ms)).date() - Duration::days(1);
+        let d1 = local(tz, Decimal::from(last.at_ms)).date() + Duration::days(1);
+        let mut day = d0;
+        while day <= d1 {
+            for time in &b.times {
+                if let Some(ms) = utc_of(tz, day, *time) {
+                    instants.push(ms);
+                }
+            }
+            day += Duration::days(1);
+        }
+        instants.sort_unstable();
+        instants.dedup();
+    }
     for w in readings.windows(2) {
         let (a, z) = (w[0], w[1]);
         if z.at_ms == a.at_ms {
@@ -232,21 +251,12 @@ pub fn periods(
         // Split points as (time, cumulative energy), both exact where they are the boundary.
         let mut cuts: Vec<(Decimal, Decimal)> = vec![(t0, e0), (t1, e0 + de)];
         let energy_at = |t: Decimal| e0 + de * (t - t0) / dt;
-        let (d0, d1) = (
-            local(tz, t0).date() - Duration::days(1),
-            local(tz, t1).date() + Duration::days(1),
-        );
-        let mut day = d0;
-        while day <= d1 {
-            for time in &b.times {
-                if let Some(ms) = utc_of(tz, day, *time) {
-                    let ms = Decimal::from(ms);
-                    if ms > t0 && ms < t1 {
-                        cuts.push((ms, energy_at(ms)));
-                    }
-                }
-            }
-            day += Duration::days(1);
+        // Local-time boundaries of the whole session, found once (above).
+        let lo = instants.partition_point(|x| *x <= a.at_ms);
+        let hi = instants.partition_point(|x| *x < z.at_ms);
+        for ms in &instants[lo..hi] {
+            let ms = Decimal::from(*ms);
+            cuts.push((ms, energy_at(ms)));
         }
         for d in &b.durations_ms {
             let ms = Decimal::from(start_ms) + Decimal::from(*d);
