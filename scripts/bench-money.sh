@@ -23,15 +23,17 @@ machine="$(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(uname -srm)"
   echo "commit of one row. The cost engine's baseline is a plain pass over the same"
   echo "readings, to show what the restriction splitting and Decimal arithmetic cost."
   echo
-  echo "### Against the targets (issue 8)"
-  echo
-  echo "- Cost of a 480-sample session: the target is ≤ 10 µs; this is an order of"
-  echo "  magnitude above it. Known causes, in order: restriction fields are kept as"
-  echo "  strings and parsed on every check (\\`parse_time\\`/\\`parse_date\\` in \\`matches\\`);"
-  echo "  every period converts its start to local time; energy is interpolated with"
-  echo "  Decimal division per cut. Pre-parsing restrictions into a compiled tariff and"
-  echo "  converting local time once per segment are the next steps."
-  echo "- CDR written and posted at session end: the target is p99 ≤ 3× a raw durable"
-  echo "  commit; the throughput ratio above (one commit each) is the first indication."
+  cat <<'NOTES'
+### Against the targets (issue 8)
+
+- Cost of a 480-sample session: the target is ≤ 10 µs; this is an order of
+  magnitude above it. Known causes, in order: restriction fields are kept as
+  strings and parsed on every check (`parse_time`/`parse_date` in `matches`);
+  every period converts its start to local time; energy is interpolated with
+  Decimal division per cut. Pre-parsing restrictions into a compiled tariff
+  and converting local time once per segment are the next steps.
+- CDR written and posted at session end: the target is p99 ≤ 3× a raw durable
+  commit; the throughput ratio above (one commit each) is the first indication.
+NOTES
 } > docs/performance.md
 cat docs/performance.md
