@@ -486,3 +486,62 @@ impl TestNode {
         (creds, a)
     }
 }
+
+/// A real `laddnet node` process on the data dir `d` under `dir`, listening
+/// on free loopback ports; `env` adds overrides (`LADDNET_…`).
+pub struct NodeProcess {
+    pub child: std::process::Child,
+    pub mtls: String,
+    pub enrollment: String,
+}
+
+impl NodeProcess {
+    pub fn start(dir: &std::path::Path, env: &[(&str, &str)]) -> NodeProcess {
+        use std::io::BufRead;
+        let mut cmd = std::process::Command::new(bin("laddnet"));
+        cmd.args(["node", "--config", "d/laddnet.toml"])
+            .current_dir(dir)
+            .env("LADDNET_LISTEN__MTLS", "127.0.0.1:0")
+            .env("LADDNET_LISTEN__ENROLLMENT", "127.0.0.1:0")
+            .env_remove("LADDNET_CA_PASSPHRASE")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("laddnet node starts");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(rest) = line.strip_prefix("serving: mutual TLS on ") {
+                    let (m, e) = rest.split_once(", enrollment on ").unwrap_or((rest, ""));
+                    let _ = tx.send((m.to_string(), e.to_string()));
+                }
+            }
+        });
+        let (mtls, enrollment) = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the node printed its addresses");
+        NodeProcess {
+            child,
+            mtls,
+            enrollment,
+        }
+    }
+
+    /// SIGKILL: no shutdown, no flush, nothing.
+    pub fn kill9(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -2,50 +2,12 @@
 //! every acknowledged reading present. The node is a real `laddnet node`
 //! process; the charger is a real mutual-TLS client.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc as std_mpsc;
-use std::time::Duration;
+use std::process::Command;
 
 use laddnet_proto::v1;
 use laddnet_proto::v1::TransactionEventType as T;
 use laddnet_tests::*;
-
-struct Proc {
-    child: Child,
-    mtls: String,
-    enrollment: String,
-}
-
-fn start_node(dir: &Path) -> Proc {
-    let mut child = Command::new(bin("laddnet"))
-        .args(["node", "--config", "d/laddnet.toml"])
-        .current_dir(dir)
-        .env("LADDNET_LISTEN__MTLS", "\"127.0.0.1:0\"")
-        .env("LADDNET_LISTEN__ENROLLMENT", "\"127.0.0.1:0\"")
-        .env_remove("LADDNET_CA_PASSPHRASE")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std_mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(rest) = line.strip_prefix("serving: mutual TLS on ") {
-                let (m, e) = rest.split_once(", enrollment on ").unwrap();
-                let _ = tx.send((m.to_string(), e.to_string()));
-            }
-        }
-    });
-    let (mtls, enrollment) = rx.recv_timeout(Duration::from_secs(60)).expect("node started");
-    Proc {
-        child,
-        mtls,
-        enrollment,
-    }
-}
 
 fn read(dir: &Path, p: &str) -> String {
     std::fs::read_to_string(dir.join(p)).unwrap()
@@ -70,7 +32,7 @@ async fn sigkill_mid_session_loses_no_acknowledged_reading() {
         laddnet_pki::tls::client_config(&root, c.map(|c| (c.chain_pem.as_str(), c.key_pem.as_str()))).unwrap()
     };
 
-    let mut node = start_node(dir.path());
+    let mut node = NodeProcess::start(dir.path(), &[]);
     let ch = laddnet_node::client::connect(&format!("https://{}", node.mtls), "localhost", tls(Some(&admin)))
         .await
         .unwrap();
@@ -132,7 +94,7 @@ async fn sigkill_mid_session_loses_no_acknowledged_reading() {
         acked.len()
     );
 
-    let node = start_node(dir.path());
+    let node = NodeProcess::start(dir.path(), &[]);
     let ch = laddnet_node::client::connect(&format!("https://{}", node.mtls), "localhost", tls(Some(&admin)))
         .await
         .unwrap();
@@ -155,7 +117,4 @@ async fn sigkill_mid_session_loses_no_acknowledged_reading() {
         s.status, "interrupted",
         "after a crash the session waits for its charger"
     );
-    let mut node = node;
-    let _ = node.child.kill();
-    let _ = node.child.wait();
 }

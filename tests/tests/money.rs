@@ -2,9 +2,7 @@
 //! protocol, CDRs written once, the ledger posted once and verified — also
 //! across a SIGKILL between a session's end and its posting.
 
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use laddnet_proto::v1;
@@ -300,42 +298,6 @@ async fn anomalous_sessions_are_held_for_review_not_billed_blindly() {
     );
 }
 
-struct Proc {
-    child: std::process::Child,
-    mtls: String,
-    enrollment: String,
-}
-
-fn start_node(dir: &Path, env: &[(&str, &str)]) -> Proc {
-    let mut cmd = Command::new(bin("laddnet"));
-    cmd.args(["node", "--config", "d/laddnet.toml"])
-        .current_dir(dir)
-        .env("LADDNET_LISTEN__MTLS", "127.0.0.1:0")
-        .env("LADDNET_LISTEN__ENROLLMENT", "127.0.0.1:0")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(rest) = line.strip_prefix("serving: mutual TLS on ") {
-                let (m, e) = rest.split_once(", enrollment on ").unwrap_or((rest, ""));
-                let _ = tx.send((m.to_string(), e.to_string()));
-            }
-        }
-    });
-    let (mtls, enrollment) = rx.recv_timeout(Duration::from_secs(60)).expect("node started");
-    Proc {
-        child,
-        mtls,
-        enrollment,
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_between_session_end_and_posting_gives_one_cdr_and_one_posting() {
     let dir = tempfile::tempdir().unwrap();
@@ -360,7 +322,7 @@ async fn a_crash_between_session_end_and_posting_gives_one_cdr_and_one_posting()
 
     // First run: sessions are billed only by a sweeper that never gets to run
     // again after its first pass at start.
-    let mut node = start_node(
+    let mut node = NodeProcess::start(
         dir.path(),
         &[
             ("LADDNET_BILLING__BILL_ON_END", "false"),
@@ -409,13 +371,10 @@ async fn a_crash_between_session_end_and_posting_gives_one_cdr_and_one_posting()
     }
     // Ended and acknowledged, not billed yet: now the node dies.
     assert!(cdr(&mut b, "tx-k").await.is_none());
-    let _ = Command::new("kill")
-        .args(["-KILL", &node.child.id().to_string()])
-        .status();
-    let _ = node.child.wait();
+    node.kill9();
 
     // Restart normally: the sweeper bills what the crash left, once.
-    let mut node = start_node(dir.path(), &[]);
+    let node = NodeProcess::start(dir.path(), &[]);
     let mut b = BillingServiceClient::new(
         laddnet_node::client::connect(&format!("https://{}", node.mtls), "localhost", tls(Some(&admin)))
             .await
@@ -428,6 +387,4 @@ async fn a_crash_between_session_end_and_posting_gives_one_cdr_and_one_posting()
     assert_eq!((v.cdrs, v.postings), (1, 1));
     // 9 steps of 150 Wh after the start: 1.35 kWh → 0.50 + 0.3375 = 0.8375 → 0.84.
     assert_eq!(found.unwrap().total_excl_vat, "0.84");
-    let _ = node.child.kill();
-    let _ = node.child.wait();
 }
