@@ -439,8 +439,21 @@ pub fn session_events(tx: &str, updates: u64) -> Vec<v1::TransactionEvent> {
     v
 }
 
-/// Where cargo put the workspace's binaries; builds them if missing.
+/// Where cargo put the workspace's binaries. The first call in a test
+/// process runs `cargo build` for them (a no-op when they are fresh), so a
+/// test never runs a stale binary: `cargo test -p laddnet-tests` alone does
+/// not rebuild other packages' binaries.
 pub fn bin(name: &str) -> std::path::PathBuf {
+    static BUILT: std::sync::Once = std::sync::Once::new();
+    BUILT.call_once(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let ok = std::process::Command::new(cargo)
+            .args(["build", "-q", "--workspace", "--bins"])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        assert!(ok, "building the binaries failed");
+    });
     let dir = std::env::current_exe()
         .unwrap()
         .parent()
@@ -448,17 +461,7 @@ pub fn bin(name: &str) -> std::path::PathBuf {
         .parent()
         .unwrap()
         .to_path_buf();
-    let path = dir.join(name);
-    if !path.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let ok = std::process::Command::new(cargo)
-            .args(["build", "-p", "laddnet-node", "-p", "laddnet-cli", "--bins"])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "building the binaries failed");
-    }
-    path
+    dir.join(name)
 }
 
 impl TestNode {

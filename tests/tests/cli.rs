@@ -112,6 +112,42 @@ fn up_then_laddctl_from_the_same_directory() {
     }
     assert!(!sessions.is_empty(), "no session within 15 s of `laddnet up`");
     assert!(sessions[0]["charger_id"].as_str().unwrap().starts_with("SIM-"));
+    let table = ctl(dir.path(), &["sessions", "list"]);
+    assert!(table.status.success(), "{}", String::from_utf8_lossy(&table.stderr));
+    assert!(String::from_utf8_lossy(&table.stdout).starts_with("TRANSACTION"));
+    let table = ctl(
+        dir.path(),
+        &[
+            "tariffs",
+            "preview",
+            "--tariff",
+            "demo-standard",
+            "--stretch",
+            "60:22",
+            "--stretch",
+            "30:0",
+        ],
+    );
+    assert!(table.status.success(), "{}", String::from_utf8_lossy(&table.stderr));
+    let bad = ctl(
+        dir.path(),
+        &["tariffs", "preview", "--tariff", "demo-standard", "--stretch", "bogus"],
+    );
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("MINUTES:KWH"));
+    for args in [
+        &["cdrs", "list"][..],
+        &["ledger", "verify"],
+        &["revenue", "report", "--by", "charger"],
+        &["sites", "list"],
+        &["chargers", "show", "SIM-0001"],
+    ] {
+        let out = ctl(dir.path(), args);
+        assert!(
+            out.status.success(),
+            "laddctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     let chargers = json(&ctl(dir.path(), &["chargers", "list", "-o", "json"]));
     assert!(!chargers["chargers"].as_array().unwrap().is_empty());
     let sites = json(&ctl(dir.path(), &["sites", "list", "-o", "json"]));

@@ -427,14 +427,17 @@ fn emit(output: Output, json_value: Value, headers: &[&str], rows: Vec<Vec<Strin
     let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
     for r in &rows {
         for (i, c) in r.iter().enumerate() {
-            widths[i] = widths[i].max(c.chars().count());
+            match widths.get_mut(i) {
+                Some(w) => *w = (*w).max(c.chars().count()),
+                None => widths.push(c.chars().count()),
+            }
         }
     }
     let line = |cells: Vec<String>| {
         cells
             .iter()
             .enumerate()
-            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .map(|(i, c)| format!("{c:<w$}", w = widths.get(i).copied().unwrap_or(0)))
             .collect::<Vec<_>>()
             .join("  ")
             .trim_end()
@@ -552,6 +555,7 @@ const SESSION_HEADERS: &[&str] = &[
     "KW",
     "DURATION",
     "SOC",
+    "COST",
     "FLAGS",
 ];
 
