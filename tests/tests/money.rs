@@ -210,6 +210,28 @@ async fn an_ended_session_is_billed_once_and_the_ledger_balances() {
         .await
         .unwrap_err();
     assert!(err.message().contains("planet"));
+    // Someone with write access to the store lowers the CDR's total: verify sees it.
+    {
+        use laddnet_store::StoreExt;
+        let store = node.node().state.store.clone();
+        let key = laddnet_store::keys::pack(&("cdr", "tx-1"));
+        let original = store.snapshot(|tx| tx.get(&key)).unwrap().unwrap();
+        let mut altered: serde_json::Value = serde_json::from_slice(&original).unwrap();
+        altered["total_incl_vat"] = serde_json::json!("0.01");
+        store
+            .transact(|tx| tx.set(&key, &serde_json::to_vec(&altered).unwrap()))
+            .unwrap();
+        let v = b.verify_ledger(v1::VerifyLedgerRequest {}).await.unwrap().into_inner();
+        assert!(!v.ok && v.problems.iter().any(|p| p.contains("altered")), "{v:?}");
+        store.transact(|tx| tx.set(&key, &original)).unwrap();
+        assert!(
+            b.verify_ledger(v1::VerifyLedgerRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .ok
+        );
+    }
     // A refund is a reversing posting: the site's revenue returns to zero.
     b.refund_cdr(v1::RefundCdrRequest {
         id: "tx-1".into(),

@@ -184,8 +184,8 @@ pub struct Verdict {
 }
 
 /// Proves the ledger: debits equal credits in every currency and every
-/// posting, each balance equals its entries, and every CDR not held for
-/// review is posted exactly once (and nothing else is).
+/// posting, each balance equals its entries, every CDR not held for review
+/// is posted exactly once (and nothing else is), and no CDR was altered.
 pub fn verify(store: &dyn Store) -> Result<Verdict, LedgerError> {
     let mut v = Verdict::default();
     let (b, e) = keys::tuple_range(&("ledger", "entry"));
@@ -250,6 +250,10 @@ pub fn verify(store: &dyn Store) -> Result<Verdict, LedgerError> {
     v.postings = posted.len() as u64;
     for cdr in crate::cdr::all(store)? {
         v.cdrs += 1;
+        if !cdr.intact() {
+            v.problems
+                .push(format!("CDR {} does not match its content hash (altered)", cdr.id));
+        }
         let key = format!("cdr:{}", cdr.id);
         match (cdr.review_required, posted.contains(&key)) {
             (false, false) => v.problems.push(format!("CDR {} is not posted", cdr.id)),
