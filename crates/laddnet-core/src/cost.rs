@@ -29,7 +29,7 @@ use chrono_tz::Tz;
 use rust_decimal::{Decimal, RoundingStrategy};
 use serde::{Deserialize, Serialize};
 
-use crate::tariff::{Dimension, Restrictions, Tariff, currency_exponent, parse_date, parse_time};
+use crate::tariff::{DayOfWeek, Dimension, Restrictions, Tariff, currency_exponent, parse_date, parse_time};
 
 /// One meter reading of a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -110,40 +110,126 @@ struct State {
     current_a: Decimal,
 }
 
-fn matches(r: &Restrictions, s: &State) -> bool {
-    let t = s.local.time();
-    let start = r.start_time.as_deref().and_then(parse_time);
-    let end = r.end_time.as_deref().and_then(parse_time);
-    let in_time = match (start, end) {
-        (Some(a), Some(b)) if a <= b => t >= a && t < b,
-        (Some(a), Some(b)) => t >= a || t < b,
-        (Some(a), None) => t >= a,
-        (None, Some(b)) => t < b,
-        (None, None) => true,
-    };
-    let d = s.local.date();
-    let in_dates = r.start_date.as_deref().and_then(parse_date).is_none_or(|a| d >= a)
-        && r.end_date.as_deref().and_then(parse_date).is_none_or(|b| d < b);
-    let in_days = r.day_of_week.is_empty() || r.day_of_week.iter().any(|w| w.matches(d.weekday()));
-    let lo = |min: Option<Decimal>, v: Decimal| min.is_none_or(|m| v >= m);
-    let hi = |max: Option<Decimal>, v: Decimal| max.is_none_or(|m| v < m);
-    in_time
-        && in_dates
-        && in_days
-        && lo(r.min_kwh, s.energy_kwh)
-        && hi(r.max_kwh, s.energy_kwh)
-        && lo(r.min_power, s.power_kw)
-        && hi(r.max_power, s.power_kw)
-        && lo(r.min_current, s.current_a)
-        && hi(r.max_current, s.current_a)
-        && lo(r.min_duration.map(Decimal::from), s.duration_s)
-        && hi(r.max_duration.map(Decimal::from), s.duration_s)
+/// A tariff's restrictions parsed once, for the hot loop.
+struct Compiled {
+    elements: Vec<CompiledElement>,
 }
 
-fn element_for(t: &Tariff, dim: Dimension, s: &State) -> Option<usize> {
-    t.elements.iter().position(|e| {
-        e.price_components.iter().any(|c| c.dimension == dim) && e.restrictions.as_ref().is_none_or(|r| matches(r, s))
-    })
+struct CompiledElement {
+    energy: bool,
+    time: bool,
+    parking: bool,
+    flat: bool,
+    rule: Option<Rule>,
+}
+
+struct Rule {
+    start: Option<NaiveTime>,
+    end: Option<NaiveTime>,
+    start_date: Option<NaiveDate>,
+    end_date: Option<NaiveDate>,
+    /// Bit n: weekday n (Monday = 0); 0 = every day.
+    days: u8,
+    min_kwh: Option<Decimal>,
+    max_kwh: Option<Decimal>,
+    min_power: Option<Decimal>,
+    max_power: Option<Decimal>,
+    min_current: Option<Decimal>,
+    max_current: Option<Decimal>,
+    min_duration: Option<Decimal>,
+    max_duration: Option<Decimal>,
+}
+
+impl Compiled {
+    fn of(t: &Tariff) -> Self {
+        let elements = t
+            .elements
+            .iter()
+            .map(|e| {
+                let has = |d: Dimension| e.price_components.iter().any(|c| c.dimension == d);
+                CompiledElement {
+                    energy: has(Dimension::Energy),
+                    time: has(Dimension::Time),
+                    parking: has(Dimension::ParkingTime),
+                    flat: has(Dimension::Flat),
+                    rule: e.restrictions.as_ref().map(Rule::of),
+                }
+            })
+            .collect();
+        Compiled { elements }
+    }
+
+    fn element_for(&self, dim: Dimension, s: &State) -> Option<usize> {
+        self.elements.iter().position(|e| {
+            let has = match dim {
+                Dimension::Energy => e.energy,
+                Dimension::Time => e.time,
+                Dimension::ParkingTime => e.parking,
+                Dimension::Flat => e.flat,
+            };
+            has && e.rule.as_ref().is_none_or(|r| r.matches(s))
+        })
+    }
+}
+
+impl Rule {
+    fn of(r: &Restrictions) -> Self {
+        const DAYS: [DayOfWeek; 7] = [
+            DayOfWeek::Monday,
+            DayOfWeek::Tuesday,
+            DayOfWeek::Wednesday,
+            DayOfWeek::Thursday,
+            DayOfWeek::Friday,
+            DayOfWeek::Saturday,
+            DayOfWeek::Sunday,
+        ];
+        let days = r
+            .day_of_week
+            .iter()
+            .fold(0u8, |m, d| m | (1 << DAYS.iter().position(|x| x == d).unwrap_or(0)));
+        Rule {
+            start: r.start_time.as_deref().and_then(parse_time),
+            end: r.end_time.as_deref().and_then(parse_time),
+            start_date: r.start_date.as_deref().and_then(parse_date),
+            end_date: r.end_date.as_deref().and_then(parse_date),
+            days,
+            min_kwh: r.min_kwh,
+            max_kwh: r.max_kwh,
+            min_power: r.min_power,
+            max_power: r.max_power,
+            min_current: r.min_current,
+            max_current: r.max_current,
+            min_duration: r.min_duration.map(Decimal::from),
+            max_duration: r.max_duration.map(Decimal::from),
+        }
+    }
+
+    fn matches(&self, s: &State) -> bool {
+        let t = s.local.time();
+        let in_time = match (self.start, self.end) {
+            (Some(a), Some(b)) if a <= b => t >= a && t < b,
+            (Some(a), Some(b)) => t >= a || t < b,
+            (Some(a), None) => t >= a,
+            (None, Some(b)) => t < b,
+            (None, None) => true,
+        };
+        let d = s.local.date();
+        let in_dates = self.start_date.is_none_or(|a| d >= a) && self.end_date.is_none_or(|b| d < b);
+        let in_days = self.days == 0 || self.days & (1 << d.weekday().num_days_from_monday()) != 0;
+        let lo = |min: Option<Decimal>, v: Decimal| min.is_none_or(|m| v >= m);
+        let hi = |max: Option<Decimal>, v: Decimal| max.is_none_or(|m| v < m);
+        in_time
+            && in_dates
+            && in_days
+            && lo(self.min_kwh, s.energy_kwh)
+            && hi(self.max_kwh, s.energy_kwh)
+            && lo(self.min_power, s.power_kw)
+            && hi(self.max_power, s.power_kw)
+            && lo(self.min_current, s.current_a)
+            && hi(self.max_current, s.current_a)
+            && lo(self.min_duration, s.duration_s)
+            && hi(self.max_duration, s.duration_s)
+    }
 }
 
 fn local(tz: &Tz, ms: Decimal) -> chrono::NaiveDateTime {
@@ -215,6 +301,7 @@ pub fn periods(
         return Err(CostError::Unordered);
     }
     let b = Boundaries::of(t);
+    let compiled = Compiled::of(t);
     let mut out = Vec::new();
     // Every local time-of-day boundary (and midnight) over the session's
     // span as UTC instants, DST applied, sorted: each segment takes its own
@@ -286,19 +373,19 @@ pub fn periods(
                 energy_wh: ee - es,
                 charging,
                 energy_element: if charging {
-                    element_for(t, Dimension::Energy, &state)
+                    compiled.element_for(Dimension::Energy, &state)
                 } else {
                     None
                 },
                 time_element: if charging {
-                    element_for(t, Dimension::Time, &state)
+                    compiled.element_for(Dimension::Time, &state)
                 } else {
                     None
                 },
                 parking_element: if charging {
                     None
                 } else {
-                    element_for(t, Dimension::ParkingTime, &state)
+                    compiled.element_for(Dimension::ParkingTime, &state)
                 },
             });
         }
@@ -351,7 +438,7 @@ impl Meter {
             power_kw: Decimal::ZERO,
             current_a: Decimal::from(first.current_ma) / Decimal::from(1000),
         };
-        if let Some(i) = element_for(t, Dimension::Flat, &start_state) {
+        if let Some(i) = Compiled::of(t).element_for(Dimension::Flat, &start_state) {
             push(&mut lines, t, Dimension::Flat, i, Decimal::ONE);
         }
         Meter { lines }

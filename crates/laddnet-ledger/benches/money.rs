@@ -74,7 +74,8 @@ fn main() {
         raw.push(per_second(n_commit, t.elapsed()));
         let t = Instant::now();
         for _ in 0..n_commit {
-            let c = cdr(next);
+            let mut c = cdr(next);
+            c.seal();
             next += 1;
             // As billing does: the CDR and its posting in one durable commit.
             let json = serde_json::to_vec(&c).expect("json");

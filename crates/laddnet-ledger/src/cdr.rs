@@ -64,6 +64,11 @@ impl Cdr {
         hex::encode(Sha256::digest(serde_json::to_vec(&c).unwrap_or_default()))
     }
 
+    /// Sets the content hash: call once, when the record is complete.
+    pub fn seal(&mut self) {
+        self.content_hash = self.hash();
+    }
+
     /// Whether the content still matches its hash.
     pub fn intact(&self) -> bool {
         self.hash() == self.content_hash
@@ -280,7 +285,7 @@ pub fn bill_session(store: &dyn Store, tx_id: &str, defaults: &BillingDefaults) 
         created_at: crate::now(),
         content_hash: String::new(),
     };
-    cdr.content_hash = cdr.hash();
+    cdr.seal();
     store.transact(|tx| {
         if !tx.claim_once(&keys::pack(&("cdr-written", tx_id)))? {
             return Ok::<_, LedgerError>(());
