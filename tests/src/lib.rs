@@ -533,6 +533,59 @@ impl NodeProcess {
         }
     }
 
+    /// A client TLS config trusting `root_pem`, presenting `creds` if given.
+    pub fn tls(root_pem: &str, creds: Option<&Creds>) -> Arc<ClientConfig> {
+        laddnet_pki::tls::client_config(root_pem, creds.map(|c| (c.chain_pem.as_str(), c.key_pem.as_str()))).unwrap()
+    }
+
+    /// A channel to this node's mutual-TLS listener presenting `creds`.
+    pub async fn channel(&self, root_pem: &str, creds: &Creds) -> Channel {
+        laddnet_node::client::connect(
+            &format!("https://{}", self.mtls),
+            "localhost",
+            Self::tls(root_pem, Some(creds)),
+        )
+        .await
+        .expect("connects")
+    }
+
+    /// Enrolls `charger_id` as a charger does: a token from `admin`, a new
+    /// key, a CSR to the enrollment listener.
+    pub async fn enroll(&self, root_pem: &str, admin: &Creds, charger_id: &str) -> Creds {
+        let token = v1::pki_service_client::PkiServiceClient::new(self.channel(root_pem, admin).await)
+            .create_enrollment_token(v1::CreateEnrollmentTokenRequest {
+                charger_id: charger_id.into(),
+                ttl_seconds: 0,
+                site_id: String::new(),
+            })
+            .await
+            .expect("token")
+            .into_inner()
+            .token;
+        let (key, csr) = laddnet_pki::new_key_and_csr(charger_id).unwrap();
+        let ch = laddnet_node::client::connect(
+            &format!("https://{}", self.enrollment),
+            "localhost",
+            Self::tls(root_pem, None),
+        )
+        .await
+        .expect("enrollment listener");
+        let r = EnrollmentServiceClient::new(ch)
+            .enroll(v1::EnrollRequest {
+                charger_id: charger_id.into(),
+                token,
+                csr_pem: csr,
+            })
+            .await
+            .expect("enrolled")
+            .into_inner();
+        Creds {
+            chain_pem: r.chain_pem,
+            key_pem: key.to_string(),
+            serial: r.certificate.map(|c| c.serial).unwrap_or_default(),
+        }
+    }
+
     /// SIGKILL: no shutdown, no flush, nothing.
     pub fn kill9(&mut self) {
         let _ = std::process::Command::new("kill")

@@ -28,46 +28,10 @@ async fn sigkill_mid_session_loses_no_acknowledged_reading() {
         key_pem: read(dir.path(), "d/credentials/admin.key"),
         serial: String::new(),
     };
-    let tls = |c: Option<&Creds>| {
-        laddnet_pki::tls::client_config(&root, c.map(|c| (c.chain_pem.as_str(), c.key_pem.as_str()))).unwrap()
-    };
 
     let mut node = NodeProcess::start(dir.path(), &[]);
-    let ch = laddnet_node::client::connect(&format!("https://{}", node.mtls), "localhost", tls(Some(&admin)))
-        .await
-        .unwrap();
-    let token = v1::pki_service_client::PkiServiceClient::new(ch)
-        .create_enrollment_token(v1::CreateEnrollmentTokenRequest {
-            charger_id: "CP-K".into(),
-            ttl_seconds: 0,
-            site_id: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .token;
-    let (key, csr) = laddnet_pki::new_key_and_csr("CP-K").unwrap();
-    let ch = laddnet_node::client::connect(&format!("https://{}", node.enrollment), "localhost", tls(None))
-        .await
-        .unwrap();
-    let r = v1::enrollment_service_client::EnrollmentServiceClient::new(ch)
-        .enroll(v1::EnrollRequest {
-            charger_id: "CP-K".into(),
-            token,
-            csr_pem: csr,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let charger = Creds {
-        chain_pem: r.chain_pem,
-        key_pem: key.to_string(),
-        serial: String::new(),
-    };
-
-    let ch = laddnet_node::client::connect(&format!("https://{}", node.mtls), "localhost", tls(Some(&charger)))
-        .await
-        .unwrap();
+    let charger = node.enroll(&root, &admin, "CP-K").await;
+    let ch = node.channel(&root, &charger).await;
     let mut cp = attach(ch, "CP-K").await.unwrap();
     let pid = node.child.id();
     let mut acked = Vec::new();
@@ -95,9 +59,7 @@ async fn sigkill_mid_session_loses_no_acknowledged_reading() {
     );
 
     let node = NodeProcess::start(dir.path(), &[]);
-    let ch = laddnet_node::client::connect(&format!("https://{}", node.mtls), "localhost", tls(Some(&admin)))
-        .await
-        .unwrap();
+    let ch = node.channel(&root, &admin).await;
     let s = v1::operator_service_client::OperatorServiceClient::new(ch)
         .get_session(v1::GetSessionRequest {
             transaction_id: "tx-crash".into(),

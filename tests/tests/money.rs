@@ -338,9 +338,6 @@ async fn a_crash_between_session_end_and_posting_gives_one_cdr_and_one_posting()
         key_pem: read("d/credentials/admin.key"),
         serial: String::new(),
     };
-    let tls = |c: Option<&Creds>| {
-        laddnet_pki::tls::client_config(&root, c.map(|c| (c.chain_pem.as_str(), c.key_pem.as_str()))).unwrap()
-    };
 
     // First run: sessions are billed only by a sweeper that never gets to run
     // again after its first pass at start.
@@ -351,42 +348,11 @@ async fn a_crash_between_session_end_and_posting_gives_one_cdr_and_one_posting()
             ("LADDNET_BILLING__SWEEP_INTERVAL_MS", "3600000"),
         ],
     );
-    let admin_ch = laddnet_node::client::connect(&format!("https://{}", node.mtls), "localhost", tls(Some(&admin)))
-        .await
-        .unwrap();
+    let admin_ch = node.channel(&root, &admin).await;
     let mut b = BillingServiceClient::new(admin_ch.clone());
     install_tariff(&mut b).await;
-    let token = v1::pki_service_client::PkiServiceClient::new(admin_ch)
-        .create_enrollment_token(v1::CreateEnrollmentTokenRequest {
-            charger_id: "CP-K".into(),
-            ttl_seconds: 0,
-            site_id: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .token;
-    let (key, csr) = laddnet_pki::new_key_and_csr("CP-K").unwrap();
-    let enroll_ch = laddnet_node::client::connect(&format!("https://{}", node.enrollment), "localhost", tls(None))
-        .await
-        .unwrap();
-    let r = v1::enrollment_service_client::EnrollmentServiceClient::new(enroll_ch)
-        .enroll(v1::EnrollRequest {
-            charger_id: "CP-K".into(),
-            token,
-            csr_pem: csr,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let charger = Creds {
-        chain_pem: r.chain_pem,
-        key_pem: key.to_string(),
-        serial: String::new(),
-    };
-    let ch = laddnet_node::client::connect(&format!("https://{}", node.mtls), "localhost", tls(Some(&charger)))
-        .await
-        .unwrap();
+    let charger = node.enroll(&root, &admin, "CP-K").await;
+    let ch = node.channel(&root, &charger).await;
     let mut cp = attach(ch, "CP-K").await.unwrap();
     for e in session_events("tx-k", 8) {
         assert!(cp.event(e).await.unwrap());
@@ -397,11 +363,7 @@ async fn a_crash_between_session_end_and_posting_gives_one_cdr_and_one_posting()
 
     // Restart normally: the sweeper bills what the crash left, once.
     let node = NodeProcess::start(dir.path(), &[]);
-    let mut b = BillingServiceClient::new(
-        laddnet_node::client::connect(&format!("https://{}", node.mtls), "localhost", tls(Some(&admin)))
-            .await
-            .unwrap(),
-    );
+    let mut b = BillingServiceClient::new(node.channel(&root, &admin).await);
     let found = wait_cdr(&mut b, "tx-k", 20).await;
     assert!(found.is_some(), "no CDR for tx-k");
     let v = b.verify_ledger(v1::VerifyLedgerRequest {}).await.unwrap().into_inner();

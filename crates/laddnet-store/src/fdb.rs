@@ -21,7 +21,7 @@ use foundationdb::options::{MutationType, StreamingMode, TransactionOption};
 use foundationdb::{Database, FdbError, RangeOption};
 use futures::executor::block_on;
 
-use crate::{KeyValue, MAX_KEY_BYTES, MAX_TRANSACTION_BYTES, MAX_VALUE_BYTES, Store, StoreError, Transaction};
+use crate::{KeyValue, Store, StoreError, Transaction, WriteBudget};
 
 /// Milliseconds before a transaction is abandoned.
 const TIMEOUT_MS: i32 = 5_000;
@@ -62,7 +62,7 @@ struct FdbTx<'a> {
     /// The first FoundationDB error an operation hit: the closure's own
     /// result is then ignored and the transaction goes through on_error.
     failed: Option<FdbError>,
-    written: usize,
+    budget: WriteBudget,
     read_only: bool,
 }
 
@@ -81,25 +81,13 @@ impl FdbTx<'_> {
         if self.read_only {
             return Err(StoreError::ReadOnly);
         }
-        if key.len() > MAX_KEY_BYTES {
-            return Err(StoreError::KeyTooLarge(key.len()));
-        }
-        if value_len > MAX_VALUE_BYTES {
-            return Err(StoreError::ValueTooLarge(value_len));
-        }
-        self.written += key.len() + value_len;
-        if self.written > MAX_TRANSACTION_BYTES {
-            return Err(StoreError::TransactionTooLarge(self.written));
-        }
-        Ok(())
+        self.budget.charge(key, value_len)
     }
 }
 
 impl Transaction for FdbTx<'_> {
     fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        if key.len() > MAX_KEY_BYTES {
-            return Err(StoreError::KeyTooLarge(key.len()));
-        }
+        WriteBudget::check_key(key)?;
         let r = block_on(self.trx.get(key, false));
         Ok(self.note(r)?.map(|v| v.to_vec()))
     }
@@ -172,7 +160,7 @@ impl FdbStore {
             let mut tx = FdbTx {
                 trx: &trx,
                 failed: None,
-                written: 0,
+                budget: WriteBudget::default(),
                 read_only,
             };
             let result = f(&mut tx);

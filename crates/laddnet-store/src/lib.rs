@@ -43,6 +43,34 @@ pub const MAX_VALUE_BYTES: usize = 100_000;
 /// FoundationDB's limit on the bytes a transaction writes.
 pub const MAX_TRANSACTION_BYTES: usize = 10_000_000;
 
+/// FoundationDB's limits, kept by every backend's write transaction.
+#[derive(Debug, Default)]
+pub(crate) struct WriteBudget {
+    written: usize,
+}
+
+impl WriteBudget {
+    pub(crate) fn check_key(key: &[u8]) -> Result<(), StoreError> {
+        if key.len() > MAX_KEY_BYTES {
+            return Err(StoreError::KeyTooLarge(key.len()));
+        }
+        Ok(())
+    }
+
+    /// Checks a write of `key` with a value of `value_len` bytes and counts it.
+    pub(crate) fn charge(&mut self, key: &[u8], value_len: usize) -> Result<(), StoreError> {
+        Self::check_key(key)?;
+        if value_len > MAX_VALUE_BYTES {
+            return Err(StoreError::ValueTooLarge(value_len));
+        }
+        self.written += key.len() + value_len;
+        if self.written > MAX_TRANSACTION_BYTES {
+            return Err(StoreError::TransactionTooLarge(self.written));
+        }
+        Ok(())
+    }
+}
+
 /// One key-value pair from a range read.
 pub type KeyValue = (Vec<u8>, Vec<u8>);
 

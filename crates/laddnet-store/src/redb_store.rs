@@ -2,7 +2,7 @@ use std::path::Path;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use crate::{KeyValue, MAX_KEY_BYTES, MAX_TRANSACTION_BYTES, MAX_VALUE_BYTES, Store, StoreError, Transaction};
+use crate::{KeyValue, Store, StoreError, Transaction, WriteBudget};
 
 const KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
 
@@ -36,25 +36,12 @@ impl RedbStore {
 }
 
 fn check_key(key: &[u8]) -> Result<(), StoreError> {
-    if key.len() > MAX_KEY_BYTES {
-        return Err(StoreError::KeyTooLarge(key.len()));
-    }
-    Ok(())
+    WriteBudget::check_key(key)
 }
 
 struct WriteTx<'a> {
     table: redb::Table<'a, &'static [u8], &'static [u8]>,
-    written: usize,
-}
-
-impl WriteTx<'_> {
-    fn count(&mut self, n: usize) -> Result<(), StoreError> {
-        self.written += n;
-        if self.written > MAX_TRANSACTION_BYTES {
-            return Err(StoreError::TransactionTooLarge(self.written));
-        }
-        Ok(())
-    }
+    budget: WriteBudget,
 }
 
 type RangeItem<'a> = Result<
@@ -102,18 +89,13 @@ impl Transaction for WriteTx<'_> {
     }
 
     fn set(&mut self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
-        check_key(key)?;
-        if value.len() > MAX_VALUE_BYTES {
-            return Err(StoreError::ValueTooLarge(value.len()));
-        }
-        self.count(key.len() + value.len())?;
+        self.budget.charge(key, value.len())?;
         self.table.insert(key, value).map_err(StoreError::io)?;
         Ok(())
     }
 
     fn clear(&mut self, key: &[u8]) -> Result<(), StoreError> {
-        check_key(key)?;
-        self.count(key.len())?;
+        self.budget.charge(key, 0)?;
         self.table.remove(key).map_err(StoreError::io)?;
         Ok(())
     }
@@ -179,7 +161,10 @@ impl Store for RedbStore {
         }
         {
             let table = txn.open_table(KV).map_err(StoreError::io)?;
-            let mut tx = WriteTx { table, written: 0 };
+            let mut tx = WriteTx {
+                table,
+                budget: WriteBudget::default(),
+            };
             if let Err(e) = f(&mut tx) {
                 drop(tx);
                 txn.abort().map_err(StoreError::io)?;
@@ -203,7 +188,7 @@ impl Store for RedbStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{StoreExt, keys};
+    use crate::{MAX_VALUE_BYTES, StoreExt, keys};
 
     fn store() -> (tempfile::TempDir, RedbStore) {
         let dir = tempfile::tempdir().unwrap();
