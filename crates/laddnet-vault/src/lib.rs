@@ -2,9 +2,10 @@
 //! authenticated data, under a key-encryption key (KEK) that comes from a
 //! key file (created mode 0600) or a passphrase (Argon2id).
 //!
-//! Today this seals the CA's intermediate key; the driver-data envelope
-//! scheme (per-driver data keys wrapped by a master key) builds on the same
-//! primitives.
+//! Two uses: [`seal`]/[`open`] protect the CA's intermediate key, and
+//! [`Vault`] is the envelope encryption of drivers' personal data
+//! (per-driver data keys wrapped by versioned master keys, see
+//! [`envelope`]).
 //!
 //! Nonces are 96 random bits, fresh for every seal. The AAD binds a
 //! ciphertext to what it is (for the CA key: `"laddnet/ca/intermediate-key/v1"`),
@@ -24,6 +25,11 @@ use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
+pub mod envelope;
+mod master;
+
+pub use envelope::{FieldRef, RewrapCursor, Vault, VaultStatus, hmac};
+pub use master::{LocalMasterKeys, MASTER_KEYS_ENV, MasterKeys};
 pub use zeroize::Zeroizing as Secret;
 
 /// Why sealing or opening failed. Messages never contain key material.
@@ -41,6 +47,12 @@ pub enum VaultError {
     Kdf(String),
     #[error("encryption failed")]
     Seal,
+    #[error("master key version {0} is not available")]
+    MissingMasterKey(u32),
+    #[error("the data keys were destroyed (erased) or never existed")]
+    Shredded,
+    #[error("store: {0}")]
+    Store(String),
 }
 
 /// Where the key-encryption key comes from.
@@ -116,7 +128,7 @@ pub fn create_key_file(path: &Path) -> Result<(), VaultError> {
     Ok(())
 }
 
-fn read_key_file(path: &Path) -> Result<Zeroizing<[u8; 32]>, VaultError> {
+pub(crate) fn read_key_file(path: &Path) -> Result<Zeroizing<[u8; 32]>, VaultError> {
     let err = |reason: String| VaultError::KeyFile {
         path: path.to_owned(),
         reason,
@@ -154,7 +166,7 @@ fn argon(pass: &str, salt: &[u8], m: u32, t: u32, p: u32) -> Result<Zeroizing<[u
     Ok(key)
 }
 
-fn cipher(key: &[u8; 32]) -> Aes256Gcm {
+pub(crate) fn cipher(key: &[u8; 32]) -> Aes256Gcm {
     Aes256Gcm::new(key.into())
 }
 
