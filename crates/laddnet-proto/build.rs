@@ -12,6 +12,7 @@ const PROTOS: &[&str] = &[
     "laddnet/v1/pki.proto",
     "laddnet/v1/operator.proto",
     "laddnet/v1/billing.proto",
+    "laddnet/v1/drivers.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -289,6 +289,7 @@ pub async fn attach(channel: Channel, claimed_id: &str) -> Result<Attached, toni
             vendor: "laddnet-test".into(),
             model: "T1".into(),
             firmware_version: "1.0".into(),
+            local_list_version: 0,
             connectors: vec![
                 v1::Connector {
                     connector_id: 1,
@@ -400,7 +401,10 @@ pub fn tx_event(
         event_type: kind as i32,
         connector_id: 1,
         timestamp_ms: 1_700_000_000_000 + minute * 60_000,
-        id_token: "04A1B2C3".into(),
+        // No token: a start the node does not authorize (free vend, or a
+        // remote start); tests of authorization set one.
+        id_token: String::new(),
+        token_type: v1::TokenType::Rfid as i32,
         meter: Some(v1::MeterValue {
             energy_wh,
             power_w: 11_000,

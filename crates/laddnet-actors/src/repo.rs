@@ -188,7 +188,7 @@ pub fn apply_event(
             record.interrupted_at = None;
         }
         record.apply(e, prev, next);
-        put(tx, &session_key(&e.transaction_id), &record)?;
+        put_session(tx, &record)?;
         if record.status == SessionStatus::Ended {
             tx.clear(&open_key(charger_id, &e.transaction_id))?;
             // Billed by whoever gets there first: the session actor now, or
@@ -210,6 +210,46 @@ pub fn apply_event(
     })
 }
 
+/// Writes a session record, and keeps its driver's open sessions and
+/// history (pseudonymous keys) in step with it.
+fn put_session(tx: &mut dyn Transaction, r: &SessionRecord) -> Result<(), RepoError> {
+    put(tx, &session_key(&r.transaction_id), r)?;
+    if let Some(d) = &r.driver_id {
+        tx.set(&laddnet_drivers::key::history(d, &r.transaction_id), b"")?;
+        let active = laddnet_drivers::key::active_session(d, &r.transaction_id);
+        if r.status == SessionStatus::Ended {
+            tx.clear(&active)?;
+        } else {
+            tx.set(&active, b"")?;
+        }
+    }
+    Ok(())
+}
+
+/// Records the after-the-fact authorization of a session's start: the
+/// driver it belongs to and, when refused, why (and the session is flagged).
+pub fn set_authorization(
+    store: &dyn Store,
+    tx_id: &str,
+    driver_id: Option<String>,
+    refused: Option<String>,
+) -> Result<Option<SessionRecord>, RepoError> {
+    store.transact(|tx| {
+        let Some(mut r): Option<SessionRecord> = get(tx, &session_key(tx_id))? else {
+            return Ok(None);
+        };
+        if r.driver_id.is_none() {
+            r.driver_id = driver_id.clone();
+        }
+        if let Some(why) = &refused {
+            r.flags.insert(laddnet_core::charging::FLAG_UNAUTHORIZED_START.into());
+            r.authorization = Some(why.clone());
+        }
+        put_session(tx, &r)?;
+        Ok(Some(r))
+    })
+}
+
 pub fn get_session(store: &dyn Store, tx_id: &str) -> Result<Option<SessionRecord>, RepoError> {
     store.snapshot(|tx| get(tx, &session_key(tx_id)))
 }
@@ -221,7 +261,7 @@ pub fn flag_session(store: &dyn Store, tx_id: &str, flag: &str) -> Result<Option
             return Ok(None);
         };
         if r.flags.insert(flag.to_string()) {
-            put(tx, &session_key(tx_id), &r)?;
+            put_session(tx, &r)?;
         }
         Ok(Some(r))
     })
@@ -254,7 +294,7 @@ pub fn interrupt_sessions(store: &dyn Store, charger_id: &str, now: i64) -> Resu
                 r.status = SessionStatus::Interrupted;
                 r.interrupted_at = Some(now);
                 r.power_w = 0;
-                put(tx, &session_key(id), &r)?;
+                put_session(tx, &r)?;
                 done.push(id.clone());
             }
         }
@@ -307,7 +347,7 @@ pub fn close_interrupted(store: &dyn Store, timeout_s: i64, now: i64) -> Result<
                     r.status = SessionStatus::Ended;
                     r.ended = Some(r.last);
                     r.stop_reason = "interrupted".into();
-                    put(tx, &session_key(&id), &r)?;
+                    put_session(tx, &r)?;
                     tx.clear(&open_key(&charger, &id))?;
                     tx.set(&laddnet_ledger::cdr::unbilled_key(&id), b"")?;
                     Ok::<_, RepoError>(true)
@@ -333,6 +373,45 @@ pub fn list_sessions(
     scan(store, "session", after, limit, |r: &SessionRecord| {
         status.is_none_or(|s| s == r.status) && charger.is_none_or(|c| c == r.charger_id)
     })
+}
+
+/// Every session record (maintenance notices, exports). A full scan.
+pub fn all_sessions(store: &dyn Store) -> Result<Vec<SessionRecord>, RepoError> {
+    Ok(scan(store, "session", None, usize::MAX, |_: &SessionRecord| true)?.0)
+}
+
+/// Deletes ended sessions whose end reading is before `cutoff_ms`, with
+/// their meter events and their drivers' history entries (retention).
+/// CDRs and the ledger are kept. Returns how many were deleted.
+pub fn purge_ended_before(store: &dyn Store, cutoff_ms: i64) -> Result<usize, RepoError> {
+    let old: Vec<SessionRecord> = scan(store, "session", None, usize::MAX, |r: &SessionRecord| {
+        r.status == SessionStatus::Ended && r.ended.is_some_and(|e| e.at_ms < cutoff_ms)
+    })?
+    .0;
+    for r in &old {
+        // One session per transaction: events are chunked the same way.
+        loop {
+            let (b, e) = keys::tuple_range(&("session-event", r.transaction_id.as_str()));
+            let more = store.transact(|tx| {
+                let rows = tx.get_range(&b, &e, 1_000, false)?;
+                for (k, _) in &rows {
+                    tx.clear(k)?;
+                }
+                Ok::<_, RepoError>(rows.len() == 1_000)
+            })?;
+            if !more {
+                break;
+            }
+        }
+        store.transact(|tx| {
+            tx.clear(&session_key(&r.transaction_id))?;
+            if let Some(d) = &r.driver_id {
+                tx.clear(&laddnet_drivers::key::history(d, &r.transaction_id))?;
+            }
+            Ok::<_, RepoError>(())
+        })?;
+    }
+    Ok(old.len())
 }
 
 fn scan<T: DeserializeOwned>(

@@ -94,6 +94,8 @@ fn a_100k_sample_session_stays_within_the_limits() {
             },
             offline: false,
             stop_reason: String::new(),
+            driver_id: None,
+            token_ref: None,
         };
         repo::apply_event(probe.as_ref(), "CP-1", None, 22_000, &e).unwrap();
     }

@@ -72,6 +72,13 @@ pub struct TxEvent {
     pub offline: bool,
     #[serde(default)]
     pub stop_reason: String,
+    /// Who started it (start events): the pseudonymous driver id, when the
+    /// token is known, and the token's pseudonymous reference. Never the
+    /// token value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub driver_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_ref: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,6 +105,9 @@ impl SessionStatus {
 pub const FLAG_REGISTER_BACKWARDS: &str = "register-backwards";
 pub const FLAG_ENERGY_EXCEEDS_CAPACITY: &str = "energy-exceeds-capacity";
 pub const FLAG_STUCK: &str = "stuck";
+/// A start the token did not allow (found when an offline start was
+/// reconciled, or a charger started despite a refusal).
+pub const FLAG_UNAUTHORIZED_START: &str = "unauthorized-start";
 
 /// A reading at a sequence number: what neighbours are compared by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -145,6 +155,15 @@ pub struct SessionRecord {
     /// The connector's rating, for plausibility checks.
     pub max_power_w: u32,
     pub flags: BTreeSet<String>,
+    /// The pseudonymous driver and token reference, from the start event.
+    #[serde(default)]
+    pub driver_id: Option<String>,
+    #[serde(default)]
+    pub token_ref: Option<String>,
+    /// Set when a start was authorized after the fact (an offline start)
+    /// and refused: why.
+    #[serde(default)]
+    pub authorization: Option<String>,
 }
 
 impl SessionRecord {
@@ -168,6 +187,9 @@ impl SessionRecord {
             interrupted_at: None,
             max_power_w,
             flags: BTreeSet::new(),
+            driver_id: None,
+            token_ref: None,
+            authorization: None,
         };
         r.samples = 0;
         r
@@ -190,7 +212,11 @@ impl SessionRecord {
         }
         self.samples += 1;
         match e.kind {
-            TxEventKind::Started => self.started_at_ms = Some(e.at_ms),
+            TxEventKind::Started => {
+                self.started_at_ms = Some(e.at_ms);
+                self.driver_id = e.driver_id.clone();
+                self.token_ref = e.token_ref.clone();
+            }
             TxEventKind::Ended => {
                 self.ended = Some(p);
                 self.status = SessionStatus::Ended;
@@ -261,6 +287,8 @@ mod tests {
             },
             offline: false,
             stop_reason: String::new(),
+            driver_id: None,
+            token_ref: None,
         }
     }
 

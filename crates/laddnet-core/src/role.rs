@@ -14,15 +14,18 @@ pub enum Role {
     Operator,
     Billing,
     SecurityAdmin,
+    /// Customer support: manages drivers and may read their personal data.
+    Support,
     Admin,
 }
 
 impl Role {
-    pub const ALL: [Role; 5] = [
+    pub const ALL: [Role; 6] = [
         Role::Viewer,
         Role::Operator,
         Role::Billing,
         Role::SecurityAdmin,
+        Role::Support,
         Role::Admin,
     ];
 
@@ -32,6 +35,7 @@ impl Role {
             Role::Operator => "operator",
             Role::Billing => "billing",
             Role::SecurityAdmin => "security-admin",
+            Role::Support => "support",
             Role::Admin => "admin",
         }
     }
@@ -51,6 +55,17 @@ impl Role {
         matches!(self, Role::Billing | Role::Admin | Role::Operator)
     }
 
+    /// May create and change driver accounts and tokens (not read their
+    /// personal data).
+    pub fn can_manage_drivers(self) -> bool {
+        matches!(self, Role::Operator | Role::Support | Role::Admin)
+    }
+
+    /// May read, export and erase drivers' personal data (audited).
+    pub fn can_read_personal_data(self) -> bool {
+        matches!(self, Role::Support | Role::Admin)
+    }
+
     /// May send commands to chargers and change the network.
     pub fn can_operate(self) -> bool {
         matches!(self, Role::Operator | Role::Admin)
@@ -67,7 +82,7 @@ impl FromStr for Role {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         Role::ALL.into_iter().find(|r| r.as_str() == s).ok_or_else(|| {
-            format!("unknown role {s:?}: expected one of viewer, operator, billing, security-admin, admin")
+            format!("unknown role {s:?}: expected one of viewer, operator, billing, security-admin, support, admin")
         })
     }
 }

@@ -164,8 +164,19 @@ pub struct PricingContext {
 
 /// Finds the tariff in force when the session started, at its site's time zone.
 pub fn pricing_context(store: &dyn Store, s: &SessionRecord, start_ms: i64) -> Result<PricingContext, LedgerError> {
-    let site: Option<serde_json::Value> = match &s.site_id {
-        Some(id) => store.snapshot(|tx| get(tx, &keys::pack(&("site", id.as_str()))))?,
+    context_for(store, &s.charger_id, s.site_id.as_deref(), s.connector_id, start_ms)
+}
+
+/// The tariff in force at `at_ms` for a connector of a charger.
+pub fn context_for(
+    store: &dyn Store,
+    charger_id: &str,
+    site_id: Option<&str>,
+    connector_id: u32,
+    at_ms: i64,
+) -> Result<PricingContext, LedgerError> {
+    let site: Option<serde_json::Value> = match site_id {
+        Some(id) => store.snapshot(|tx| get(tx, &keys::pack(&("site", id))))?,
         None => None,
     };
     let tz: Tz = site
@@ -173,26 +184,56 @@ pub fn pricing_context(store: &dyn Store, s: &SessionRecord, start_ms: i64) -> R
         .and_then(|v| v["time_zone"].as_str())
         .and_then(|z| z.parse().ok())
         .unwrap_or(chrono_tz::UTC);
-    let charger: Option<serde_json::Value> =
-        store.snapshot(|tx| get(tx, &keys::pack(&("charger", s.charger_id.as_str()))))?;
+    let charger: Option<serde_json::Value> = store.snapshot(|tx| get(tx, &keys::pack(&("charger", charger_id))))?;
     let ac = charger
         .as_ref()
         .and_then(|c| {
             c["connectors"]
                 .as_array()?
                 .iter()
-                .find(|k| k["connector_id"] == s.connector_id)
+                .find(|k| connector_id == 0 || k["connector_id"] == connector_id)
                 .map(|k| k["connector_type"] == "ac")
         })
         .unwrap_or(true);
-    let tariff = tariffs::resolve(
-        store,
-        &s.charger_id,
-        s.site_id.as_deref(),
-        ac,
-        start_ms.div_euclid(1000),
-    )?;
+    let tariff = tariffs::resolve(store, charger_id, site_id, ac, at_ms.div_euclid(1000))?;
     Ok(PricingContext { tariff, tz })
+}
+
+/// The price per kWh (excl. VAT) a session starting at `at_ms` on this
+/// connector would pay for its first kWh, and the currency. None when no
+/// tariff applies or it has no energy component then.
+pub fn energy_price_at(
+    store: &dyn Store,
+    charger_id: &str,
+    site_id: Option<&str>,
+    connector_id: u32,
+    at_ms: i64,
+) -> Result<Option<(Decimal, String)>, LedgerError> {
+    let ctx = context_for(store, charger_id, site_id, connector_id, at_ms)?;
+    let Some(t) = ctx.tariff else { return Ok(None) };
+    // One minute at 16 A delivering 1 Wh: which element prices energy now.
+    let probe = [
+        laddnet_core::cost::Reading {
+            at_ms,
+            energy_wh: 0,
+            current_ma: 16_000,
+        },
+        laddnet_core::cost::Reading {
+            at_ms: at_ms + 60_000,
+            energy_wh: 1,
+            current_ma: 16_000,
+        },
+    ];
+    let periods = laddnet_core::cost::periods(&t, &probe, &ctx.tz, at_ms, 0)
+        .map_err(|e| LedgerError::Invalid(e.to_string()))?;
+    let price = periods.first().and_then(|p| p.energy_element).and_then(|i| {
+        t.elements[i]
+            .price_components
+            .iter()
+            .find(|c| c.dimension == laddnet_core::tariff::Dimension::Energy)
+            .map(|c| c.price)
+    });
+    Ok(price.map(|p| (p, t.currency.clone())))
 }
 
 /// What a session costs now: the CDR's totals once billed, else the
@@ -237,7 +278,9 @@ pub fn bill_session(store: &dyn Store, tx_id: &str, defaults: &BillingDefaults) 
         .filter(|f| *f != laddnet_core::charging::FLAG_STUCK)
         .cloned()
         .collect();
-    let anomaly = s.flags.contains(FLAG_REGISTER_BACKWARDS) || s.flags.contains(FLAG_ENERGY_EXCEEDS_CAPACITY);
+    let anomaly = s.flags.contains(FLAG_REGISTER_BACKWARDS)
+        || s.flags.contains(FLAG_ENERGY_EXCEEDS_CAPACITY)
+        || s.flags.contains(laddnet_core::charging::FLAG_UNAUTHORIZED_START);
     let (currency, cost) = match &tariff {
         Some(t) => (
             t.currency.clone(),
@@ -262,7 +305,7 @@ pub fn bill_session(store: &dyn Store, tx_id: &str, defaults: &BillingDefaults) 
         charger_id: s.charger_id.clone(),
         connector_id: s.connector_id,
         site_id: s.site_id.clone(),
-        driver_ref: None,
+        driver_ref: s.driver_id.clone(),
         start_ms,
         stop_ms: stop.at_ms,
         meter_start_wh: s.first.energy_wh,
@@ -293,6 +336,11 @@ pub fn bill_session(store: &dyn Store, tx_id: &str, defaults: &BillingDefaults) 
         put(tx, &keys::pack(&("cdr", tx_id)), &cdr)?;
         tx.set(&keys::pack(&("cdr-by-stop", cdr.stop_ms, tx_id)), b"")?;
         tx.clear(&unbilled_key(tx_id))?;
+        if cdr.driver_ref.is_some() {
+            // The node raises the driver's session-ended notification from
+            // this marker (and clears it in the same transaction).
+            tx.set(&keys::pack(&("cdr-notify", tx_id)), b"")?;
+        }
         if !cdr.review_required {
             ledger::post_cdr(tx, &cdr)?;
         }

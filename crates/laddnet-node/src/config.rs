@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 /// Environment variables that are not config overrides.
-const NOT_OVERRIDES: &[&str] = &["LADDNET_CA_PASSPHRASE", "LADDNET_LOG"];
+const NOT_OVERRIDES: &[&str] = &["LADDNET_CA_PASSPHRASE", "LADDNET_LOG", "LADDNET_MASTER_KEYS"];
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -35,6 +35,84 @@ pub struct NodeConfig {
     pub sessions: SessionsSection,
     #[serde(default)]
     pub billing: BillingSection,
+    #[serde(default)]
+    pub drivers: DriversSection,
+    #[serde(default)]
+    pub notifications: NotificationsSection,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DriversSection {
+    /// Master keys (`master-v<N>.key`); default `<data_dir>/keys`. Keys
+    /// may also come from `LADDNET_MASTER_KEYS` (`1=<hex>,2=<hex>`).
+    pub master_key_dir: Option<PathBuf>,
+    /// A prepaid wallet must hold this much to start (decimal string).
+    pub min_wallet_balance: String,
+    /// A start the token did not allow (found when an offline start is
+    /// reconciled) is stopped remotely, not only flagged.
+    pub stop_unauthorized_starts: bool,
+    /// Ended sessions (and their meter readings) older than this are
+    /// deleted; CDRs and the ledger stay. 0 keeps them forever.
+    pub session_retention_days: u32,
+    /// How often the retention sweep runs.
+    pub retention_sweep_s: u64,
+}
+
+impl Default for DriversSection {
+    fn default() -> Self {
+        Self {
+            master_key_dir: None,
+            min_wallet_balance: "5.00".into(),
+            stop_unauthorized_starts: true,
+            session_retention_days: 730,
+            retention_sweep_s: 3_600,
+        }
+    }
+}
+
+/// One receiver of notification webhooks (the operator's app backend).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// Names the endpoint's queue; keep it stable.
+    pub name: String,
+    /// http:// or https://
+    pub url: String,
+    /// File holding the HMAC secret (mode 0600). Each POST carries
+    /// `X-Laddnet-Signature: sha256=<hex HMAC of "<timestamp>.<body>">`.
+    pub secret_file: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct NotificationsSection {
+    pub webhooks: Vec<WebhookConfig>,
+    /// First retry after this long, doubling up to `retry_max_ms`.
+    pub retry_initial_ms: u64,
+    pub retry_max_ms: u64,
+    /// After this many failed attempts a delivery goes to the dead letters.
+    pub max_attempts: u32,
+    /// Per attempt.
+    pub timeout_ms: u64,
+    /// State of charge within this many points of the driver's target
+    /// counts as "nearly done"; so do the minutes before departure.
+    pub nearly_done_soc_margin: u32,
+    pub nearly_done_minutes: u32,
+}
+
+impl Default for NotificationsSection {
+    fn default() -> Self {
+        Self {
+            webhooks: Vec::new(),
+            retry_initial_ms: 500,
+            retry_max_ms: 300_000,
+            max_attempts: 20,
+            timeout_ms: 5_000,
+            nearly_done_soc_margin: 5,
+            nearly_done_minutes: 10,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -251,6 +329,8 @@ impl NodeConfig {
             ca: Default::default(),
             sessions: Default::default(),
             billing: Default::default(),
+            drivers: Default::default(),
+            notifications: Default::default(),
         }
     }
 
@@ -319,11 +399,19 @@ impl NodeConfig {
             }
         };
         fix(&mut self.data_dir);
-        for p in [&mut self.ca.dir, &mut self.ca.key_file, &mut self.ca.policy]
-            .into_iter()
-            .flatten()
+        for p in [
+            &mut self.ca.dir,
+            &mut self.ca.key_file,
+            &mut self.ca.policy,
+            &mut self.drivers.master_key_dir,
+        ]
+        .into_iter()
+        .flatten()
         {
             fix(p);
+        }
+        for w in &mut self.notifications.webhooks {
+            fix(&mut w.secret_file);
         }
     }
 
@@ -374,6 +462,35 @@ impl NodeConfig {
         if b.sweep_interval_ms < 10 {
             return bad("billing.sweep_interval_ms must be at least 10");
         }
+        let d = &self.drivers;
+        match d.min_wallet_balance.parse::<rust_decimal::Decimal>() {
+            Ok(v) if v >= rust_decimal::Decimal::ZERO => {}
+            _ => return bad("drivers.min_wallet_balance must be a non-negative decimal such as \"5.00\""),
+        }
+        if d.retention_sweep_s == 0 {
+            return bad("drivers.retention_sweep_s must be at least 1");
+        }
+        let n = &self.notifications;
+        if n.retry_initial_ms == 0 || n.retry_max_ms < n.retry_initial_ms || n.max_attempts == 0 {
+            return bad(
+                "notifications.retry_initial_ms must be at least 1, retry_max_ms at least that, max_attempts at least 1",
+            );
+        }
+        if n.timeout_ms < 10 {
+            return bad("notifications.timeout_ms must be at least 10");
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for w in &n.webhooks {
+            if w.name.is_empty() || w.name.len() > 64 || !names.insert(w.name.clone()) {
+                return bad("notifications.webhooks: each needs a unique name of 1 to 64 characters");
+            }
+            if !(w.url.starts_with("http://") || w.url.starts_with("https://")) {
+                return Err(ConfigError::Invalid(format!(
+                    "notifications.webhooks {}: url must start with http:// or https://",
+                    w.name
+                )));
+            }
+        }
         if self.node.heartbeat_interval_s == 0 {
             return bad("node.heartbeat_interval_s must be at least 1");
         }
@@ -385,6 +502,12 @@ impl NodeConfig {
     }
     pub fn key_file(&self) -> PathBuf {
         self.ca.key_file.clone().unwrap_or_else(|| self.data_dir.join("kek"))
+    }
+    pub fn master_key_dir(&self) -> PathBuf {
+        self.drivers
+            .master_key_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("keys"))
     }
     pub fn store_path(&self) -> PathBuf {
         self.data_dir.join("store.redb")

@@ -17,6 +17,8 @@ pub enum Principal {
     Charger { id: ChargerId, site: Option<SiteId> },
     Operator { name: OperatorName, role: Role },
     Node { name: String },
+    /// A driver app, for the driver's own account only.
+    Driver { id: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,6 +35,7 @@ impl Identity {
             Principal::Charger { id, .. } => format!("charger:{id}"),
             Principal::Operator { name, .. } => format!("operator:{name}"),
             Principal::Node { name } => format!("node:{name}"),
+            Principal::Driver { id } => format!("driver:{id}"),
         }
     }
 }
@@ -131,6 +134,9 @@ impl IdentityCheck for CaIdentityCheck {
                 },
                 Profile::Node => Principal::Node {
                     name: record.subject.clone(),
+                },
+                Profile::Driver => Principal::Driver {
+                    id: record.subject.clone(),
                 },
             };
             Ok(Identity {

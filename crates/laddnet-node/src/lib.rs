@@ -7,6 +7,8 @@
 //! - [`identity`]: the caller, from its certificate and the CA's record.
 //! - [`services`]: `ChargerService`, `EnrollmentService`, `PkiService`,
 //!   `OperatorService`, plus `grpc.health.v1` and reflection.
+//! - [`drivers`]: authorization, offline lists, notifications (streams and
+//!   signed webhooks via [`webhook`]), retention.
 //! - [`node`]: start and graceful shutdown.
 //! - [`bootstrap`]: a new data dir with CA, admin credentials and configs.
 //! - [`status`]: the one table from domain errors to gRPC codes.
@@ -15,12 +17,14 @@
 
 pub mod bootstrap;
 pub mod config;
+pub mod drivers;
 pub mod identity;
 pub mod node;
 pub mod services;
 pub mod state;
 pub mod status;
 pub mod transport;
+pub mod webhook;
 
 pub use bootstrap::{CtlConfig, InitOutput, init_data_dir, write_ctl_config};
 pub use config::NodeConfig;

@@ -138,6 +138,12 @@ impl RunningNode {
         let actors = laddnet_actors::SupervisorHandle::start(config.sessions.actor_config_with(&config.billing))
             .await
             .map_err(|e| anyhow::anyhow!("starting the actor tree: {e}"))?;
+        let hub = {
+            let (config, store) = (config.clone(), store.clone());
+            tokio::task::spawn_blocking(move || crate::drivers::open_hub(&config, store))
+                .await?
+                .context("opening the vault (master keys)")?
+        };
         let state = Arc::new(NodeState::new(
             config.clone(),
             ca.clone(),
@@ -148,6 +154,7 @@ impl RunningNode {
             key,
             revoked.into_iter().collect::<HashSet<_>>(),
             crl.number,
+            hub,
         ));
 
         let mtls_listener = TcpListener::bind(config.listen.mtls)
@@ -277,6 +284,9 @@ impl RunningNode {
         tasks.push(tokio::spawn(revocation_poller(state.clone(), shutdown.clone())));
         tasks.push(tokio::spawn(interruption_sweeper(state.clone(), shutdown.clone())));
         tasks.push(tokio::spawn(billing_sweeper(state.clone(), shutdown.clone())));
+        tasks.push(tokio::spawn(crate::drivers::notification_pump(state.clone(), shutdown.clone())));
+        tasks.push(tokio::spawn(crate::drivers::webhook_worker(state.clone(), shutdown.clone())));
+        tasks.push(tokio::spawn(crate::drivers::retention_sweeper(state.clone(), shutdown.clone())));
 
         tracing::info!(mtls = %mtls_addr, enrollment = %enrollment_addr, store = "redb", "node serving");
         Ok(Self {

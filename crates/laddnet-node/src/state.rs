@@ -25,6 +25,7 @@ pub struct NodeState {
     pub mtls: SharedTlsConfig,
     pub actors: SupervisorHandle,
     pub metrics: Metrics,
+    pub hub: crate::drivers::DriverHub,
     pub(crate) node_chain: Vec<CertificateDer<'static>>,
     pub(crate) node_key: PrivateKeyDer<'static>,
     crl_number: AtomicU64,
@@ -42,6 +43,7 @@ impl NodeState {
         node_key: PrivateKeyDer<'static>,
         revoked: HashSet<String>,
         crl_number: u64,
+        hub: crate::drivers::DriverHub,
     ) -> Self {
         Self {
             config,
@@ -53,6 +55,7 @@ impl NodeState {
             mtls,
             actors,
             metrics: Metrics::default(),
+            hub,
             node_chain,
             node_key,
             crl_number: AtomicU64::new(crl_number),
@@ -147,6 +150,8 @@ pub struct Metrics {
 pub struct Outbound {
     pub tx: tokio::sync::mpsc::Sender<Result<v1::CentralMessage, tonic::Status>>,
     pub pending: Mutex<std::collections::HashMap<String, tokio::sync::oneshot::Sender<v1::CommandReply>>>,
+    /// The offline-list version the charger holds (as far as we sent it).
+    pub list_version: AtomicU64,
 }
 
 struct Attached {
@@ -245,6 +250,16 @@ impl ChargerRegistry {
         if live.get(id.as_str()).is_some_and(|a| a.conn == conn) {
             live.remove(id.as_str());
         }
+    }
+
+    /// Every live charger's outbound side.
+    pub fn all_outbound(&self) -> Vec<(String, Arc<Outbound>)> {
+        self.live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter_map(|(id, a)| a.outbound.clone().map(|o| (id.clone(), o)))
+            .collect()
     }
 
     pub fn len(&self) -> usize {

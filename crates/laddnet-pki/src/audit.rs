@@ -31,6 +31,12 @@ pub enum AuditKind {
     AuthRefused,
     /// A peer misbehaved after authenticating (claims another identity).
     SecurityEvent,
+    /// Someone read or exported a driver's personal data.
+    PersonalDataRead,
+    /// A driver's personal data was destroyed (crypto-shredded).
+    PersonalDataErased,
+    /// A driver account or token was created or changed.
+    DriverChanged,
 }
 
 impl AuditKind {
@@ -44,6 +50,9 @@ impl AuditKind {
             AuditKind::Enroll => "enroll",
             AuditKind::Crl => "crl",
             AuditKind::AuthRefused => "auth-refused",
+            AuditKind::PersonalDataRead => "personal-data-read",
+            AuditKind::PersonalDataErased => "personal-data-erased",
+            AuditKind::DriverChanged => "driver-changed",
             AuditKind::SecurityEvent => "security-event",
         }
     }

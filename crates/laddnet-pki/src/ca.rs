@@ -86,6 +86,8 @@ pub enum Subject {
     Charger { id: ChargerId, site: Option<SiteId> },
     Operator { name: OperatorName, role: Role },
     Node { name: String, sans: Vec<String> },
+    /// A driver app's credential: CN is the pseudonymous driver id.
+    Driver { id: String },
 }
 
 impl Subject {
@@ -94,6 +96,7 @@ impl Subject {
             Subject::Charger { .. } => Profile::Charger,
             Subject::Operator { .. } => Profile::Operator,
             Subject::Node { .. } => Profile::Node,
+            Subject::Driver { .. } => Profile::Driver,
         }
     }
     fn name(&self) -> String {
@@ -101,6 +104,7 @@ impl Subject {
             Subject::Charger { id, .. } => id.to_string(),
             Subject::Operator { name, .. } => name.to_string(),
             Subject::Node { name, .. } => name.clone(),
+            Subject::Driver { id } => id.clone(),
         }
     }
 }
@@ -396,6 +400,10 @@ impl Ca {
                 p.distinguished_name.push(DnType::OrganizationalUnitName, r.as_str());
                 p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
                 role = Some(r.as_str().to_string());
+            }
+            Subject::Driver { .. } => {
+                p.distinguished_name.push(DnType::OrganizationalUnitName, "driver");
+                p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
             }
             Subject::Node { sans, .. } => {
                 p.distinguished_name.push(DnType::OrganizationalUnitName, "node");
@@ -831,6 +839,9 @@ fn subject_of(rec: &CertRecord) -> Result<Subject, PkiError> {
         Profile::Operator => Subject::Operator {
             name: OperatorName::new(rec.subject.clone()).map_err(|e| corrupt(e.to_string()))?,
             role: rec.role.as_deref().unwrap_or("viewer").parse().map_err(corrupt)?,
+        },
+        Profile::Driver => Subject::Driver {
+            id: rec.subject.clone(),
         },
         Profile::Node => {
             let der = pem::parse(&rec.certificate_pem).map_err(|e| corrupt(e.to_string()))?;

@@ -54,6 +54,16 @@ pub struct Profiles {
     pub charger: ProfilePolicy,
     pub operator: ProfilePolicy,
     pub node: ProfilePolicy,
+    /// Driver apps' credentials (absent in older policy files: 365/30).
+    #[serde(default = "default_driver_profile")]
+    pub driver: ProfilePolicy,
+}
+
+fn default_driver_profile() -> ProfilePolicy {
+    ProfilePolicy {
+        validity_days: 365,
+        renewal_window_days: 30,
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -72,6 +82,7 @@ pub enum Profile {
     Charger,
     Operator,
     Node,
+    Driver,
 }
 
 impl Profile {
@@ -80,6 +91,7 @@ impl Profile {
             Profile::Charger => "charger",
             Profile::Operator => "operator",
             Profile::Node => "node",
+            Profile::Driver => "driver",
         }
     }
 
@@ -88,8 +100,9 @@ impl Profile {
             "charger" => Ok(Profile::Charger),
             "operator" => Ok(Profile::Operator),
             "node" => Ok(Profile::Node),
+            "driver" => Ok(Profile::Driver),
             other => Err(PkiError::Invalid(format!(
-                "unknown profile {other:?}: expected charger, operator or node"
+                "unknown profile {other:?}: expected charger, operator, node or driver"
             ))),
         }
     }
@@ -113,6 +126,7 @@ impl Policy {
             Profile::Charger => self.profiles.charger,
             Profile::Operator => self.profiles.operator,
             Profile::Node => self.profiles.node,
+            Profile::Driver => self.profiles.driver,
         }
     }
 
@@ -135,6 +149,7 @@ impl Policy {
             ("charger", self.profiles.charger),
             ("operator", self.profiles.operator),
             ("node", self.profiles.node),
+            ("driver", self.profiles.driver),
         ] {
             if p.validity_days == 0 {
                 return bad(format!("profiles.{name}.validity_days must be at least 1"));

@@ -106,6 +106,9 @@ pub struct Profile {
     pub speed: u32,
     /// Mean real seconds between a connector freeing up and the next car.
     pub mean_idle: Duration,
+    /// RFID UIDs of the drivers who come here (one at random per car);
+    /// empty: the charger runs free (starts carry no token).
+    pub tokens: Vec<String>,
 }
 
 impl Profile {
@@ -120,6 +123,7 @@ impl Profile {
             sample_every: Duration::from_secs(2),
             speed: 1,
             mean_idle: Duration::from_secs(8),
+            tokens: Vec::new(),
         }
     }
 }
@@ -170,6 +174,7 @@ impl SimHandle {
 
 struct Session {
     tx_id: String,
+    token: String,
     connector: u32,
     seq: u64,
     soc: f64,
@@ -189,6 +194,10 @@ struct Sim {
     faulted: Vec<bool>,
     idle_until: Vec<tokio::time::Instant>,
     status: SimStatus,
+    /// The offline authorization list: hash -> accepted.
+    local_list: std::collections::HashMap<String, bool>,
+    list_key: Vec<u8>,
+    list_version: u64,
 }
 
 fn now_ms() -> i64 {
@@ -218,7 +227,7 @@ impl Sim {
         let s = &mut self.sessions[i];
         let seq = s.seq;
         s.seq += 1;
-        let (tx_id, connector, soc) = (s.tx_id.clone(), s.connector, s.soc);
+        let (tx_id, connector, soc, token) = (s.tx_id.clone(), s.connector, s.soc, s.token.clone());
         let wh = self.register_wh[(connector - 1) as usize];
         let m = self.msg(In::Transaction(v1::TransactionEvent {
             transaction_id: tx_id,
@@ -226,7 +235,8 @@ impl Sim {
             event_type: kind as i32,
             connector_id: connector,
             timestamp_ms: now_ms(),
-            id_token: "SIMTOKEN".into(),
+            id_token: token,
+            token_type: v1::TokenType::Rfid as i32,
             meter: Some(v1::MeterValue {
                 energy_wh: wh,
                 power_w,
@@ -240,7 +250,46 @@ impl Sim {
         self.queue.push_back(m);
     }
 
+    /// Whether the offline list lets `token` start: a listed token must be
+    /// accepted; an unlisted one may start (the node authorizes it after
+    /// the fact).
+    fn list_allows(&self, token: &str) -> bool {
+        if self.list_key.is_empty() {
+            return true;
+        }
+        let hash = hex::encode(laddnet_vault::hmac(&self.list_key, &[token.as_bytes()]));
+        self.local_list.get(&hash).copied().unwrap_or(true)
+    }
+
+    fn apply_list(&mut self, u: &v1::LocalListUpdate) {
+        if u.full {
+            self.local_list.clear();
+        }
+        if !u.list_key.is_empty() {
+            self.list_key = u.list_key.clone();
+        }
+        for e in &u.entries {
+            if e.status == v1::AuthorizationStatus::Unspecified as i32 {
+                self.local_list.remove(&e.hash);
+            } else {
+                self.local_list
+                    .insert(e.hash.clone(), e.status == v1::AuthorizationStatus::Accepted as i32);
+            }
+        }
+        self.list_version = u.version;
+    }
+
     fn start_session(&mut self, connector: u32, offline: bool) {
+        let token = if self.p.tokens.is_empty() {
+            String::new()
+        } else {
+            self.p.tokens[rand::thread_rng().gen_range(0..self.p.tokens.len())].clone()
+        };
+        if !self.list_allows(&token) {
+            // Refused at the charger: the driver goes elsewhere.
+            self.idle_until[(connector - 1) as usize] = tokio::time::Instant::now() + self.p.mean_idle;
+            return;
+        }
         let mut rng = rand::thread_rng();
         let car_max_w = match self.p.kind {
             Kind::Ac => *[7_400u32, 11_000, 22_000].get(rng.gen_range(0..3)).unwrap_or(&11_000),
@@ -250,6 +299,7 @@ impl Sim {
         self.queue_status(connector, v1::ConnectorStatus::Charging, "");
         self.sessions.push(Session {
             tx_id,
+            token,
             connector,
             seq: 0,
             soc: rng.gen_range(10.0..50.0),
@@ -362,6 +412,9 @@ async fn run(
             .map(|_| start + Duration::from_millis(rand::thread_rng().gen_range(0..4_000)))
             .collect(),
         status: SimStatus::default(),
+        local_list: Default::default(),
+        list_key: Vec::new(),
+        list_version: 0,
         p,
     };
     let tls = match laddnet_pki::tls::client_config(&ep.root_pem, Some((&identity.chain_pem, &identity.key_pem))) {
@@ -461,6 +514,7 @@ async fn run(
                                 sim.queue.insert(at, r);
                             }
                             Some(Out::Closing(_)) => break true,
+                            Some(Out::LocalList(u)) if m.msg_id == 0 => sim.apply_list(&u),
                             Some(_) if m.msg_id != 0 => {
                                 if sim.queue.front().is_some_and(|q| q.msg_id == m.msg_id) {
                                     sim.queue.pop_front();
@@ -563,6 +617,7 @@ async fn connect_once(
                     max_power_w: sim.p.max_power_w,
                 })
                 .collect(),
+            local_list_version: sim.list_version,
         })),
     };
     tx.send(boot).await?;

@@ -107,6 +107,8 @@ pub fn tx_event(e: v1::TransactionEvent) -> Result<TxEvent, String> {
         },
         offline: e.offline,
         stop_reason: e.stop_reason,
+        driver_id: None,
+        token_ref: None,
     };
     repo::validate_event(&event).map_err(|e| e.to_string())?;
     Ok(event)
@@ -270,6 +272,7 @@ impl ChargerService for Charger {
         let outbound = Arc::new(Outbound {
             tx: tx.clone(),
             pending: Default::default(),
+            list_version: std::sync::atomic::AtomicU64::new(boot.local_list_version),
         });
         self.state.chargers.bind(&id, conn, handle.clone(), outbound.clone());
         tracing::info!(charger_id = %id, "charger attached");
@@ -283,6 +286,17 @@ impl ChargerService for Charger {
                 }),
             ))
             .await;
+        // The offline list, or what changed since the version the charger holds.
+        if let Some(u) = crate::drivers::list_update(&self.state, boot.local_list_version).await {
+            let version = u.version;
+            if tx.send(out(0, Out::LocalList(u))).await.is_ok() {
+                outbound.list_version.store(version, Ordering::Release);
+            }
+        }
+        let ctx = Ctx {
+            charger_id: id.to_string(),
+            site_id: stored.site_id.clone(),
+        };
         let state = self.state.clone();
         tokio::spawn(async move {
             let se = &state.config.sessions;
@@ -304,7 +318,7 @@ impl ChargerService for Charger {
                     state.metrics.charger_backpressure.fetch_add(1, Ordering::Relaxed);
                     tokio::time::sleep(wait).await;
                 }
-                let reply = handle_message(&state, &identity_actor(&id), &handle, &outbound, m).await;
+                let reply = handle_message(&state, &ctx, &identity_actor(&id), &handle, &outbound, m).await;
                 if let Some(reply) = reply
                     && tx.send(reply).await.is_err()
                 {
@@ -341,9 +355,27 @@ fn identity_actor(id: &ChargerId) -> String {
     format!("charger:{id}")
 }
 
+/// The charger a stream belongs to.
+struct Ctx {
+    charger_id: String,
+    site_id: Option<String>,
+}
+
+/// Asks the charger to stop a transaction; the reply is not waited for.
+async fn remote_stop(outbound: &Outbound, tx_id: &str) {
+    let cmd = v1::Command {
+        command_id: format!("cmd-unauthorized-{tx_id}"),
+        kind: Some(v1::command::Kind::RemoteStop(v1::RemoteStop {
+            transaction_id: tx_id.into(),
+        })),
+    };
+    let _ = outbound.tx.send(out(0, Out::Command(cmd))).await;
+}
+
 /// Handles one message after boot; returns the reply to send, if any.
 async fn handle_message(
     state: &Arc<NodeState>,
+    ctx: &Ctx,
     actor: &str,
     handle: &laddnet_actors::ChargerHandle,
     outbound: &Outbound,
@@ -367,24 +399,64 @@ async fn handle_message(
                     return Some(rejected(id, "error_code is longer than 64 characters"));
                 }
                 match handle.status(s.connector_id, status, s.error_code).await {
-                    Ok(()) => out(id, Out::StatusAck(v1::StatusAck {})),
+                    Ok(()) => {
+                        crate::drivers::on_status(
+                            state,
+                            &ctx.charger_id,
+                            ctx.site_id.as_deref(),
+                            s.connector_id,
+                            status,
+                            s.timestamp_ms,
+                        )
+                        .await;
+                        out(id, Out::StatusAck(v1::StatusAck {}))
+                    }
                     Err(e) => rejected(id, e.to_string()),
                 }
             }
         },
         Some(In::Authorize(a)) => {
-            // Interim rule until driver accounts exist: a well-formed token of
-            // a known type is accepted.
-            let ok =
-                !a.id_token.is_empty() && a.id_token.len() <= 64 && a.token_type != v1::TokenType::Unspecified as i32;
-            let reason = if ok {
-                String::new()
-            } else {
-                "malformed token or unknown token type".into()
-            };
-            out(id, Out::AuthorizeResult(v1::AuthorizeResult { accepted: ok, reason }))
+            if a.id_token.is_empty() || a.id_token.len() > 64 {
+                return Some(out(
+                    id,
+                    Out::AuthorizeResult(v1::AuthorizeResult {
+                        accepted: false,
+                        reason: "id_token must be 1 to 64 characters".into(),
+                        status: v1::AuthorizationStatus::Invalid as i32,
+                    }),
+                ));
+            }
+            let kind = crate::drivers::token_kind(a.token_type);
+            match crate::drivers::authorize(
+                state,
+                &ctx.charger_id,
+                ctx.site_id.clone(),
+                kind,
+                a.id_token,
+                a.connector_id,
+                None,
+            )
+            .await
+            {
+                Ok(d) => {
+                    tracing::info!(charger_id = %ctx.charger_id, token_ref = %d.token_ref, status = d.status.as_str(), "authorization");
+                    out(
+                        id,
+                        Out::AuthorizeResult(v1::AuthorizeResult {
+                            accepted: d.accepted(),
+                            reason: d.reason,
+                            status: crate::drivers::status_to_proto(d.status) as i32,
+                        }),
+                    )
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "authorization failed");
+                    rejected(id, "authorization is unavailable; retry")
+                }
+            }
         }
         Some(In::Transaction(t)) => {
+            let (token, token_type) = (t.id_token.clone(), t.token_type);
             let event = match tx_event(t) {
                 Ok(e) => e,
                 Err(reason) => {
@@ -393,8 +465,58 @@ async fn handle_message(
                 }
             };
             let (tx_id, seq) = (event.transaction_id.clone(), event.seq);
+            let mut event = event;
+            // A start: who is it? Authorized again here, after the fact, so
+            // offline starts are reconciled when the charger is back.
+            let mut refusal = None;
+            if event.kind == laddnet_core::charging::TxEventKind::Started && !token.is_empty() {
+                match crate::drivers::authorize(
+                    state,
+                    &ctx.charger_id,
+                    ctx.site_id.clone(),
+                    crate::drivers::token_kind(token_type),
+                    token,
+                    event.connector_id,
+                    Some(tx_id.clone()),
+                )
+                .await
+                {
+                    Ok(d) => {
+                        event.driver_id = d.driver_id.clone();
+                        event.token_ref = Some(d.token_ref.clone());
+                        if crate::drivers::token_refused(d.status) {
+                            refusal = Some(format!(
+                                "{} start refused: {}",
+                                if event.offline { "offline" } else { "online" },
+                                d.reason
+                            ));
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "authorization failed");
+                        return Some(rejected(id, "authorization is unavailable; retry"));
+                    }
+                }
+            }
             match handle.event(event).await {
                 Ok(applied) => {
+                    if let Some(why) = refusal
+                        && !applied.duplicate
+                    {
+                        let store = state.store.clone();
+                        let (t, w) = (tx_id.clone(), why.clone());
+                        let r = tokio::task::spawn_blocking(move || {
+                            laddnet_actors::repo::set_authorization(store.as_ref(), &t, None, Some(w))
+                        })
+                        .await;
+                        tracing::warn!(charger_id = %ctx.charger_id, transaction_id = %tx_id, reason = %why, "unauthorized start");
+                        let open = matches!(r, Ok(Ok(Some(ref rec))) if rec.status != laddnet_core::charging::SessionStatus::Ended);
+                        if open && state.config.drivers.stop_unauthorized_starts {
+                            remote_stop(outbound, &tx_id).await;
+                        }
+                    } else if !applied.duplicate {
+                        crate::drivers::on_event(state, &applied.record).await;
+                    }
                     let counter = if applied.duplicate {
                         &state.metrics.events_duplicate
                     } else {
