@@ -517,6 +517,14 @@ pub fn list_chargers(
     scan(store, "charger", after, limit, |_: &ChargerRecord| true)
 }
 
+/// Chargers assigned to a site (a scan of all chargers).
+pub fn chargers_at_site(store: &dyn Store, site_id: &str) -> Result<Vec<ChargerRecord>, RepoError> {
+    Ok(scan(store, "charger", None, usize::MAX, |c: &ChargerRecord| {
+        c.site_id.as_deref() == Some(site_id)
+    })?
+    .0)
+}
+
 pub fn set_charger_site(store: &dyn Store, charger_id: &str, site_id: &str) -> Result<ChargerRecord, RepoError> {
     store.transact(|tx| {
         if get::<SiteRecord>(tx, &site_key(site_id))?.is_none() {

@@ -7,6 +7,8 @@
 //! writes). Every command prints a table, or JSON with `--output json`.
 //! Errors go to stderr, naming the problem, with exit code 1 (2 for usage).
 
+mod drivers;
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -68,6 +70,12 @@ enum Cmd {
     /// Revenue reports.
     #[command(subcommand)]
     Revenue(RevenueCmd),
+    /// Drivers: accounts, tokens, preferences, GDPR export and erasure.
+    #[command(subcommand)]
+    Drivers(drivers::DriversCmd),
+    /// Maintenance windows (drivers are told).
+    #[command(subcommand)]
+    Maintenance(drivers::MaintenanceCmd),
     /// Who the node thinks you are.
     Whoami,
     /// Print shell completions.
@@ -344,6 +352,20 @@ enum SitesCmd {
     },
     Show {
         site_id: String,
+    },
+    /// Who may charge: public, or private to driver groups.
+    Access {
+        site_id: String,
+        #[arg(long)]
+        private: bool,
+        #[arg(long = "group")]
+        groups: Vec<String>,
+    },
+    /// Share of connector time in use per local hour (JSON).
+    Utilisation {
+        site_id: String,
+        #[arg(long, default_value_t = 30)]
+        days: u32,
     },
 }
 
@@ -1030,6 +1052,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 all.iter().map(site_row).collect(),
             );
         }
+        Cmd::Drivers(d) => drivers::run(d, cfg, out).await?,
+        Cmd::Maintenance(m) => drivers::maintenance(m, cfg, out).await?,
+        Cmd::Sites(SitesCmd::Access {
+            site_id,
+            private,
+            groups,
+        }) => drivers::site_access(cfg, out, site_id, private, groups).await?,
+        Cmd::Sites(SitesCmd::Utilisation { site_id, days }) => drivers::site_utilisation(cfg, site_id, days).await?,
         Cmd::Sites(SitesCmd::Show { site_id }) => {
             let mut c = OperatorServiceClient::new(channel(cfg).await?);
             let s = c.get_site(v1::GetSiteRequest { site_id }).await?.into_inner();

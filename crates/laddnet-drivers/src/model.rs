@@ -76,7 +76,10 @@ impl TokenKind {
         let out: String = match self {
             TokenKind::Rfid => {
                 let hex: String = v.chars().filter(|c| !matches!(c, ':' | '-' | ' ')).collect();
-                if hex.len() < 8 || hex.len() > 20 || !hex.chars().all(|c| c.is_ascii_hexdigit()) || !hex.len().is_multiple_of(2)
+                if hex.len() < 8
+                    || hex.len() > 20
+                    || !hex.chars().all(|c| c.is_ascii_hexdigit())
+                    || !hex.len().is_multiple_of(2)
                 {
                     return Err(DriverError::Invalid(
                         "an RFID UID is 4 to 10 bytes of hex (e.g. 04A1B2C3)".into(),

@@ -224,8 +224,8 @@ pub fn energy_price_at(
             current_ma: 16_000,
         },
     ];
-    let periods = laddnet_core::cost::periods(&t, &probe, &ctx.tz, at_ms, 0)
-        .map_err(|e| LedgerError::Invalid(e.to_string()))?;
+    let periods =
+        laddnet_core::cost::periods(&t, &probe, &ctx.tz, at_ms, 0).map_err(|e| LedgerError::Invalid(e.to_string()))?;
     let price = periods.first().and_then(|p| p.energy_element).and_then(|i| {
         t.elements[i]
             .price_components

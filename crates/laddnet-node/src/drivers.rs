@@ -169,7 +169,11 @@ fn drivers_for(state: &NodeState, targets: &[String], also: &[String]) -> Vec<St
 fn charging_at(state: &NodeState, charger_id: &str) -> Vec<String> {
     let ids = laddnet_actors::repo::open_sessions(state.store.as_ref(), charger_id).unwrap_or_default();
     ids.iter()
-        .filter_map(|id| laddnet_actors::repo::get_session(state.store.as_ref(), id).ok().flatten())
+        .filter_map(|id| {
+            laddnet_actors::repo::get_session(state.store.as_ref(), id)
+                .ok()
+                .flatten()
+        })
         .filter_map(|s| s.driver_id)
         .collect()
 }
@@ -217,10 +221,7 @@ pub async fn on_status(
             n.charger_id = Some(charger_id.into());
             n.site_id = site_id.map(str::to_string);
             n.connector_id = Some(connector_id);
-            (
-                format!("{}/{charger_id}/{connector_id}/{at_ms}/{d}", kind.as_str()),
-                n,
-            )
+            (format!("{}/{charger_id}/{connector_id}/{at_ms}/{d}", kind.as_str()), n)
         })
         .collect();
     raise(state, items).await;
@@ -244,21 +245,29 @@ pub async fn on_event(state: &Arc<NodeState>, record: &SessionRecord) {
     };
     let cfg = &state.config.notifications;
     let p = &drv.preferences;
-    let soc_near = matches!((p.target_soc_percent, record.soc_percent), (Some(t), Some(s)) if s + cfg.nearly_done_soc_margin >= t);
-    let departure_near = p.departure.as_deref().and_then(laddnet_drivers::parse_hhmm).is_some_and(|dep| {
-        let tz = site_tz(state, record.site_id.as_deref());
-        let now = chrono::Utc::now().with_timezone(&tz);
-        use chrono::Timelike;
-        let minutes = now.hour() * 60 + now.minute();
-        let until = (dep + 24 * 60 - minutes) % (24 * 60);
-        until <= cfg.nearly_done_minutes
-    });
+    let soc_near =
+        matches!((p.target_soc_percent, record.soc_percent), (Some(t), Some(s)) if s + cfg.nearly_done_soc_margin >= t);
+    let departure_near = p
+        .departure
+        .as_deref()
+        .and_then(laddnet_drivers::parse_hhmm)
+        .is_some_and(|dep| {
+            let tz = site_tz(state, record.site_id.as_deref());
+            let now = chrono::Utc::now().with_timezone(&tz);
+            use chrono::Timelike;
+            let minutes = now.hour() * 60 + now.minute();
+            let until = (dep + 24 * 60 - minutes) % (24 * 60);
+            until <= cfg.nearly_done_minutes
+        });
     if !(soc_near || departure_near) {
         return;
     }
     let message = match record.soc_percent {
         Some(s) if soc_near => format!("Charging is nearly done: {s}% at charger {}", record.charger_id),
-        _ => format!("Charging is nearly done: departure is near, charger {}", record.charger_id),
+        _ => format!(
+            "Charging is nearly done: departure is near, charger {}",
+            record.charger_id
+        ),
     };
     let mut n = Notification::new(NotificationKind::NearlyDone, &driver, now_ms() / 1000, message);
     n.charger_id = Some(record.charger_id.clone());
@@ -357,7 +366,12 @@ pub async fn schedule_maintenance(
             "starts_at": starts_at, "ends_at": ends_at, "reason": r2,
         });
         st.store
-            .transact(|tx| tx.set(&keys::pack(&("maintenance", id2.as_str())), window.to_string().as_bytes()))
+            .transact(|tx| {
+                tx.set(
+                    &keys::pack(&("maintenance", id2.as_str())),
+                    window.to_string().as_bytes(),
+                )
+            })
             .map_err(|e| e.to_string())?;
         let mut targets = Vec::new();
         if let Some(c) = &c2 {
@@ -454,7 +468,9 @@ pub async fn push_local_lists(state: &Arc<NodeState>) {
                 payload: Some(v1::central_message::Payload::LocalList(u)),
             };
             if outbound.tx.send(Ok(msg)).await.is_ok() {
-                outbound.list_version.store(version, std::sync::atomic::Ordering::Release);
+                outbound
+                    .list_version
+                    .store(version, std::sync::atomic::Ordering::Release);
                 tracing::debug!(charger_id = %id, version, "offline list sent");
             }
         }
@@ -539,7 +555,11 @@ fn read_secret(path: &std::path::Path) -> Result<Vec<u8>, String> {
             .permissions()
             .mode();
         if mode & 0o077 != 0 {
-            return Err(format!("{}: mode {:o} lets others read it", path.display(), mode & 0o777));
+            return Err(format!(
+                "{}: mode {:o} lets others read it",
+                path.display(),
+                mode & 0o777
+            ));
         }
     }
     let s = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -577,8 +597,10 @@ pub async fn retention_sweeper(state: Arc<NodeState>, shutdown: CancellationToke
     loop {
         let st = state.clone();
         let cutoff_ms = (time::OffsetDateTime::now_utc().unix_timestamp() - i64::from(days) * 86_400) * 1000;
-        match tokio::task::spawn_blocking(move || laddnet_actors::repo::purge_ended_before(st.store.as_ref(), cutoff_ms))
-            .await
+        match tokio::task::spawn_blocking(move || {
+            laddnet_actors::repo::purge_ended_before(st.store.as_ref(), cutoff_ms)
+        })
+        .await
         {
             Ok(Ok(n)) if n > 0 => tracing::info!(sessions = n, days, "sessions past retention deleted"),
             Ok(Err(e)) => tracing::error!(error = %e, "retention sweep failed"),

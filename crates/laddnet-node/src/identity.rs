@@ -14,11 +14,21 @@ use laddnet_pki::{AuditKind, Ca, Profile};
 /// The authenticated caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Principal {
-    Charger { id: ChargerId, site: Option<SiteId> },
-    Operator { name: OperatorName, role: Role },
-    Node { name: String },
+    Charger {
+        id: ChargerId,
+        site: Option<SiteId>,
+    },
+    Operator {
+        name: OperatorName,
+        role: Role,
+    },
+    Node {
+        name: String,
+    },
     /// A driver app, for the driver's own account only.
-    Driver { id: String },
+    Driver {
+        id: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -10,6 +10,8 @@ use anyhow::Context;
 use laddnet_pki::{Ca, CaFiles, Clock, Policy, Subject};
 use laddnet_proto::v1::billing_service_server::BillingServiceServer;
 use laddnet_proto::v1::charger_service_server::ChargerServiceServer;
+use laddnet_proto::v1::driver_admin_service_server::DriverAdminServiceServer;
+use laddnet_proto::v1::driver_service_server::DriverServiceServer;
 use laddnet_proto::v1::enrollment_service_server::EnrollmentServiceServer;
 use laddnet_proto::v1::operator_service_server::OperatorServiceServer;
 use laddnet_proto::v1::pki_service_server::PkiServiceServer;
@@ -26,6 +28,7 @@ use tonic_health::server::HealthReporter;
 use crate::config::NodeConfig;
 use crate::identity::CaIdentityCheck;
 use crate::services::billing::Billing;
+use crate::services::drivers::{DriverAdmin, DriverApp};
 use crate::services::{
     charger::Charger, enrollment::Enrollment, enrollment::RateLimiter, operator::Operator, pki::Pki,
 };
@@ -173,6 +176,8 @@ impl RunningNode {
             "laddnet.v1.ChargerService",
             "laddnet.v1.PkiService",
             "laddnet.v1.OperatorService",
+            "laddnet.v1.DriverAdminService",
+            "laddnet.v1.DriverService",
             "laddnet.v1.EnrollmentService",
         ] {
             health.set_service_status(name, ServingStatus::Serving).await;
@@ -247,6 +252,16 @@ impl RunningNode {
                 BillingServiceServer::new(Billing { state: state.clone() })
                     .max_decoding_message_size(limit)
                     .max_encoding_message_size(limit),
+            )
+            .add_service(
+                DriverAdminServiceServer::new(DriverAdmin { state: state.clone() })
+                    .max_decoding_message_size(limit)
+                    .max_encoding_message_size(limit),
+            )
+            .add_service(
+                DriverServiceServer::new(DriverApp { state: state.clone() })
+                    .max_decoding_message_size(limit)
+                    .max_encoding_message_size(limit),
             );
         let e = &ca.policy().enrollment;
         let enroll_router = server()
@@ -284,9 +299,18 @@ impl RunningNode {
         tasks.push(tokio::spawn(revocation_poller(state.clone(), shutdown.clone())));
         tasks.push(tokio::spawn(interruption_sweeper(state.clone(), shutdown.clone())));
         tasks.push(tokio::spawn(billing_sweeper(state.clone(), shutdown.clone())));
-        tasks.push(tokio::spawn(crate::drivers::notification_pump(state.clone(), shutdown.clone())));
-        tasks.push(tokio::spawn(crate::drivers::webhook_worker(state.clone(), shutdown.clone())));
-        tasks.push(tokio::spawn(crate::drivers::retention_sweeper(state.clone(), shutdown.clone())));
+        tasks.push(tokio::spawn(crate::drivers::notification_pump(
+            state.clone(),
+            shutdown.clone(),
+        )));
+        tasks.push(tokio::spawn(crate::drivers::webhook_worker(
+            state.clone(),
+            shutdown.clone(),
+        )));
+        tasks.push(tokio::spawn(crate::drivers::retention_sweeper(
+            state.clone(),
+            shutdown.clone(),
+        )));
 
         tracing::info!(mtls = %mtls_addr, enrollment = %enrollment_addr, store = "redb", "node serving");
         Ok(Self {
@@ -307,6 +331,8 @@ impl RunningNode {
             "laddnet.v1.ChargerService",
             "laddnet.v1.PkiService",
             "laddnet.v1.OperatorService",
+            "laddnet.v1.DriverAdminService",
+            "laddnet.v1.DriverService",
             "laddnet.v1.EnrollmentService",
         ] {
             self.health.set_service_status(name, ServingStatus::NotServing).await;

@@ -83,11 +83,22 @@ pub struct InitReport {
 /// the policy alone.
 #[derive(Debug, Clone)]
 pub enum Subject {
-    Charger { id: ChargerId, site: Option<SiteId> },
-    Operator { name: OperatorName, role: Role },
-    Node { name: String, sans: Vec<String> },
+    Charger {
+        id: ChargerId,
+        site: Option<SiteId>,
+    },
+    Operator {
+        name: OperatorName,
+        role: Role,
+    },
+    Node {
+        name: String,
+        sans: Vec<String>,
+    },
     /// A driver app's credential: CN is the pseudonymous driver id.
-    Driver { id: String },
+    Driver {
+        id: String,
+    },
 }
 
 impl Subject {

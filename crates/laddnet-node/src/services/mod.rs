@@ -5,6 +5,7 @@
 
 pub mod billing;
 pub mod charger;
+pub mod drivers;
 pub mod enrollment;
 pub mod operator;
 pub mod pki;
