@@ -12,7 +12,7 @@ use laddnet_proto::v1;
 use laddnet_proto::v1::billing_service_server::BillingService;
 use tonic::{Request, Response, Status};
 
-use super::{blocking, page, page_token, require_role, rfc3339};
+use super::{blocking, invalid, page, page_token, parse_time, require_role, rfc3339};
 use crate::state::NodeState;
 use crate::status::NodeError;
 
@@ -22,19 +22,6 @@ pub struct Billing {
 
 const READ: &str = "read billing data (needs billing, operator or admin)";
 const WRITE: &str = "change billing data (needs billing or admin)";
-
-fn invalid(e: impl std::fmt::Display) -> Status {
-    NodeError::Invalid(e.to_string()).into()
-}
-
-fn parse_time(s: &str, field: &str) -> Result<Option<i64>, Status> {
-    if s.is_empty() {
-        return Ok(None);
-    }
-    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
-        .map(|t| Some(t.unix_timestamp()))
-        .map_err(|e| invalid(format!("{field}: {s:?} is not an RFC 3339 time: {e}")))
-}
 
 fn tariff_info(t: &Tariff) -> v1::TariffInfo {
     v1::TariffInfo {

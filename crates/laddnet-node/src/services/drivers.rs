@@ -23,7 +23,7 @@ use laddnet_store::StoreExt;
 use rust_decimal::Decimal;
 use tonic::{Request, Response, Status};
 
-use super::{blocking, caller, cert_info, page, page_token, require_role, rfc3339};
+use super::{blocking, caller, cert_info, invalid, page, page_token, parse_time, require_role, rfc3339};
 use crate::identity::Principal;
 use crate::state::NodeState;
 use crate::status::NodeError;
@@ -34,19 +34,6 @@ pub struct DriverAdmin {
 
 pub struct DriverApp {
     pub state: Arc<NodeState>,
-}
-
-fn invalid(e: impl std::fmt::Display) -> Status {
-    NodeError::Invalid(e.to_string()).into()
-}
-
-fn parse_time(s: &str, field: &str) -> Result<Option<i64>, Status> {
-    if s.is_empty() {
-        return Ok(None);
-    }
-    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
-        .map(|t| Some(t.unix_timestamp()))
-        .map_err(|e| invalid(format!("{field}: {s:?} is not an RFC 3339 time: {e}")))
 }
 
 fn now() -> i64 {

@@ -88,6 +88,21 @@ pub(crate) fn page_token(last: Option<&str>, more: bool) -> String {
     }
 }
 
+/// An invalid-argument status naming the problem.
+pub(crate) fn invalid(e: impl std::fmt::Display) -> Status {
+    NodeError::Invalid(e.to_string()).into()
+}
+
+/// An optional RFC 3339 time from a request field.
+pub(crate) fn parse_time(s: &str, field: &str) -> Result<Option<i64>, Status> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .map(|t| Some(t.unix_timestamp()))
+        .map_err(|e| invalid(format!("{field}: {s:?} is not an RFC 3339 time: {e}")))
+}
+
 pub(crate) fn rfc3339(unix: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(unix)
         .ok()
