@@ -222,6 +222,114 @@ impl TestNode {
             n.shutdown().await;
         }
     }
+
+    /// Stops the node (if running) and starts it again on the same data
+    /// dir and config; the listeners get new ports.
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        let node = RunningNode::start_with(self.config.clone(), self.clock.clock())
+            .await
+            .expect("node restarts");
+        self.node = Some(node);
+    }
+
+    pub async fn driver_admin(
+        &self,
+    ) -> laddnet_proto::v1::driver_admin_service_client::DriverAdminServiceClient<Channel> {
+        laddnet_proto::v1::driver_admin_service_client::DriverAdminServiceClient::new(
+            self.channel(&self.admin).await.expect("admin connects"),
+        )
+    }
+
+    /// Creates a driver paying by card with one RFID card; returns
+    /// (driver id, token id).
+    pub async fn driver(&self, name: &str, email: &str, rfid: &str) -> (String, String) {
+        let mut admin = self.driver_admin().await;
+        let d = admin
+            .create_driver(v1::CreateDriverRequest {
+                name: name.into(),
+                email: email.into(),
+                payment: "card".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("driver created")
+            .into_inner();
+        let t = admin
+            .add_token(v1::AddTokenRequest {
+                driver_id: d.driver_id.clone(),
+                kind: "rfid".into(),
+                value: rfid.into(),
+                expires_at: String::new(),
+            })
+            .await
+            .expect("token added")
+            .into_inner();
+        (d.driver_id, t.token_id)
+    }
+
+    /// A driver-app credential (certificate) for `driver_id`.
+    pub async fn driver_credential(&self, driver_id: &str) -> Creds {
+        let (key, csr) = laddnet_pki::new_key_and_csr(driver_id).unwrap();
+        let r = self
+            .driver_admin()
+            .await
+            .issue_driver_credential(v1::IssueDriverCredentialRequest {
+                driver_id: driver_id.into(),
+                csr_pem: csr,
+            })
+            .await
+            .expect("driver credential issued")
+            .into_inner();
+        Creds {
+            chain_pem: r.chain_pem,
+            key_pem: key.to_string(),
+            serial: r.certificate.unwrap().serial,
+        }
+    }
+
+    /// Installs [`TARIFF`] for the whole operator.
+    pub async fn install_tariff(&self) {
+        let mut b = laddnet_proto::v1::billing_service_client::BillingServiceClient::new(
+            self.channel(&self.admin).await.expect("admin connects"),
+        );
+        install_tariff(&mut b).await;
+    }
+
+    /// Where a simulated charger finds this node (as it runs now).
+    pub fn sim_endpoints(&self) -> laddnet_sim::Endpoints {
+        laddnet_sim::Endpoints {
+            mtls: self.mtls_endpoint(),
+            enrollment: format!("https://{}", self.node().enrollment_addr),
+            server_name: "localhost".into(),
+            root_pem: self.root_pem.clone(),
+        }
+    }
+}
+
+/// A tariff: 0.50 flat (20 % VAT) plus 0.25 per kWh (10 % VAT), in EUR.
+pub const TARIFF: &str = r#"{"id":"standard","currency":"EUR","elements":[
+  {"price_components":[{"type":"FLAT","price":0.50,"vat":20.0,"step_size":1}]},
+  {"price_components":[{"type":"ENERGY","price":0.25,"vat":10.0,"step_size":1}]}]}"#;
+
+/// Installs [`TARIFF`] (id `standard`) for the whole operator.
+pub async fn install_tariff(b: &mut laddnet_proto::v1::billing_service_client::BillingServiceClient<Channel>) {
+    b.create_tariff(v1::CreateTariffRequest {
+        tariff_json: TARIFF.into(),
+    })
+    .await
+    .expect("tariff created");
+    b.assign_tariff(v1::AssignTariffRequest {
+        assignment: Some(v1::TariffAssignment {
+            scope: "operator".into(),
+            target: String::new(),
+            tariff_id: "standard".into(),
+            valid_from: "2020-01-01T00:00:00Z".into(),
+            valid_to: String::new(),
+        }),
+    })
+    .await
+    .expect("tariff assigned");
 }
 
 /// A charger's open Attach stream.
@@ -500,6 +608,8 @@ pub struct NodeProcess {
     pub child: std::process::Child,
     pub mtls: String,
     pub enrollment: String,
+    /// The node's log (its stderr), appended across restarts.
+    pub log: PathBuf,
 }
 
 impl NodeProcess {
@@ -511,8 +621,14 @@ impl NodeProcess {
             .env("LADDNET_LISTEN__MTLS", "127.0.0.1:0")
             .env("LADDNET_LISTEN__ENROLLMENT", "127.0.0.1:0")
             .env_remove("LADDNET_CA_PASSPHRASE")
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null());
+            .stdout(std::process::Stdio::piped());
+        let log = dir.join("node.log");
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("node log file");
+        cmd.stderr(log_file);
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -534,6 +650,7 @@ impl NodeProcess {
             child,
             mtls,
             enrollment,
+            log,
         }
     }
 
@@ -588,6 +705,14 @@ impl NodeProcess {
             key_pem: key.to_string(),
             serial: r.certificate.map(|c| c.serial).unwrap_or_default(),
         }
+    }
+
+    /// SIGTERM, then waits for the node to finish shutting down.
+    pub fn terminate(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
     }
 
     /// SIGKILL: no shutdown, no flush, nothing.

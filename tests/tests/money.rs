@@ -11,31 +11,8 @@ use laddnet_proto::v1::billing_service_client::BillingServiceClient;
 use laddnet_tests::*;
 use tonic::transport::Channel;
 
-const TARIFF: &str = r#"{"id":"standard","currency":"EUR","elements":[
-  {"price_components":[{"type":"FLAT","price":0.50,"vat":20.0,"step_size":1}]},
-  {"price_components":[{"type":"ENERGY","price":0.25,"vat":10.0,"step_size":1}]}]}"#;
-
 async fn billing(node: &TestNode) -> BillingServiceClient<Channel> {
     BillingServiceClient::new(node.channel(&node.admin).await.unwrap())
-}
-
-async fn install_tariff(b: &mut BillingServiceClient<Channel>) {
-    b.create_tariff(v1::CreateTariffRequest {
-        tariff_json: TARIFF.into(),
-    })
-    .await
-    .unwrap();
-    b.assign_tariff(v1::AssignTariffRequest {
-        assignment: Some(v1::TariffAssignment {
-            scope: "operator".into(),
-            target: String::new(),
-            tariff_id: "standard".into(),
-            valid_from: "2020-01-01T00:00:00Z".into(),
-            valid_to: String::new(),
-        }),
-    })
-    .await
-    .unwrap();
 }
 
 async fn wait_cdr(b: &mut BillingServiceClient<Channel>, id: &str, secs: u64) -> Option<v1::CdrInfo> {

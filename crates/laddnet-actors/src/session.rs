@@ -188,6 +188,21 @@ impl Actor for SessionActor {
                     applied.running_cost = state.running.clone();
                 }
                 let ended = matches!(&result, Ok(a) if a.record.status == SessionStatus::Ended && !a.duplicate);
+                if let Ok(a) = &result
+                    && !a.duplicate
+                    && (ended || a.record.samples == 1)
+                {
+                    let r = &a.record;
+                    tracing::info!(
+                        transaction_id = %r.transaction_id,
+                        charger_id = %r.charger_id,
+                        connector_id = r.connector_id,
+                        driver_id = r.driver_id.as_deref().unwrap_or("-"),
+                        energy_wh = r.last.energy_wh.saturating_sub(r.first.energy_wh),
+                        "{}",
+                        if ended { "session ended" } else { "session started" }
+                    );
+                }
                 let foreign = matches!(&result, Err(RepoError::ForeignTransaction(_)));
                 let _ = reply.send(result);
                 if ended && let Some(currency) = state.args.bill_in.clone() {

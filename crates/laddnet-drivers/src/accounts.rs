@@ -39,9 +39,7 @@ fn random_id(prefix: &str) -> String {
     format!("{prefix}-{}", hex::encode(b))
 }
 
-fn pii_key(driver: &str, field: &str) -> Vec<u8> {
-    keys::pack(&("driver-pii", driver, field))
-}
+use crate::key::personal as pii_key;
 fn token_key(token: &str) -> Vec<u8> {
     keys::pack(&("token", token))
 }

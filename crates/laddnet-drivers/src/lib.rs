@@ -86,6 +86,10 @@ pub mod key {
     pub fn history(driver: &str, tx: &str) -> Vec<u8> {
         keys::pack(&("driver-history", driver, tx))
     }
+    /// One sealed personal field (`name`, `email`, `phone`, …) of a driver.
+    pub fn personal(driver: &str, field: &str) -> Vec<u8> {
+        keys::pack(&("driver-pii", driver, field))
+    }
 }
 
 pub(crate) fn load<T: serde::de::DeserializeOwned>(

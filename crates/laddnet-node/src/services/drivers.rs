@@ -75,6 +75,12 @@ fn prefs_from(p: Option<v1::Preferences>) -> Result<Preferences, Status> {
         .map(|c| Channel::parse(c))
         .collect::<Result<BTreeSet<_>, _>>()
         .map_err(invalid)?;
+    // No channels named: the default (every channel), never silence by omission.
+    let channels = if channels.is_empty() {
+        Preferences::default().channels
+    } else {
+        channels
+    };
     let prefs = Preferences {
         target_soc_percent: (p.target_soc_percent != 0).then_some(p.target_soc_percent),
         departure: (!p.departure.is_empty()).then_some(p.departure),
@@ -263,6 +269,7 @@ impl DriverAdminService for DriverAdmin {
             "created".into(),
         )
         .await?;
+        tracing::info!(driver_id = %rec.driver_id, "driver created");
         Ok(Response::new(view(&self.state, rec).await?))
     }
 
