@@ -169,7 +169,7 @@ impl RunningNode {
         let mtls_addr = mtls_listener.local_addr()?;
         let enrollment_addr = enroll_listener.local_addr()?;
 
-        let shutdown = CancellationToken::new();
+        let shutdown = state.shutdown.clone();
         let (health, health_service) = tonic_health::server::health_reporter();
         for name in [
             "",
@@ -341,6 +341,21 @@ impl RunningNode {
         self.state.actors.stop();
         for t in self.tasks {
             let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+        }
+        // Streams, actors and connection tasks hold the store; wait for
+        // them to let go, so the data dir can be opened again as soon as
+        // this returns.
+        let store = Arc::downgrade(&self.state.store);
+        drop(self.state);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while store.strong_count() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if store.strong_count() > 0 {
+            tracing::warn!(
+                holders = store.strong_count(),
+                "tasks still hold the store after shutdown"
+            );
         }
         tracing::info!("node stopped");
     }

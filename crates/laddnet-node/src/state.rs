@@ -26,6 +26,8 @@ pub struct NodeState {
     pub actors: SupervisorHandle,
     pub metrics: Metrics,
     pub hub: crate::drivers::DriverHub,
+    /// Cancelled when the node shuts down: long-lived streams end with it.
+    pub shutdown: tokio_util::sync::CancellationToken,
     pub(crate) node_chain: Vec<CertificateDer<'static>>,
     pub(crate) node_key: PrivateKeyDer<'static>,
     crl_number: AtomicU64,
@@ -56,6 +58,7 @@ impl NodeState {
             actors,
             metrics: Metrics::default(),
             hub,
+            shutdown: tokio_util::sync::CancellationToken::new(),
             node_chain,
             node_key,
             crl_number: AtomicU64::new(crl_number),

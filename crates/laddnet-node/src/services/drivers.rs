@@ -742,7 +742,12 @@ impl DriverService for DriverApp {
                 }
             }
             loop {
-                match live.recv().await {
+                let next = tokio::select! {
+                    n = live.recv() => n,
+                    _ = tx.closed() => return,
+                    _ = state.shutdown.cancelled() => return,
+                };
+                match next {
                     Ok(n) if n.driver_id == id && n.seq > after => {
                         after = n.seq;
                         if tx.send(Ok(notification_info(&n))).await.is_err() {

@@ -358,6 +358,7 @@ impl OperatorService for Operator {
         let only = req.into_inner().transaction_id;
         let (tx, rx) = mpsc::channel(64);
         let store = self.state.store.clone();
+        let shutdown = self.state.shutdown.clone();
         tokio::spawn(async move {
             // Sends a session whenever what an operator sees of it changed.
             let mut last: std::collections::HashMap<String, (u64, u32, String, u64)> = Default::default();
@@ -396,9 +397,10 @@ impl OperatorService for Operator {
                         }
                     }
                 }
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                if tx.is_closed() {
-                    return;
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = tx.closed() => return,
+                    _ = shutdown.cancelled() => return,
                 }
             }
         });
