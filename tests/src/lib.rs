@@ -730,3 +730,95 @@ impl Drop for NodeProcess {
         let _ = self.child.wait();
     }
 }
+
+// `laddnet up` and `laddctl` as a newcomer runs them.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+
+/// A `laddnet up` process and where its laddctl config is.
+pub struct Up {
+    pub child: Child,
+    pub stderr: std::thread::JoinHandle<String>,
+    pub ctl_config: PathBuf,
+}
+
+/// Runs `laddnet up` in `dir` on free ports with no injected faults, plus
+/// `extra` arguments; returns once it printed its laddctl config.
+pub fn start_up(dir: &Path, extra: &[&str]) -> Up {
+    let mut child = Command::new(bin("laddnet"))
+        .args([
+            "up",
+            "--mtls-addr",
+            "127.0.0.1:0",
+            "--enrollment-addr",
+            "127.0.0.1:0",
+            "--fault-every-s",
+            "0",
+        ])
+        .args(extra)
+        .current_dir(dir)
+        .env_remove("LADDCTL_CONFIG")
+        .env_remove("LADDNET_CA_PASSPHRASE")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let stderr = std::thread::spawn(move || std::io::read_to_string(stderr).unwrap_or_default());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(p) = line.trim().strip_prefix("laddctl config: ") {
+                let _ = tx.send(PathBuf::from(p));
+            }
+        }
+    });
+    let ctl_config = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("`laddnet up` printed its laddctl config");
+    Up {
+        child,
+        stderr,
+        ctl_config,
+    }
+}
+
+/// Ctrl-C; returns the exit status and everything it logged.
+pub fn stop(up: Up) -> (std::process::ExitStatus, String) {
+    stop_with(up, "-INT")
+}
+
+pub fn stop_with(mut up: Up, signal: &str) -> (std::process::ExitStatus, String) {
+    let ok = Command::new("kill")
+        .args([signal, &up.child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let status = up.child.wait().unwrap();
+    (status, up.stderr.join().unwrap())
+}
+
+/// `laddctl` in `dir` (finding its config there).
+pub fn ctl(dir: &Path, args: &[&str]) -> Output {
+    Command::new(bin("laddctl"))
+        .args(args)
+        .current_dir(dir)
+        .env_remove("LADDCTL_CONFIG")
+        .output()
+        .unwrap()
+}
+
+/// A successful command's JSON output.
+pub fn json(out: &Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "laddctl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+}

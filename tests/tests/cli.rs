@@ -1,92 +1,10 @@
 //! The README's first command as a newcomer runs it: `laddnet up` in an
 //! empty directory, then `laddctl` from the same directory with no flags.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-
-use laddnet_tests::bin;
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::Duration;
 
-struct Up {
-    child: Child,
-    stderr: std::thread::JoinHandle<String>,
-    ctl_config: PathBuf,
-}
-
-fn start_up(dir: &Path) -> Up {
-    let mut child = Command::new(bin("laddnet"))
-        .args([
-            "up",
-            "--mtls-addr",
-            "127.0.0.1:0",
-            "--enrollment-addr",
-            "127.0.0.1:0",
-            "--fault-every-s",
-            "0",
-        ])
-        .current_dir(dir)
-        .env_remove("LADDCTL_CONFIG")
-        .env_remove("LADDNET_CA_PASSPHRASE")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let stderr = std::thread::spawn(move || std::io::read_to_string(stderr).unwrap_or_default());
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(p) = line.trim().strip_prefix("laddctl config: ") {
-                let _ = tx.send(PathBuf::from(p));
-            }
-        }
-    });
-    let ctl_config = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("`laddnet up` printed its laddctl config");
-    Up {
-        child,
-        stderr,
-        ctl_config,
-    }
-}
-
-fn stop(up: Up) -> (std::process::ExitStatus, String) {
-    stop_with(up, "-INT")
-}
-
-fn stop_with(mut up: Up, signal: &str) -> (std::process::ExitStatus, String) {
-    let ok = Command::new("kill")
-        .args([signal, &up.child.id().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
-    let status = up.child.wait().unwrap();
-    (status, up.stderr.join().unwrap())
-}
-
-fn ctl(dir: &Path, args: &[&str]) -> Output {
-    Command::new(bin("laddctl"))
-        .args(args)
-        .current_dir(dir)
-        .env_remove("LADDCTL_CONFIG")
-        .output()
-        .unwrap()
-}
-
-fn json(out: &Output) -> serde_json::Value {
-    assert!(
-        out.status.success(),
-        "laddctl failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
-}
+use laddnet_tests::{bin, ctl, json, start_up, stop, stop_with};
 
 #[test]
 fn up_then_laddctl_from_the_same_directory() {
@@ -95,7 +13,7 @@ fn up_then_laddctl_from_the_same_directory() {
     bin("laddnet");
     bin("laddctl");
     let started = std::time::Instant::now();
-    let up = start_up(dir.path());
+    let up = start_up(dir.path(), &[]);
     assert!(up.ctl_config.ends_with("laddnet-data/laddctl.toml"));
 
     // The simulated fleet charges within 15 s, and laddctl beside it sees it.
@@ -236,7 +154,7 @@ fn up_then_laddctl_from_the_same_directory() {
         "a token value in the log"
     );
 
-    let again = start_up(dir.path());
+    let again = start_up(dir.path(), &[]);
     let who = json(&ctl(dir.path(), &["whoami", "-o", "json"]));
     assert_eq!(who["name"], "admin");
     let list = json(&ctl(

@@ -42,6 +42,14 @@ enum Output {
 }
 
 #[derive(Subcommand)]
+enum VaultCmd {
+    /// The current master-key version, data keys per master version and
+    /// the rewrap's progress (rotate with `laddnet vault rotate` on the
+    /// node's host).
+    Status,
+}
+
+#[derive(Subcommand)]
 enum Cmd {
     /// Certificates, enrollment tokens, revocation, CRL and the audit log.
     #[command(subcommand)]
@@ -76,6 +84,9 @@ enum Cmd {
     /// Maintenance windows (drivers are told).
     #[command(subcommand)]
     Maintenance(drivers::MaintenanceCmd),
+    /// The keys protecting personal data (security team).
+    #[command(subcommand)]
+    Vault(VaultCmd),
     /// Who the node thinks you are.
     Whoami,
     /// Print shell completions.
@@ -1185,6 +1196,44 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     })
                     .collect(),
             );
+        }
+        Cmd::Vault(VaultCmd::Status) => {
+            let mut c = PkiServiceClient::new(channel(cfg).await?);
+            let v = c.vault_status(v1::VaultStatusRequest {}).await?.into_inner();
+            let by: Vec<Value> = v
+                .by_master
+                .iter()
+                .map(|m| json!({"version": m.version, "wrapped_keys": m.wrapped_keys}))
+                .collect();
+            emit(
+                out,
+                json!({"current_master": v.current_master, "by_master": by, "subjects": v.subjects,
+                       "rewrap_finished": v.rewrap_finished, "rewrap_moved": v.rewrap_moved}),
+                &["MASTER VERSION", "WRAPPED KEYS", "CURRENT"],
+                v.by_master
+                    .iter()
+                    .map(|m| {
+                        vec![
+                            m.version.to_string(),
+                            m.wrapped_keys.to_string(),
+                            if m.version == v.current_master {
+                                "yes"
+                            } else {
+                                "no (rewrap pending)"
+                            }
+                            .into(),
+                        ]
+                    })
+                    .collect(),
+            );
+            if out != Output::Json {
+                println!(
+                    "current master key: v{}; drivers with data keys: {}; rewrap {}",
+                    v.current_master,
+                    v.subjects,
+                    if v.rewrap_finished { "finished" } else { "under way" }
+                );
+            }
         }
         Cmd::Whoami => {
             let mut c = OperatorServiceClient::new(channel(cfg).await?);

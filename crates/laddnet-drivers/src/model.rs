@@ -198,9 +198,9 @@ impl Preferences {
         if let Some(t) = self.target_soc_percent
             && !(10..=100).contains(&t)
         {
-            return Err(DriverError::Invalid(
-                "target state of charge must be 10 to 100 percent".into(),
-            ));
+            return Err(DriverError::Invalid(format!(
+                "target state of charge {t} is not 10 to 100 percent"
+            )));
         }
         if let Some(d) = &self.departure
             && parse_hhmm(d).is_none()

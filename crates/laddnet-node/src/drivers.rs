@@ -623,3 +623,49 @@ pub async fn notification_pump(state: Arc<NodeState>, shutdown: CancellationToke
         }
     }
 }
+
+/// Moves every data key under the current master-key version, 100 drivers
+/// per transaction, from where the last run stopped (the cursor is in the
+/// store, so a crash or a restart resumes). A no-op once done.
+pub async fn vault_rewrapper(state: Arc<NodeState>, shutdown: CancellationToken) {
+    let st = state.clone();
+    let done = tokio::task::spawn_blocking(move || st.hub.drivers.vault.rewrap_done(st.store.as_ref())).await;
+    if matches!(done, Ok(Ok(true))) {
+        return;
+    }
+    let mut announced = false;
+    loop {
+        let st = state.clone();
+        let r = tokio::task::spawn_blocking(move || st.hub.drivers.vault.rewrap(st.store.as_ref(), 100, Some(1))).await;
+        match r {
+            Ok(Ok(c)) => {
+                // A first start (nothing to move) says nothing.
+                if !announced && (c.moved > 0 || !c.finished) {
+                    tracing::info!(
+                        master_version = c.target,
+                        "rewrapping data keys under the current master key"
+                    );
+                    announced = true;
+                }
+                if c.finished {
+                    if announced {
+                        tracing::info!(master_version = c.target, keys_moved = c.moved, "rewrap finished");
+                    }
+                    return;
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "rewrap failed; retrying in 10 s");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+                }
+            }
+            Err(_) => return,
+        }
+        if shutdown.is_cancelled() {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+}

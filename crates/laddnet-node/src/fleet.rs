@@ -31,6 +31,62 @@ const SITES: &[(&str, &str, &str, u32)] = &[
     ("mall-north", "North mall car park", "Europe/Stockholm", 250_000),
 ];
 
+/// Demo card `n` (1-based): not a secret, the simulated chargers present it.
+fn demo_card(n: usize) -> String {
+    format!("DE{n:08X}")
+}
+
+/// Demo drivers per simulated charger: each charger serves its own three
+/// regulars, so no card is ever in two places at once.
+const DRIVERS_PER_CHARGER: usize = 3;
+
+/// Demo drivers 1..=`count` (those not there yet): most pay by card, some
+/// from a prepaid wallet, a fleet on invoice; half want 80 %; every 20th
+/// card is blocked, so the demo shows a refusal now and then.
+fn create_demo_drivers(drivers: &laddnet_drivers::Drivers, count: usize) -> anyhow::Result<()> {
+    use laddnet_drivers::accounts::NewDriver;
+    use laddnet_drivers::{PaymentKind, TokenKind, TokenStatus};
+    let have = drivers.list(None, count + 1)?.len();
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    for n in have + 1..=count {
+        let payment = match n % 4 {
+            0 => PaymentKind::Wallet,
+            3 => PaymentKind::Invoice,
+            _ => PaymentKind::Card,
+        };
+        let d = drivers.create(
+            NewDriver {
+                name: Some(format!("Demo Driver {n}")),
+                email: Some(format!("demo-{n}@example.invalid")),
+                payment: Some(payment),
+                currency: "EUR".into(),
+                max_concurrent_sessions: 1,
+                groups: if payment == PaymentKind::Invoice {
+                    ["fleet".to_string()].into()
+                } else {
+                    Default::default()
+                },
+                ..Default::default()
+            },
+            now,
+        )?;
+        if payment == PaymentKind::Wallet {
+            drivers.adjust_wallet(&d.driver_id, rust_decimal::Decimal::from(40), now)?;
+        }
+        if n % 2 == 0 {
+            drivers.update(&d.driver_id, now, |r| {
+                r.preferences.target_soc_percent = Some(80);
+                Ok(())
+            })?;
+        }
+        let t = drivers.add_token(&d.driver_id, TokenKind::Rfid, &demo_card(n), None, now)?;
+        if n % 20 == 0 {
+            drivers.set_token_status(&t.token_id, TokenStatus::Blocked, now)?;
+        }
+    }
+    Ok(())
+}
+
 /// Creates the demo sites (once) and starts `n` simulated chargers; those
 /// not yet enrolled enroll in the background, paced by the listener's
 /// rate limit like any charger.
@@ -68,6 +124,8 @@ pub async fn start(node: &RunningNode, data_dir: &Path, n: usize) -> anyhow::Res
         Ok::<_, anyhow::Error>(())
     })
     .await??;
+    let drivers = node.state.hub.drivers.clone();
+    tokio::task::spawn_blocking(move || create_demo_drivers(&drivers, n * DRIVERS_PER_CHARGER)).await??;
     let ep = Endpoints {
         mtls: format!("https://{}", node.mtls_addr),
         enrollment: format!("https://{}", node.enrollment_addr),
@@ -87,7 +145,10 @@ pub async fn start(node: &RunningNode, data_dir: &Path, n: usize) -> anyhow::Res
     let f = fleet.clone();
     tokio::spawn(async move {
         for i in 0..n {
-            let profile = Profile::fleet_member(i);
+            let mut profile = Profile::fleet_member(i);
+            profile.tokens = (1..=DRIVERS_PER_CHARGER)
+                .map(|k| demo_card(i * DRIVERS_PER_CHARGER + k))
+                .collect();
             let id = profile.charger_id.clone();
             let identity = match laddnet_sim::load_identity(&dir, &id) {
                 Some(identity) => identity,

@@ -50,6 +50,11 @@ enum Cmd {
         #[arg(long, default_value = "admin")]
         admin: String,
     },
+    /// The master keys that protect personal data (on this node's host).
+    Vault {
+        #[command(subcommand)]
+        cmd: VaultCmd,
+    },
     /// Check a config file (with LADDNET_* overrides) and print it resolved.
     Validate {
         #[arg(long, short, default_value = "laddnet-data/laddnet.toml", env = "LADDNET_CONFIG")]
@@ -91,6 +96,49 @@ async fn wait_for_ctrl_c() {
     }
     if tokio::signal::ctrl_c().await.is_err() {
         std::future::pending::<()>().await;
+    }
+}
+
+#[derive(Subcommand)]
+enum VaultCmd {
+    /// Add master key version N+1 (`master-v<N+1>.key`, mode 0600) to the
+    /// node's key dir. New data keys are wrapped by it at once after the
+    /// next start, and the node rewraps existing ones in the background
+    /// (resumable). Keep the old file until `laddctl vault status` shows
+    /// no key wrapped by it.
+    Rotate {
+        #[arg(long, short, default_value = "laddnet-data/laddnet.toml", env = "LADDNET_CONFIG")]
+        config: PathBuf,
+    },
+    /// List the master key versions in the key dir (never the keys).
+    Keys {
+        #[arg(long, short, default_value = "laddnet-data/laddnet.toml", env = "LADDNET_CONFIG")]
+        config: PathBuf,
+    },
+}
+
+fn vault(cmd: VaultCmd) -> anyhow::Result<()> {
+    use laddnet_vault::{LocalMasterKeys, MasterKeys};
+    match cmd {
+        VaultCmd::Rotate { config } => {
+            let dir = load(&config)?.master_key_dir();
+            let v = LocalMasterKeys::rotate(&dir)?;
+            println!("master key version {v}: {}", LocalMasterKeys::path(&dir, v).display());
+            println!(
+                "restart the node: it wraps new data keys with version {v} and rewraps the others in the background"
+            );
+            println!("keep the older key files until `laddctl vault status` shows no key wrapped by them");
+            Ok(())
+        }
+        VaultCmd::Keys { config } => {
+            let dir = load(&config)?.master_key_dir();
+            let keys = LocalMasterKeys::load(&dir, false)?;
+            println!("current master key version: {}", keys.current());
+            for v in keys.versions() {
+                println!("  version {v}");
+            }
+            Ok(())
+        }
     }
 }
 
@@ -180,6 +228,7 @@ async fn main() {
                 println!("laddctl config: {}", out.ctl_config_path.display());
                 Ok(())
             }
+            Cmd::Vault { cmd } => vault(cmd),
             Cmd::Validate { config } => {
                 let cfg = load(&config).with_context(|| "invalid configuration")?;
                 laddnet_node::node::load_policy(&cfg)?;

@@ -311,6 +311,10 @@ impl RunningNode {
             state.clone(),
             shutdown.clone(),
         )));
+        tasks.push(tokio::spawn(crate::drivers::vault_rewrapper(
+            state.clone(),
+            shutdown.clone(),
+        )));
 
         tracing::info!(mtls = %mtls_addr, enrollment = %enrollment_addr, store = "redb", "node serving");
         Ok(Self {

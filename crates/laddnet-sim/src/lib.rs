@@ -106,8 +106,9 @@ pub struct Profile {
     pub speed: u32,
     /// Mean real seconds between a connector freeing up and the next car.
     pub mean_idle: Duration,
-    /// RFID UIDs of the drivers who come here (one at random per car);
-    /// empty: the charger runs free (starts carry no token).
+    /// RFID UIDs of the drivers who come here (one at random per car, a
+    /// card in use here is not picked); empty: the charger runs free
+    /// (starts carry no token).
     pub tokens: Vec<String>,
 }
 
@@ -280,10 +281,20 @@ impl Sim {
     }
 
     fn start_session(&mut self, connector: u32, offline: bool) {
+        // A card already charging here stays with its car.
+        let free: Vec<&String> = self
+            .p
+            .tokens
+            .iter()
+            .filter(|t| !self.sessions.iter().any(|s| &s.token == *t))
+            .collect();
         let token = if self.p.tokens.is_empty() {
             String::new()
+        } else if free.is_empty() {
+            self.idle_until[(connector - 1) as usize] = tokio::time::Instant::now() + self.p.mean_idle;
+            return;
         } else {
-            self.p.tokens[rand::thread_rng().gen_range(0..self.p.tokens.len())].clone()
+            free[rand::thread_rng().gen_range(0..free.len())].clone()
         };
         if !self.list_allows(&token) {
             // Refused at the charger: the driver goes elsewhere.

@@ -446,6 +446,14 @@ impl Vault {
         }
     }
 
+    /// Whether every key is under the current master version, as far as
+    /// the rewrap cursor knows (a store that never rewrapped has no cursor:
+    /// then only a rewrap pass can tell).
+    pub fn rewrap_done(&self, store: &dyn Store) -> Result<bool, VaultError> {
+        let cur: Option<RewrapCursor> = store.snapshot(|tx| load(tx, &cursor_key()))?;
+        Ok(cur.is_some_and(|c| c.target == self.master.current() && c.finished))
+    }
+
     /// Counts data keys by the master version wrapping them.
     pub fn status(&self, store: &dyn Store) -> Result<VaultStatus, VaultError> {
         store.snapshot(|tx| {

@@ -178,6 +178,36 @@ impl PkiService for Pki {
         }))
     }
 
+    async fn vault_status(
+        &self,
+        req: Request<v1::VaultStatusRequest>,
+    ) -> Result<Response<v1::VaultStatusResponse>, Status> {
+        require_role(&self.state, &req, WHAT, Role::can_manage_pki)?;
+        let st = self.state.clone();
+        let s = blocking(move || {
+            st.hub
+                .drivers
+                .vault
+                .status(st.store.as_ref())
+                .map_err(laddnet_drivers::DriverError::from)
+        })
+        .await?;
+        let current = s.current_master;
+        let rewrap = s.rewrap.filter(|c| c.target == current);
+        let all_current = s.wrapped_by_master.iter().all(|(v, _)| *v == current);
+        Ok(Response::new(v1::VaultStatusResponse {
+            current_master: current,
+            by_master: s
+                .wrapped_by_master
+                .into_iter()
+                .map(|(version, wrapped_keys)| v1::MasterKeyUse { version, wrapped_keys })
+                .collect(),
+            subjects: s.subjects,
+            rewrap_finished: all_current || rewrap.as_ref().is_some_and(|c| c.finished),
+            rewrap_moved: rewrap.map(|c| c.moved).unwrap_or(0),
+        }))
+    }
+
     async fn issue_operator_certificate(
         &self,
         req: Request<v1::IssueOperatorCertificateRequest>,
