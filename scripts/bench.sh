@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Runs the money benchmarks and rewrites their section of docs/performance.md.
+# Runs every benchmark and rewrites docs/performance.md with their tables.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 table=$(cargo bench -q -p laddnet-ledger --bench money 2>/dev/null | grep '^|')
+authz=$(cargo bench -q -p laddnet-tests --bench authz 2>/dev/null)
 machine="$(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(uname -srm)"
 {
   echo "# Performance"
@@ -13,7 +14,7 @@ machine="$(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(uname -srm)"
   echo
   echo "## Money"
   echo
-  echo "Command: \`scripts/bench-money.sh\` (\`cargo bench -p laddnet-ledger --bench money\`)."
+  echo "Command: \`scripts/bench.sh\` (\`cargo bench -p laddnet-ledger --bench money\`)."
   echo "Machine: $machine. Date: $(date -u +%Y-%m-%d)."
   echo
   echo "$table"
@@ -35,6 +36,24 @@ machine="$(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(uname -srm)"
   only where a segment crosses a boundary.
 - CDR written and posted at session end: the target is p99 ≤ 3× a raw durable
   commit; the throughput ratio above (one commit each) is the first indication.
+
+## Authorization at the charger
+
+Command: `scripts/bench.sh` (`cargo bench -p laddnet-tests --bench authz`).
+
+NOTES
+  echo "$authz"
+  cat <<'NOTES'
+
+A real node on loopback; one charger on its mutual-TLS Attach stream sends
+`Authorize` on a fixed schedule (its per-charger message limit lifted, so it
+stands for a fleet's worth of chargers). Latency runs from when each request
+was due, so a slow answer also counts against the ones queued behind it. The
+baseline is a `Heartbeat` on the same stream at the same rate, interleaved:
+the same TLS, HTTP/2 and dispatch without the authorization. An authorization
+is a blind-index lookup (HMAC of the card), the token and account records,
+the site's access rules, the open-session count and the tariff's energy price
+at this charger.
 NOTES
 } > docs/performance.md
 cat docs/performance.md
