@@ -107,6 +107,75 @@ fn drivers_and_vault_keys_through_laddctl_and_laddnet() {
     let text = export.to_string();
     assert!(text.contains("ada@example.org") && text.contains("04AB12CD"), "{text}");
     assert!(ctl(d, &["drivers", "insights", &id]).status.success());
+    let util = ctl(d, &["sites", "utilisation", "central-garage"]);
+    assert!(util.status.success(), "{}", String::from_utf8_lossy(&util.stderr));
+    let util: serde_json::Value = serde_json::from_slice(&util.stdout).expect("utilisation is JSON");
+    assert!(util.to_string().contains("central-garage"), "{util}");
+    let access = json(&ctl(
+        d,
+        &[
+            "sites",
+            "access",
+            "harbour-depot",
+            "--private",
+            "--group",
+            "fleet",
+            "-o",
+            "json",
+        ],
+    ));
+    assert_eq!(
+        (access["private"].as_bool(), access["groups"].clone()),
+        (Some(true), serde_json::json!(["fleet"]))
+    );
+    fails(
+        d,
+        &[
+            "maintenance",
+            "schedule",
+            "--site",
+            "central-garage",
+            "--from",
+            "2030-01-02T00:00:00Z",
+            "--to",
+            "2030-01-01T00:00:00Z",
+            "--reason",
+            "x",
+        ],
+        "ends_at must be after starts_at",
+    );
+    fails(
+        d,
+        &[
+            "maintenance",
+            "schedule",
+            "--site",
+            "central-garage",
+            "--from",
+            "tomorrow",
+            "--to",
+            "2030-01-01T00:00:00Z",
+            "--reason",
+            "x",
+        ],
+        "tomorrow",
+    );
+    let planned = ctl(
+        d,
+        &[
+            "maintenance",
+            "schedule",
+            "--site",
+            "central-garage",
+            "--from",
+            "2030-01-01T08:00:00Z",
+            "--to",
+            "2030-01-01T10:00:00Z",
+            "--reason",
+            "transformer service",
+        ],
+    );
+    assert!(planned.status.success(), "{}", String::from_utf8_lossy(&planned.stderr));
 
     // The security team rotates the master key on the node's host.
     let status = vault_status(d);

@@ -36,6 +36,9 @@ fn key_path(dir: &Path, version: u32) -> PathBuf {
     dir.join(format!("master-v{version}.key"))
 }
 
+/// One master key's bytes, wiped when dropped.
+pub type MasterKey = Zeroizing<[u8; 32]>;
+
 fn parse_hex32(text: &str) -> Option<Zeroizing<[u8; 32]>> {
     let t = text.trim();
     if t.len() != 64 {
@@ -80,19 +83,7 @@ impl LocalMasterKeys {
             }
         }
         if let Ok(spec) = std::env::var(MASTER_KEYS_ENV) {
-            for part in spec.split(',').filter(|p| !p.trim().is_empty()) {
-                let (v, hex) = part
-                    .split_once('=')
-                    .ok_or_else(|| VaultError::Malformed(format!("{MASTER_KEYS_ENV}: expected VERSION=HEX pairs")))?;
-                let v: u32 =
-                    v.trim().parse().ok().filter(|v| *v > 0).ok_or_else(|| {
-                        VaultError::Malformed(format!("{MASTER_KEYS_ENV}: bad version {:?}", v.trim()))
-                    })?;
-                let k = parse_hex32(hex).ok_or_else(|| {
-                    VaultError::Malformed(format!("{MASTER_KEYS_ENV}: version {v} is not 64 hex characters"))
-                })?;
-                keys.insert(v, k);
-            }
+            keys.extend(Self::parse_spec(&spec)?);
         }
         if keys.is_empty() {
             if !create {
@@ -110,6 +101,28 @@ impl LocalMasterKeys {
             keys.insert(1, read_key_file(&path)?);
         }
         Ok(Self { keys })
+    }
+
+    /// Parses `LADDNET_MASTER_KEYS`: `VERSION=HEX` pairs (64 hex
+    /// characters each) separated by commas.
+    pub fn parse_spec(spec: &str) -> Result<Vec<(u32, MasterKey)>, VaultError> {
+        let mut out = Vec::new();
+        for part in spec.split(',').filter(|p| !p.trim().is_empty()) {
+            let (v, hex) = part
+                .split_once('=')
+                .ok_or_else(|| VaultError::Malformed(format!("{MASTER_KEYS_ENV}: expected VERSION=HEX pairs")))?;
+            let v: u32 = v
+                .trim()
+                .parse()
+                .ok()
+                .filter(|v| *v > 0)
+                .ok_or_else(|| VaultError::Malformed(format!("{MASTER_KEYS_ENV}: bad version {:?}", v.trim())))?;
+            let k = parse_hex32(hex).ok_or_else(|| {
+                VaultError::Malformed(format!("{MASTER_KEYS_ENV}: version {v} is not 64 hex characters"))
+            })?;
+            out.push((v, k));
+        }
+        Ok(out)
     }
 
     /// Adds master key version current+1 as a new file in `dir`; returns
