@@ -163,8 +163,17 @@ pub struct PricingContext {
 }
 
 /// Finds the tariff in force when the session started, at its site's time zone.
+/// A subscriber's plan with a tariff of its own prices their sessions.
 pub fn pricing_context(store: &dyn Store, s: &SessionRecord, start_ms: i64) -> Result<PricingContext, LedgerError> {
-    context_for(store, &s.charger_id, s.site_id.as_deref(), s.connector_id, start_ms)
+    let mut ctx = context_for(store, &s.charger_id, s.site_id.as_deref(), s.connector_id, start_ms)?;
+    let at = start_ms.div_euclid(1000);
+    if let Some(driver) = &s.driver_id
+        && let Some(plan) = crate::subscriptions::plan_at(store, driver, at)?
+        && let Some(t) = plan.tariff_id
+    {
+        ctx.tariff = Some(tariffs::version_at(store, &t, at)?);
+    }
+    Ok(ctx)
 }
 
 /// The tariff in force at `at_ms` for a connector of a charger.
@@ -329,27 +338,32 @@ pub fn bill_session(store: &dyn Store, tx_id: &str, defaults: &BillingDefaults) 
         content_hash: String::new(),
     };
     cdr.seal();
-    store.transact(|tx| {
-        if !tx.claim_once(&keys::pack(&("cdr-written", tx_id)))? {
-            return Ok::<_, LedgerError>(());
-        }
-        put(tx, &keys::pack(&("cdr", tx_id)), &cdr)?;
-        tx.set(&keys::pack(&("cdr-by-stop", cdr.stop_ms, tx_id)), b"")?;
-        tx.clear(&unbilled_key(tx_id))?;
-        if cdr.driver_ref.is_some() {
-            // The node raises the driver's session-ended notification from
-            // this marker (and clears it in the same transaction).
-            tx.set(&keys::pack(&("cdr-notify", tx_id)), b"")?;
-        }
-        if !cdr.review_required {
-            ledger::post_cdr(tx, &cdr)?;
-        }
-        Ok(())
-    })?;
+    store.transact(|tx| record(tx, &cdr))?;
     if cdr.review_required {
         tracing::warn!(transaction_id = %tx_id, flags = ?cdr.flags, "CDR held for review");
     }
     get_cdr(store, tx_id)?.ok_or_else(|| LedgerError::Corrupted("CDR vanished".into()))
+}
+
+/// Writes a sealed CDR and, unless it is held for review, posts it (and
+/// settles its payment), all in `tx`; once per id. Returns false when the
+/// CDR was written before.
+pub fn record(tx: &mut dyn laddnet_store::Transaction, cdr: &Cdr) -> Result<bool, LedgerError> {
+    if !tx.claim_once(&keys::pack(&("cdr-written", cdr.id.as_str())))? {
+        return Ok(false);
+    }
+    put(tx, &keys::pack(&("cdr", cdr.id.as_str())), cdr)?;
+    tx.set(&keys::pack(&("cdr-by-stop", cdr.stop_ms, cdr.id.as_str())), b"")?;
+    tx.clear(&unbilled_key(&cdr.id))?;
+    if cdr.driver_ref.is_some() {
+        // The node raises the driver's session-ended notification from
+        // this marker (and clears it in the same transaction).
+        tx.set(&keys::pack(&("cdr-notify", cdr.id.as_str())), b"")?;
+    }
+    if !cdr.review_required {
+        ledger::post_cdr(tx, cdr)?;
+    }
+    Ok(true)
 }
 
 /// An operator approves a held CDR: it is posted as it stands.

@@ -55,7 +55,7 @@ pub fn from_minor(m: i64, currency: &str) -> Decimal {
     Decimal::new(m, currency_exponent(currency))
 }
 
-fn post(
+pub(crate) fn post(
     tx: &mut dyn Transaction,
     posting: &str,
     currency: &str,
@@ -95,6 +95,19 @@ fn post(
     Ok(true)
 }
 
+/// An account's balance inside a transaction (debits minus credits,
+/// minor units).
+pub fn balance_in(tx: &mut dyn Transaction, currency: &str, account: &str) -> Result<i64, LedgerError> {
+    Ok(tx
+        .get(&keys::pack(&("ledger", "balance", currency, account)))?
+        .map(|v| {
+            let mut buf = [0u8; 8];
+            buf[..v.len().min(8)].copy_from_slice(&v[..v.len().min(8)]);
+            i64::from_le_bytes(buf)
+        })
+        .unwrap_or(0))
+}
+
 pub fn receivable_account(cdr: &Cdr) -> String {
     format!("receivable:{}", cdr.driver_ref.as_deref().unwrap_or("unassigned"))
 }
@@ -110,7 +123,7 @@ pub fn post_cdr(tx: &mut dyn Transaction, cdr: &Cdr) -> Result<bool, LedgerError
     let c = &cdr.currency;
     let (incl, excl) = (to_minor(cdr.total_incl_vat, c)?, to_minor(cdr.total_excl_vat, c)?);
     let memo = format!("session {} at {}", cdr.id, cdr.charger_id);
-    post(
+    let posted = post(
         tx,
         &format!("cdr:{}", cdr.id),
         c,
@@ -120,7 +133,12 @@ pub fn post_cdr(tx: &mut dyn Transaction, cdr: &Cdr) -> Result<bool, LedgerError
             (VAT_ACCOUNT.to_string(), Side::Credit, incl - excl, memo),
         ],
         cdr.created_at,
-    )
+    )?;
+    if posted {
+        // Paid by whatever authorized the session, in this transaction.
+        crate::payments::settle(tx, cdr)?;
+    }
+    Ok(posted)
 }
 
 /// Refunds a posted CDR in full with a reversing posting (never an edit).
@@ -228,6 +246,11 @@ pub fn verify(store: &dyn Store) -> Result<Verdict, LedgerError> {
         if sum != 0 {
             v.problems
                 .push(format!("{cur} {acct}: entries sum to {sum} with no balance"));
+        }
+    }
+    for (cur, acct, bal) in balances(store)? {
+        if acct.starts_with("wallet:") && bal > 0 {
+            v.problems.push(format!("{cur} {acct} is overdrawn by {bal}"));
         }
     }
     for (cur, sum) in per_currency {

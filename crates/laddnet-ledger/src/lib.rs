@@ -11,13 +11,23 @@
 //!   [`ledger::verify`] proves debits equal credits and every CDR is posted
 //!   exactly once. Refunds are reversing postings, never edits.
 //!
+//! - [`payments`]: the provider interface (authorize at start, capture at
+//!   the end, release, refund), the prepaid wallet, card intents.
+//! - [`subscriptions`]: plans (monthly fee, included kWh, discount, a
+//!   tariff of their own) and who is on which.
+//! - [`invoices`]: per account and month, numbered without gaps, with a
+//!   VAT summary, as JSON and HTML.
+//!
 //! Amounts in the ledger are integers in the currency's minor unit.
 
 #![forbid(unsafe_code)]
 
 pub mod cdr;
+pub mod invoices;
 pub mod ledger;
+pub mod payments;
 pub mod report;
+pub mod subscriptions;
 pub mod tariffs;
 
 use laddnet_core::{ErrorKind, HasKind};
@@ -35,6 +45,9 @@ pub enum LedgerError {
     Invalid(String),
     #[error("{0}")]
     Precondition(String),
+    /// A payment method refused (the reason is for the driver).
+    #[error("{0}")]
+    Declined(String),
     #[error("stored record is corrupted: {0}")]
     Corrupted(String),
 }
@@ -45,7 +58,7 @@ impl HasKind for LedgerError {
             LedgerError::Store(_) => ErrorKind::Unavailable,
             LedgerError::Tariff(_) | LedgerError::Invalid(_) => ErrorKind::InvalidArgument,
             LedgerError::NotFound(_) => ErrorKind::NotFound,
-            LedgerError::Precondition(_) => ErrorKind::FailedPrecondition,
+            LedgerError::Precondition(_) | LedgerError::Declined(_) => ErrorKind::FailedPrecondition,
             LedgerError::Corrupted(_) => ErrorKind::Internal,
         }
     }
