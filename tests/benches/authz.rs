@@ -90,7 +90,7 @@ fn main() {
                     )
                     .unwrap();
                 if i % 3 == 0 {
-                    drivers.adjust_wallet(&d.driver_id, 50.into(), 0).unwrap();
+                    drivers.adjust_wallet(&d.driver_id, 50.into(), &format!("bench-{i}"), 0).unwrap();
                 }
                 drivers.add_token(&d.driver_id, TokenKind::Rfid, card, None, 0).unwrap();
             }

@@ -177,6 +177,46 @@ fn drivers_and_vault_keys_through_laddctl_and_laddnet() {
     );
     assert!(planned.status.success(), "{}", String::from_utf8_lossy(&planned.stderr));
 
+    // Billing: a plan, a subscription, this month's invoice as HTML.
+    let plan = json(&ctl(
+        d,
+        &[
+            "plans", "create", "commuter", "--name", "Commuter", "--fee", "9.90", "--vat", "25", "-o", "json",
+        ],
+    ));
+    assert_eq!(plan["monthly_fee"], "9.90");
+    fails(
+        d,
+        &["plans", "create", "gold", "--name", "Gold", "--vat", "150"],
+        "vat_percent 150",
+    );
+    fails(d, &["plans", "subscribe", &id, "platinum"], "plan platinum not found");
+    let sub = json(&ctl(d, &["plans", "subscribe", &id, "commuter", "-o", "json"]));
+    assert_eq!(
+        (sub["plan_id"].as_str(), sub["until"].as_str()),
+        (Some("commuter"), Some(""))
+    );
+    let month = time::OffsetDateTime::now_utc();
+    let period = format!("{:04}-{:02}", month.year(), u8::from(month.month()));
+    fails(d, &["invoices", "run", "--period", "2026-13"], "2026-13");
+    let run = json(&ctl(d, &["invoices", "run", "--period", &period, "-o", "json"]));
+    let inv = &run["invoices"][0];
+    assert_eq!(inv["driver"], id.as_str(), "{run}");
+    assert_eq!(inv["lines"][0]["kind"], "subscription");
+    let number = inv["number"].as_str().unwrap().to_string();
+    assert!(number.starts_with(&format!("INV-{}-", month.year())));
+    let show = ctl(d, &["invoices", "show", &number, "--html", "invoice.html"]);
+    assert!(show.status.success(), "{}", String::from_utf8_lossy(&show.stderr));
+    let html = std::fs::read_to_string(d.join("invoice.html")).unwrap();
+    assert!(
+        html.contains(&number) && html.contains("Subscription Commuter"),
+        "{html}"
+    );
+    assert!(!html.contains("Ada"), "personal data on an invoice page");
+    let listed = json(&ctl(d, &["invoices", "list", "--driver", &id, "-o", "json"]));
+    assert_eq!(listed["invoices"].as_array().unwrap().len(), 1);
+    assert_eq!(json(&ctl(d, &["ledger", "verify", "-o", "json"]))["ok"], true);
+
     // The security team rotates the master key on the node's host.
     let status = vault_status(d);
     assert_eq!(status["current_master"], 1);

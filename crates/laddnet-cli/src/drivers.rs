@@ -62,6 +62,9 @@ pub enum DriversCmd {
     Topup {
         driver_id: String,
         amount: String,
+        /// The payment's id (booking it twice is refused).
+        #[arg(long)]
+        reference: Option<String>,
     },
     /// Tokens: RFID cards, app tokens, contract ids.
     #[command(subcommand)]
@@ -159,7 +162,7 @@ fn driver_json(d: &v1::Driver) -> Value {
     json!({
         "driver_id": d.driver_id, "status": d.status, "expires_at": d.expires_at,
         "groups": d.groups, "max_concurrent_sessions": d.max_concurrent_sessions,
-        "payment": d.payment, "currency": d.currency, "wallet_balance": d.wallet_balance,
+        "payment": d.payment, "currency": d.currency, "wallet_balance": d.wallet_balance, "wallet_available": d.wallet_available,
         "preferences": d.preferences.as_ref().map(|p| json!({
             "target_soc_percent": p.target_soc_percent, "departure": p.departure,
             "max_price_per_kwh": p.max_price_per_kwh, "channels": p.channels,
@@ -303,9 +306,17 @@ pub async fn run(cmd: DriversCmd, cfg: Option<&Path>, out: Output) -> anyhow::Re
                 .into_inner();
             show(out, &d);
         }
-        DriversCmd::Topup { driver_id, amount } => {
+        DriversCmd::Topup {
+            driver_id,
+            amount,
+            reference,
+        } => {
             let d = c
-                .adjust_wallet(v1::AdjustWalletRequest { driver_id, amount })
+                .adjust_wallet(v1::AdjustWalletRequest {
+                    driver_id,
+                    amount,
+                    reference: reference.unwrap_or_default(),
+                })
                 .await?
                 .into_inner();
             show(out, &d);
@@ -448,7 +459,7 @@ pub async fn run(cmd: DriversCmd, cfg: Option<&Path>, out: Output) -> anyhow::Re
     Ok(())
 }
 
-fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     use std::io::Write;
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create(true).truncate(true);

@@ -8,6 +8,7 @@
 //! Errors go to stderr, naming the problem, with exit code 1 (2 for usage).
 
 mod drivers;
+mod invoices;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -78,6 +79,12 @@ enum Cmd {
     /// Revenue reports.
     #[command(subcommand)]
     Revenue(RevenueCmd),
+    /// Subscription plans and who is on which.
+    #[command(subcommand)]
+    Plans(invoices::PlansCmd),
+    /// Monthly invoices: numbered without gaps, JSON and HTML.
+    #[command(subcommand)]
+    Invoices(invoices::InvoicesCmd),
     /// Drivers: accounts, tokens, preferences, GDPR export and erasure.
     #[command(subcommand)]
     Drivers(drivers::DriversCmd),
@@ -1064,6 +1071,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
         Cmd::Drivers(d) => drivers::run(d, cfg, out).await?,
+        Cmd::Plans(p) => invoices::plans(p, cfg, out).await?,
+        Cmd::Invoices(i) => invoices::invoices(i, cfg, out).await?,
         Cmd::Maintenance(m) => drivers::maintenance(m, cfg, out).await?,
         Cmd::Sites(SitesCmd::Access {
             site_id,

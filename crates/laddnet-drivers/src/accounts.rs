@@ -158,7 +158,6 @@ impl Drivers {
                 max_concurrent_sessions: new.max_concurrent_sessions.max(1),
                 payment: new.payment.unwrap_or(PaymentKind::None),
                 currency: new.currency.clone(),
-                wallet_balance: Decimal::ZERO,
                 preferences: Preferences::default(),
                 watches: BTreeSet::new(),
                 personal_fields: fields,
@@ -363,24 +362,37 @@ impl Drivers {
         hex::encode(self.vault.blind_index(kind.as_str(), &v))[..16].to_string()
     }
 
-    /// Adds to (or, negative, takes from) a prepaid wallet.
-    pub fn adjust_wallet(&self, id: &str, amount: Decimal, now: i64) -> Result<DriverRecord, DriverError> {
-        self.update(id, now, |r| {
+    /// Adds to (or, negative, pays out of) a prepaid wallet: a ledger
+    /// posting idempotent by `reference` (the payment's id). Returns the
+    /// new balance.
+    pub fn adjust_wallet(&self, id: &str, amount: Decimal, reference: &str, now: i64) -> Result<Decimal, DriverError> {
+        self.store.transact(|tx| {
+            let r = get_driver(tx, id)?;
             if r.payment != PaymentKind::Wallet {
                 return Err(DriverError::Precondition(format!(
                     "driver {id} pays by {}, not by wallet",
                     r.payment.as_str()
                 )));
             }
-            let next = r.wallet_balance + amount;
-            if next < Decimal::ZERO {
-                return Err(DriverError::Precondition(format!(
-                    "the wallet holds {} {}, less than {}",
-                    r.wallet_balance, r.currency, -amount
-                )));
-            }
-            r.wallet_balance = next;
-            Ok(())
+            Ok(laddnet_ledger::payments::top_up(
+                tx,
+                id,
+                &r.currency,
+                amount,
+                reference,
+                now,
+            )?)
+        })
+    }
+
+    /// The wallet's balance and what is available (balance less holds).
+    pub fn wallet(&self, id: &str) -> Result<(Decimal, Decimal), DriverError> {
+        self.store.snapshot(|tx| {
+            let r = get_driver(tx, id)?;
+            Ok((
+                laddnet_ledger::payments::wallet_balance(tx, id, &r.currency)?,
+                laddnet_ledger::payments::available(tx, id, &r.currency)?,
+            ))
         })
     }
 

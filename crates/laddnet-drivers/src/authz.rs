@@ -159,16 +159,19 @@ impl Drivers {
                     t,
                 ));
             }
-            PaymentKind::Wallet if drv.wallet_balance < req.min_wallet_balance => {
-                return Ok(refuse(
-                    AuthStatus::InsufficientFunds,
-                    format!(
-                        "insufficient funds: the wallet holds {} {}, a start needs {} {}",
-                        drv.wallet_balance, drv.currency, req.min_wallet_balance, drv.currency
-                    ),
-                    d,
-                    t,
-                ));
+            PaymentKind::Wallet => {
+                let avail = laddnet_ledger::payments::available(tx, &drv.driver_id, &drv.currency)?;
+                if avail < req.min_wallet_balance || avail <= Decimal::ZERO {
+                    return Ok(refuse(
+                        AuthStatus::InsufficientFunds,
+                        format!(
+                            "insufficient funds: the wallet has {avail} {} available, a start needs {} {}",
+                            drv.currency, req.min_wallet_balance, drv.currency
+                        ),
+                        d,
+                        t,
+                    ));
+                }
             }
             _ => {}
         }

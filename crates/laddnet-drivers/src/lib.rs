@@ -56,6 +56,8 @@ pub enum DriverError {
     Precondition(String),
     #[error("stored record is corrupted: {0}")]
     Corrupted(String),
+    #[error(transparent)]
+    Ledger(#[from] laddnet_ledger::LedgerError),
 }
 
 impl HasKind for DriverError {
@@ -68,6 +70,7 @@ impl HasKind for DriverError {
             DriverError::AlreadyExists(_) => ErrorKind::AlreadyExists,
             DriverError::Invalid(_) => ErrorKind::InvalidArgument,
             DriverError::Precondition(_) => ErrorKind::FailedPrecondition,
+            DriverError::Ledger(e) => e.kind(),
         }
     }
 }

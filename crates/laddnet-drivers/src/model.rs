@@ -234,7 +234,6 @@ pub struct DriverRecord {
     pub max_concurrent_sessions: u32,
     pub payment: PaymentKind,
     pub currency: String,
-    pub wallet_balance: Decimal,
     pub preferences: Preferences,
     /// "charger:ID" / "site:ID".
     pub watches: BTreeSet<String>,

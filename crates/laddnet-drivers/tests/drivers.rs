@@ -149,7 +149,7 @@ fn every_authorization_outcome_has_its_reason() {
     let r = d.authorize(&ask("11223344")).unwrap();
     assert_eq!(r.status, AuthStatus::InsufficientFunds);
     assert!(r.reason.contains("0 EUR") && r.reason.contains("5 EUR"), "{r:?}");
-    d.adjust_wallet(&w, dec!(20.00), NOW).unwrap();
+    d.adjust_wallet(&w, dec!(20.00), "pay-1", NOW).unwrap();
     assert!(d.authorize(&ask("11223344")).unwrap().accepted());
 
     // No payment method at all.

@@ -188,15 +188,14 @@ fn energy_cost(cdr: &Cdr) -> BTreeMap<Decimal, (Decimal, Decimal)> {
     by
 }
 
+/// `amounts`: (VAT rate, excl. VAT, incl. VAT).
 fn line(
     kind: LineKind,
     reference: &str,
     description: String,
     quantity: Decimal,
     unit: &str,
-    rate: Decimal,
-    excl: Decimal,
-    incl: Decimal,
+    (rate, excl, incl): (Decimal, Decimal, Decimal),
 ) -> InvoiceLine {
     InvoiceLine {
         kind,
@@ -268,9 +267,7 @@ pub fn run(store: &dyn Store, driver: &str, period: Period, at: i64) -> Result<I
                     format!("Charging at {}, {}", c.charger_id, fmt_time(c.start_ms)),
                     kwh,
                     "kWh",
-                    rate,
-                    excl,
-                    incl,
+                    (rate, excl, incl),
                 ));
             }
         }
@@ -291,9 +288,7 @@ pub fn run(store: &dyn Store, driver: &str, period: Period, at: i64) -> Result<I
                     ),
                     share.round_dp(4),
                     "month",
-                    plan.vat_percent.normalize(),
-                    fee,
-                    fee + vat,
+                    (plan.vat_percent.normalize(), fee, fee + vat),
                 ));
             }
             included_wh += plan.included_kwh * Decimal::from(1000) * share;
@@ -315,9 +310,7 @@ pub fn run(store: &dyn Store, driver: &str, period: Period, at: i64) -> Result<I
                             format!("Included energy, {}", c.charger_id),
                             (covered / Decimal::from(1000)).round_dp(3),
                             "kWh",
-                            rate,
-                            -e,
-                            -g,
+                            (rate, -e, -g),
                         ));
                     }
                 }
@@ -338,9 +331,7 @@ pub fn run(store: &dyn Store, driver: &str, period: Period, at: i64) -> Result<I
                             format!("Subscription discount {}%", discount.normalize()),
                             discount.normalize(),
                             "%",
-                            rate,
-                            -e,
-                            -g,
+                            (rate, -e, -g),
                         ));
                     }
                 }

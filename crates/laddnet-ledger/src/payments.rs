@@ -162,6 +162,33 @@ pub fn top_up(
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Wallet;
 
+impl Wallet {
+    /// Marks a session as paid from the wallet without reserving anything
+    /// (a start the wallet could not cover, made offline): its CDR takes
+    /// what the wallet has then.
+    pub fn attach(
+        &self,
+        tx: &mut dyn Transaction,
+        driver: &str,
+        session: &str,
+        currency: &str,
+        at: i64,
+    ) -> Result<(), LedgerError> {
+        if get::<Hold>(tx, &hold_key(session))?.is_none() {
+            let h = Hold {
+                session: session.into(),
+                driver: driver.into(),
+                currency: currency.into(),
+                amount: Decimal::ZERO,
+                at,
+            };
+            put(tx, &hold_key(session), &h)?;
+            tx.set(&holds_key(driver, session), b"")?;
+        }
+        Ok(())
+    }
+}
+
 impl PaymentProvider for Wallet {
     fn name(&self) -> &'static str {
         "wallet"

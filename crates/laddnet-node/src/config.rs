@@ -49,6 +49,10 @@ pub struct DriversSection {
     pub master_key_dir: Option<PathBuf>,
     /// A prepaid wallet must hold this much to start (decimal string).
     pub min_wallet_balance: String,
+    /// What a start reserves on a wallet (at most what it has) or
+    /// pre-authorizes on a card (decimal string); the session's CDR takes
+    /// the real cost and releases the rest.
+    pub payment_hold: String,
     /// A start the token did not allow (found when an offline start is
     /// reconciled) is stopped remotely, not only flagged.
     pub stop_unauthorized_starts: bool,
@@ -64,6 +68,7 @@ impl Default for DriversSection {
         Self {
             master_key_dir: None,
             min_wallet_balance: "5.00".into(),
+            payment_hold: "20.00".into(),
             stop_unauthorized_starts: true,
             session_retention_days: 730,
             retention_sweep_s: 3_600,
@@ -124,6 +129,8 @@ pub struct BillingSection {
     pub bill_on_end: bool,
     /// How often ended-but-unbilled sessions are looked for.
     pub sweep_interval_ms: u64,
+    /// Who issues invoices: the name (and address) printed on them.
+    pub invoice_issuer: String,
 }
 
 impl Default for BillingSection {
@@ -132,6 +139,7 @@ impl Default for BillingSection {
             default_currency: "EUR".into(),
             bill_on_end: true,
             sweep_interval_ms: 2_000,
+            invoice_issuer: "laddnet charge point operator".into(),
         }
     }
 }
@@ -466,6 +474,10 @@ impl NodeConfig {
         match d.min_wallet_balance.parse::<rust_decimal::Decimal>() {
             Ok(v) if v >= rust_decimal::Decimal::ZERO => {}
             _ => return bad("drivers.min_wallet_balance must be a non-negative decimal such as \"5.00\""),
+        }
+        match d.payment_hold.parse::<rust_decimal::Decimal>() {
+            Ok(v) if v > rust_decimal::Decimal::ZERO => {}
+            _ => return bad("drivers.payment_hold must be a positive decimal such as \"20.00\""),
         }
         if d.retention_sweep_s == 0 {
             return bad("drivers.retention_sweep_s must be at least 1");

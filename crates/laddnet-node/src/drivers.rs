@@ -29,6 +29,8 @@ pub struct DriverHub {
     pub wake: Notify,
     pub endpoints: Vec<String>,
     pub min_wallet_balance: Decimal,
+    /// What a start reserves on a wallet or pre-authorizes on a card.
+    pub payment_hold: Decimal,
 }
 
 fn now_ms() -> i64 {
@@ -47,6 +49,7 @@ pub fn open_hub(config: &NodeConfig, store: SharedStore) -> anyhow::Result<Drive
         wake: Notify::new(),
         endpoints: config.notifications.webhooks.iter().map(|w| w.name.clone()).collect(),
         min_wallet_balance: config.drivers.min_wallet_balance.parse().unwrap_or(Decimal::from(5)),
+        payment_hold: config.drivers.payment_hold.parse().unwrap_or(Decimal::from(20)),
     })
 }
 
@@ -110,6 +113,49 @@ pub async fn authorize(
     })
     .await
     .map_err(|e| e.to_string())?
+}
+
+/// A session of a driver has started: reserve its payment (a wallet hold,
+/// a card pre-authorization). A wallet that cannot cover it (an offline
+/// start) is still attached, so the CDR takes what it has then.
+pub async fn hold_payment(state: &Arc<NodeState>, driver: String, session: String) {
+    use laddnet_drivers::PaymentKind;
+    use laddnet_ledger::payments::{AuthorizeRequest, CardIntents, PaymentProvider, Wallet};
+    let st = state.clone();
+    let r = tokio::task::spawn_blocking(move || -> Result<Option<String>, String> {
+        let drv = st.hub.drivers.get(&driver).map_err(|e| e.to_string())?;
+        let provider: &dyn PaymentProvider = match drv.payment {
+            PaymentKind::Wallet => &Wallet,
+            PaymentKind::Card => &CardIntents,
+            PaymentKind::Invoice | PaymentKind::None => return Ok(None),
+        };
+        let at = now_ms() / 1000;
+        let req = AuthorizeRequest {
+            driver: &driver,
+            session: &session,
+            currency: &drv.currency,
+            minimum: st.hub.min_wallet_balance,
+            hold: st.hub.payment_hold,
+            at,
+        };
+        st.store
+            .transact(|tx| match provider.authorize(tx, &req) {
+                Ok(h) => Ok(Some(format!("{} {} held by {}", h.amount, h.currency, provider.name()))),
+                Err(laddnet_ledger::LedgerError::Declined(why)) => {
+                    Wallet.attach(tx, &driver, &session, &drv.currency, at)?;
+                    Ok(Some(format!("not held: {why}")))
+                }
+                Err(e) => Err(e),
+            })
+            .map_err(|e| e.to_string())
+    })
+    .await;
+    match r {
+        Ok(Ok(Some(what))) => tracing::debug!(outcome = %what, "session payment"),
+        Ok(Ok(None)) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "placing the payment hold failed"),
+        Err(e) => tracing::error!(error = %e, "placing the payment hold failed"),
+    }
 }
 
 /// Whether a refusal means the token itself may not charge (as opposed to

@@ -71,7 +71,7 @@ fn create_demo_drivers(drivers: &laddnet_drivers::Drivers, count: usize) -> anyh
             now,
         )?;
         if payment == PaymentKind::Wallet {
-            drivers.adjust_wallet(&d.driver_id, rust_decimal::Decimal::from(40), now)?;
+            drivers.adjust_wallet(&d.driver_id, rust_decimal::Decimal::from(40), &format!("demo-{n}"), now)?;
         }
         if n % 2 == 0 {
             drivers.update(&d.driver_id, now, |r| {

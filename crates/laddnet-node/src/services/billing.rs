@@ -6,6 +6,8 @@ use laddnet_core::Role;
 use laddnet_core::cost::{Reading, price};
 use laddnet_core::tariff::Tariff;
 use laddnet_ledger::cdr::Cdr;
+use laddnet_ledger::invoices::{self, Invoice, Period};
+use laddnet_ledger::subscriptions::{self, Plan, Subscription};
 use laddnet_ledger::tariffs::{Assignment, Scope};
 use laddnet_ledger::{LedgerError, cdr, ledger, tariffs};
 use laddnet_proto::v1;
@@ -54,8 +56,184 @@ pub(crate) fn cdr_info(c: &Cdr) -> v1::CdrInfo {
     }
 }
 
+fn plan_info(p: &Plan) -> v1::PlanInfo {
+    v1::PlanInfo {
+        id: p.id.clone(),
+        name: p.name.clone(),
+        currency: p.currency.clone(),
+        monthly_fee: p.monthly_fee.to_string(),
+        vat_percent: p.vat_percent.to_string(),
+        included_kwh: p.included_kwh.to_string(),
+        discount_percent: p.discount_percent.to_string(),
+        tariff_id: p.tariff_id.clone().unwrap_or_default(),
+    }
+}
+
+fn subscription_info(s: &Subscription) -> v1::SubscriptionInfo {
+    v1::SubscriptionInfo {
+        driver_id: s.driver.clone(),
+        plan_id: s.plan_id.clone(),
+        from: rfc3339(s.from),
+        until: s.until.map(rfc3339).unwrap_or_default(),
+    }
+}
+
+fn invoice_info(i: &Invoice, html: Option<String>) -> v1::InvoiceInfo {
+    v1::InvoiceInfo {
+        number: i.number.clone(),
+        driver_id: i.driver.clone(),
+        period: i.period.clone(),
+        currency: i.currency.clone(),
+        total_excl_vat: i.total_excl_vat.to_string(),
+        total_vat: i.total_vat.to_string(),
+        total_incl_vat: i.total_incl_vat.to_string(),
+        paid: i.paid.to_string(),
+        amount_due: i.amount_due.to_string(),
+        issued_at: rfc3339(i.issued_at),
+        json: serde_json::to_string_pretty(i).unwrap_or_default(),
+        html: html.unwrap_or_default(),
+    }
+}
+
+fn decimal(field: &str, s: &str) -> Result<rust_decimal::Decimal, Status> {
+    if s.is_empty() {
+        return Ok(rust_decimal::Decimal::ZERO);
+    }
+    s.parse()
+        .map_err(|_| invalid(format!("{field} {s:?} is not a decimal number")))
+}
+
+fn when(field: &str, s: &str) -> Result<i64, Status> {
+    Ok(parse_time(s, field)?.unwrap_or_else(|| time::OffsetDateTime::now_utc().unix_timestamp()))
+}
+
+fn driver_id(id: &str) -> Result<(), Status> {
+    if id.is_empty() || id.len() > 64 || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+        return Err(invalid(format!("driver_id {id:?} is not a driver id")));
+    }
+    Ok(())
+}
+
 #[tonic::async_trait]
 impl BillingService for Billing {
+    async fn create_plan(&self, req: Request<v1::CreatePlanRequest>) -> Result<Response<v1::PlanInfo>, Status> {
+        require_role(&self.state, &req, WRITE, Role::can_bill)?;
+        let r = req.into_inner();
+        let plan = Plan {
+            id: r.id,
+            name: r.name,
+            currency: if r.currency.is_empty() {
+                self.state.config.billing.default_currency.clone()
+            } else {
+                r.currency
+            },
+            monthly_fee: decimal("monthly_fee", &r.monthly_fee)?,
+            vat_percent: decimal("vat_percent", &r.vat_percent)?,
+            included_kwh: decimal("included_kwh", &r.included_kwh)?,
+            discount_percent: decimal("discount_percent", &r.discount_percent)?,
+            tariff_id: (!r.tariff_id.is_empty()).then_some(r.tariff_id),
+            created_at: time::OffsetDateTime::now_utc().unix_timestamp(),
+        };
+        let store = self.state.store.clone();
+        let p = plan.clone();
+        blocking(move || subscriptions::create_plan(store.as_ref(), &p)).await?;
+        Ok(Response::new(plan_info(&plan)))
+    }
+
+    async fn list_plans(&self, req: Request<v1::ListPlansRequest>) -> Result<Response<v1::ListPlansResponse>, Status> {
+        require_role(&self.state, &req, READ, Role::can_read_billing)?;
+        let store = self.state.store.clone();
+        let plans = blocking(move || subscriptions::list_plans(store.as_ref())).await?;
+        Ok(Response::new(v1::ListPlansResponse {
+            plans: plans.iter().map(plan_info).collect(),
+        }))
+    }
+
+    async fn subscribe(&self, req: Request<v1::SubscribeRequest>) -> Result<Response<v1::SubscriptionInfo>, Status> {
+        require_role(&self.state, &req, WRITE, |r| r.can_bill() || r.can_manage_drivers())?;
+        let r = req.into_inner();
+        driver_id(&r.driver_id)?;
+        let from = when("from", &r.from)?;
+        let (st, id) = (self.state.clone(), r.driver_id.clone());
+        blocking(move || st.hub.drivers.get(&id)).await?;
+        let store = self.state.store.clone();
+        let s = blocking(move || subscriptions::subscribe(store.as_ref(), &r.driver_id, &r.plan_id, from)).await?;
+        Ok(Response::new(subscription_info(&s)))
+    }
+
+    async fn unsubscribe(
+        &self,
+        req: Request<v1::UnsubscribeRequest>,
+    ) -> Result<Response<v1::SubscriptionInfo>, Status> {
+        require_role(&self.state, &req, WRITE, |r| r.can_bill() || r.can_manage_drivers())?;
+        let r = req.into_inner();
+        driver_id(&r.driver_id)?;
+        let at = when("at", &r.at)?;
+        let store = self.state.store.clone();
+        let s = blocking(move || subscriptions::unsubscribe(store.as_ref(), &r.driver_id, at)).await?;
+        Ok(Response::new(subscription_info(&s)))
+    }
+
+    async fn run_invoices(
+        &self,
+        req: Request<v1::RunInvoicesRequest>,
+    ) -> Result<Response<v1::ListInvoicesResponse>, Status> {
+        require_role(&self.state, &req, WRITE, Role::can_bill)?;
+        let r = req.into_inner();
+        let period = Period::parse(&r.period).map_err(|e| invalid(e.to_string()))?;
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        if period.start() > now {
+            return Err(invalid(format!("period {period} has not started")));
+        }
+        let store = self.state.store.clone();
+        let made = if r.driver_id.is_empty() {
+            blocking(move || invoices::run_all(store.as_ref(), period, now)).await?
+        } else {
+            driver_id(&r.driver_id)?;
+            vec![blocking(move || invoices::run(store.as_ref(), &r.driver_id, period, now)).await?]
+        };
+        for i in &made {
+            tracing::info!(invoice = %i.number, driver_id = %i.driver, period = %i.period, "invoice issued");
+        }
+        Ok(Response::new(v1::ListInvoicesResponse {
+            invoices: made.iter().map(|i| invoice_info(i, None)).collect(),
+        }))
+    }
+
+    async fn list_invoices(
+        &self,
+        req: Request<v1::ListInvoicesRequest>,
+    ) -> Result<Response<v1::ListInvoicesResponse>, Status> {
+        require_role(&self.state, &req, READ, Role::can_read_billing)?;
+        let r = req.into_inner();
+        if !r.driver_id.is_empty() {
+            driver_id(&r.driver_id)?;
+        }
+        let store = self.state.store.clone();
+        let all = blocking(move || {
+            invoices::list(
+                store.as_ref(),
+                (!r.driver_id.is_empty()).then_some(r.driver_id.as_str()),
+            )
+        })
+        .await?;
+        Ok(Response::new(v1::ListInvoicesResponse {
+            invoices: all.iter().map(|i| invoice_info(i, None)).collect(),
+        }))
+    }
+
+    async fn get_invoice(&self, req: Request<v1::GetInvoiceRequest>) -> Result<Response<v1::InvoiceInfo>, Status> {
+        require_role(&self.state, &req, READ, Role::can_read_billing)?;
+        let r = req.into_inner();
+        let store = self.state.store.clone();
+        let n = r.number.clone();
+        let inv = blocking(move || invoices::get_invoice(store.as_ref(), &n)).await?;
+        let html = r
+            .html
+            .then(|| invoices::render_html(&inv, &self.state.config.billing.invoice_issuer));
+        Ok(Response::new(invoice_info(&inv, html)))
+    }
+
     async fn create_tariff(&self, req: Request<v1::CreateTariffRequest>) -> Result<Response<v1::TariffInfo>, Status> {
         require_role(&self.state, &req, WRITE, Role::can_bill)?;
         let t = Tariff::parse_json(&req.into_inner().tariff_json).map_err(invalid)?;

@@ -515,6 +515,11 @@ async fn handle_message(
                             remote_stop(outbound, &tx_id).await;
                         }
                     } else if !applied.duplicate {
+                        if applied.record.samples == 1
+                            && let Some(driver) = applied.record.driver_id.clone()
+                        {
+                            crate::drivers::hold_payment(state, driver, tx_id.clone()).await;
+                        }
                         crate::drivers::on_event(state, &applied.record).await;
                     }
                     let counter = if applied.duplicate {

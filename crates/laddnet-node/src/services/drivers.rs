@@ -109,6 +109,7 @@ fn driver_view(
     let d = &state.hub.drivers;
     let tokens = d.tokens(&rec.driver_id)?;
     let open = d.store.snapshot(|tx| d.active_sessions(tx, &rec.driver_id))?.len() as u32;
+    let (balance, available) = d.wallet(&rec.driver_id)?;
     Ok(v1::Driver {
         driver_id: rec.driver_id.clone(),
         status: rec.effective_status(now()).as_str().into(),
@@ -117,7 +118,8 @@ fn driver_view(
         max_concurrent_sessions: rec.max_concurrent_sessions,
         payment: rec.payment.as_str().into(),
         currency: rec.currency.clone(),
-        wallet_balance: rec.wallet_balance.to_string(),
+        wallet_balance: balance.to_string(),
+        wallet_available: available.to_string(),
         preferences: Some(prefs_info(&rec.preferences)),
         watches: rec.watches.iter().cloned().collect(),
         personal_fields: rec.personal_fields.iter().cloned().collect(),
@@ -402,17 +404,26 @@ impl DriverAdminService for DriverAdmin {
             .amount
             .parse()
             .map_err(|_| invalid(format!("amount {:?} is not a decimal", r.amount)))?;
+        let reference = if r.reference.is_empty() {
+            format!("manual-{}", hex::encode(rand::random::<[u8; 8]>()))
+        } else if r.reference.len() > 128 || r.reference.chars().any(|c| c.is_control()) {
+            return Err(invalid("reference: at most 128 printable characters"));
+        } else {
+            r.reference.clone()
+        };
         let d = self.state.hub.drivers.clone();
-        let id = r.driver_id.clone();
-        let rec = blocking(move || d.adjust_wallet(&id, amount, now())).await?;
+        let (id, reference2) = (r.driver_id.clone(), reference.clone());
+        blocking(move || d.adjust_wallet(&id, amount, &reference2, now())).await?;
         audit(
             &self.state,
             AuditKind::DriverChanged,
             who.actor(),
-            r.driver_id,
-            format!("wallet adjusted by {amount}"),
+            r.driver_id.clone(),
+            format!("wallet adjusted by {amount} (reference {reference})"),
         )
         .await?;
+        let d = self.state.hub.drivers.clone();
+        let rec = blocking(move || d.get(&r.driver_id)).await?;
         Ok(Response::new(view(&self.state, rec).await?))
     }
 
