@@ -240,7 +240,28 @@ async fn a_wallet_pays_for_its_session_and_the_invoice_shows_it() {
     })
     .await
     .unwrap();
-    let (member, _) = node.driver("Member", "member@example.org", "0C0C0C0C").await;
+    // … who pays with a mobile wallet: the payment provider is asked to
+    // pre-authorize at the start and to capture the CDR's total.
+    let mut admin = node.driver_admin().await;
+    let member = admin
+        .create_driver(v1::CreateDriverRequest {
+            payment: "mobile-wallet".into(),
+            payment_ref: "pm_mobile_7".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .driver_id;
+    admin
+        .add_token(v1::AddTokenRequest {
+            driver_id: member.clone(),
+            kind: "rfid".into(),
+            value: "0C0C0C0C".into(),
+            expires_at: String::new(),
+        })
+        .await
+        .unwrap();
     b.subscribe(v1::SubscribeRequest {
         driver_id: member.clone(),
         plan_id: "member".into(),
@@ -264,6 +285,21 @@ async fn a_wallet_pays_for_its_session_and_the_invoice_shows_it() {
     let m = got.expect("a CDR for tx-m");
     // 1.35 kWh × 0.10 = 0.135 → 0.14 excl, 0.17 incl (25 %).
     assert_eq!((m.tariff_id.as_str(), m.total_incl_vat.as_str()), ("members", "0.17"));
+    let intent = laddnet_ledger::payments::intent(node.node().state.store.as_ref(), "tx-m")
+        .unwrap()
+        .expect("a payment intent for the mobile wallet");
+    assert_eq!(
+        (
+            intent.status,
+            intent.authorized.to_string(),
+            intent.captured.to_string()
+        ),
+        (
+            laddnet_ledger::payments::IntentStatus::Captured,
+            "20.00".into(),
+            "0.17".into()
+        )
+    );
 
     let v = b.verify_ledger(v1::VerifyLedgerRequest {}).await.unwrap().into_inner();
     assert!(v.ok, "{:?}", v.problems);

@@ -20,7 +20,7 @@ pub enum DriversCmd {
         email: Option<String>,
         #[arg(long)]
         phone: Option<String>,
-        /// none, wallet, card or invoice.
+        /// none, wallet, card, mobile-wallet or invoice.
         #[arg(long, default_value = "none")]
         payment: String,
         /// The payment provider's reference (stored encrypted).

@@ -117,6 +117,9 @@ pub enum PaymentKind {
     Wallet,
     /// A card with the payment provider; the reference is sealed.
     Card,
+    /// A mobile wallet (Apple Pay, Google Pay, …) through the same
+    /// provider; the reference is sealed.
+    MobileWallet,
     /// Post-paid, invoiced monthly (fleet accounts).
     Invoice,
 }
@@ -127,6 +130,7 @@ impl PaymentKind {
             PaymentKind::None => "none",
             PaymentKind::Wallet => "wallet",
             PaymentKind::Card => "card",
+            PaymentKind::MobileWallet => "mobile-wallet",
             PaymentKind::Invoice => "invoice",
         }
     }
@@ -135,9 +139,10 @@ impl PaymentKind {
             "none" => Ok(Self::None),
             "wallet" => Ok(Self::Wallet),
             "card" => Ok(Self::Card),
+            "mobile-wallet" => Ok(Self::MobileWallet),
             "invoice" => Ok(Self::Invoice),
             _ => Err(DriverError::Invalid(format!(
-                "payment {s:?}: expected none, wallet, card or invoice"
+                "payment {s:?}: expected none, wallet, card, mobile-wallet or invoice"
             ))),
         }
     }

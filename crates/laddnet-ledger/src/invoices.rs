@@ -46,7 +46,7 @@ impl Period {
     pub fn parse(s: &str) -> Result<Self, LedgerError> {
         let bad = || LedgerError::Invalid(format!("period {s:?}: expected YYYY-MM, e.g. 2026-11"));
         let (y, m) = s.split_once('-').ok_or_else(bad)?;
-        if y.len() != 4 || m.len() != 2 {
+        if y.len() != 4 || m.len() != 2 || !y.bytes().chain(m.bytes()).all(|b| b.is_ascii_digit()) {
             return Err(bad());
         }
         let year: i32 = y.parse().map_err(|_| bad())?;

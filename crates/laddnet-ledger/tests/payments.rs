@@ -379,7 +379,7 @@ fn invoice_numbers_have_no_gaps_and_nothing_is_invoiced_twice() {
     );
     assert_eq!(invoices::list(s.as_ref(), Some("drv-0")).unwrap().len(), 2);
     assert_eq!(invoices::list(s.as_ref(), None).unwrap().len(), 6);
-    for bad in ["2026-13", "26-11", "2026/11", "", "2026-1x"] {
+    for bad in ["2026-13", "26-11", "2026/11", "", "2026-1x", "2026-+1", "+202-11"] {
         assert!(Period::parse(bad).is_err(), "{bad}");
     }
     verify_clean(&s);

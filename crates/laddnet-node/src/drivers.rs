@@ -126,7 +126,7 @@ pub async fn hold_payment(state: &Arc<NodeState>, driver: String, session: Strin
         let drv = st.hub.drivers.get(&driver).map_err(|e| e.to_string())?;
         let provider: &dyn PaymentProvider = match drv.payment {
             PaymentKind::Wallet => &Wallet,
-            PaymentKind::Card => &CardIntents,
+            PaymentKind::Card | PaymentKind::MobileWallet => &CardIntents,
             PaymentKind::Invoice | PaymentKind::None => return Ok(None),
         };
         let at = now_ms() / 1000;
