@@ -13,6 +13,7 @@ const PROTOS: &[&str] = &[
     "laddnet/v1/operator.proto",
     "laddnet/v1/billing.proto",
     "laddnet/v1/drivers.proto",
+    "laddnet/v1/incidents.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -58,6 +58,9 @@ fn up_then_laddctl_from_the_same_directory() {
         &["revenue", "report", "--by", "charger"],
         &["sites", "list"],
         &["chargers", "show", "SIM-0001"],
+        &["incidents", "list"],
+        &["drivers", "list"],
+        &["invoices", "list"],
     ] {
         let out = ctl(dir.path(), args);
         assert!(

@@ -8,6 +8,7 @@
 //! Errors go to stderr, naming the problem, with exit code 1 (2 for usage).
 
 mod drivers;
+mod incidents;
 mod invoices;
 
 use std::io::Write;
@@ -85,6 +86,9 @@ enum Cmd {
     /// Monthly invoices: numbered without gaps, JSON and HTML.
     #[command(subcommand)]
     Invoices(invoices::InvoicesCmd),
+    /// Incidents: faults and alarms as cases to work through.
+    #[command(subcommand)]
+    Incidents(incidents::IncidentsCmd),
     /// Drivers: accounts, tokens, preferences, GDPR export and erasure.
     #[command(subcommand)]
     Drivers(drivers::DriversCmd),
@@ -1073,6 +1077,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Drivers(d) => drivers::run(d, cfg, out).await?,
         Cmd::Plans(p) => invoices::plans(p, cfg, out).await?,
         Cmd::Invoices(i) => invoices::invoices(i, cfg, out).await?,
+        Cmd::Incidents(i) => incidents::run(i, cfg, out).await?,
         Cmd::Maintenance(m) => drivers::maintenance(m, cfg, out).await?,
         Cmd::Sites(SitesCmd::Access {
             site_id,

@@ -39,6 +39,23 @@ pub struct NodeConfig {
     pub drivers: DriversSection,
     #[serde(default)]
     pub notifications: NotificationsSection,
+    #[serde(default)]
+    pub alarms: AlarmsSection,
+}
+
+/// Fault detection thresholds.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlarmsSection {
+    /// A charger whose connection dropped and did not come back within
+    /// this long is offline (an incident opens; it resolves on reconnect).
+    pub offline_after_s: u64,
+}
+
+impl Default for AlarmsSection {
+    fn default() -> Self {
+        Self { offline_after_s: 120 }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -339,6 +356,7 @@ impl NodeConfig {
             billing: Default::default(),
             drivers: Default::default(),
             notifications: Default::default(),
+            alarms: Default::default(),
         }
     }
 
@@ -481,6 +499,9 @@ impl NodeConfig {
         }
         if d.retention_sweep_s == 0 {
             return bad("drivers.retention_sweep_s must be at least 1");
+        }
+        if self.alarms.offline_after_s == 0 {
+            return bad("alarms.offline_after_s must be at least 1");
         }
         let n = &self.notifications;
         if n.retry_initial_ms == 0 || n.retry_max_ms < n.retry_initial_ms || n.max_attempts == 0 {

@@ -222,7 +222,7 @@ pub async fn summary(state: Arc<NodeState>) {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let store = state.store.clone();
         let figures = tokio::task::spawn_blocking(
-            move || -> anyhow::Result<(usize, u64, u64, usize, usize, usize, rust_decimal::Decimal)> {
+            move || -> anyhow::Result<(usize, u64, u64, usize, usize, usize, rust_decimal::Decimal, u64)> {
                 let (all, _) = repo::list_sessions(store.as_ref(), None, None, None, 1_000_000)?;
                 let active: Vec<_> = all.iter().filter(|s| s.status == SessionStatus::Active).collect();
                 let power: u64 = active.iter().map(|s| u64::from(s.power_w)).sum();
@@ -240,15 +240,25 @@ pub async fn summary(state: Arc<NodeState>) {
                     .filter(|c| !c.review_required || c.approved)
                     .map(|c| c.total_incl_vat)
                     .sum();
-                Ok((active.len(), power, energy, flagged, faulted, cdrs.len(), billed))
+                let incidents: u64 = laddnet_incidents::active_counts(store.as_ref())?.values().sum();
+                Ok((
+                    active.len(),
+                    power,
+                    energy,
+                    flagged,
+                    faulted,
+                    cdrs.len(),
+                    billed,
+                    incidents,
+                ))
             },
         )
         .await;
-        let Ok(Ok((active, power_w, energy_wh, flagged, faulted, cdrs, billed))) = figures else {
+        let Ok(Ok((active, power_w, energy_wh, flagged, faulted, cdrs, billed, incidents))) = figures else {
             continue;
         };
         let line = format!(
-            "chargers {:>3} | sessions {:>3} active | {:>4}.{} kW | {:>5}.{} kWh | {:>3} CDRs, EUR {:>7} billed | alarms: {} faulted connectors, {} flagged sessions",
+            "chargers {:>3} | sessions {:>3} active | {:>4}.{} kW | {:>5}.{} kWh | {:>3} CDRs, EUR {:>7} billed | alarms: {} faulted connectors, {} flagged sessions, {} active incidents",
             state.chargers.len(),
             active,
             power_w / 1000,
@@ -259,6 +269,7 @@ pub async fn summary(state: Arc<NodeState>) {
             billed,
             faulted,
             flagged,
+            incidents,
         );
         if line != last {
             println!("{line}");

@@ -15,6 +15,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod alarms;
 pub mod bootstrap;
 pub mod config;
 pub mod drivers;

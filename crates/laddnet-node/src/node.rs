@@ -13,6 +13,7 @@ use laddnet_proto::v1::charger_service_server::ChargerServiceServer;
 use laddnet_proto::v1::driver_admin_service_server::DriverAdminServiceServer;
 use laddnet_proto::v1::driver_service_server::DriverServiceServer;
 use laddnet_proto::v1::enrollment_service_server::EnrollmentServiceServer;
+use laddnet_proto::v1::incident_service_server::IncidentServiceServer;
 use laddnet_proto::v1::operator_service_server::OperatorServiceServer;
 use laddnet_proto::v1::pki_service_server::PkiServiceServer;
 use laddnet_store::{RedbStore, SharedStore};
@@ -178,6 +179,7 @@ impl RunningNode {
             "laddnet.v1.OperatorService",
             "laddnet.v1.DriverAdminService",
             "laddnet.v1.DriverService",
+            "laddnet.v1.IncidentService",
             "laddnet.v1.EnrollmentService",
         ] {
             health.set_service_status(name, ServingStatus::Serving).await;
@@ -262,6 +264,11 @@ impl RunningNode {
                 DriverServiceServer::new(DriverApp { state: state.clone() })
                     .max_decoding_message_size(limit)
                     .max_encoding_message_size(limit),
+            )
+            .add_service(
+                IncidentServiceServer::new(crate::services::incidents::Incidents { state: state.clone() })
+                    .max_decoding_message_size(limit)
+                    .max_encoding_message_size(limit),
             );
         let e = &ca.policy().enrollment;
         let enroll_router = server()
@@ -337,6 +344,7 @@ impl RunningNode {
             "laddnet.v1.OperatorService",
             "laddnet.v1.DriverAdminService",
             "laddnet.v1.DriverService",
+            "laddnet.v1.IncidentService",
             "laddnet.v1.EnrollmentService",
         ] {
             self.health.set_service_status(name, ServingStatus::NotServing).await;

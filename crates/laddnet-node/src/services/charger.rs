@@ -276,6 +276,7 @@ impl ChargerService for Charger {
         });
         self.state.chargers.bind(&id, conn, handle.clone(), outbound.clone());
         tracing::info!(charger_id = %id, "charger attached");
+        crate::alarms::on_attached(&self.state, id.as_str()).await;
         let heartbeat_interval_s = self.state.config.node.heartbeat_interval_s;
         let _ = tx
             .send(out(
@@ -328,6 +329,7 @@ impl ChargerService for Charger {
             handle.detach().await;
             state.chargers.detach(&id, conn);
             tracing::info!(charger_id = %id, "charger detached");
+            crate::alarms::on_detached(&state, id.as_str());
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -398,8 +400,10 @@ async fn handle_message(
                 if s.error_code.len() > 64 {
                     return Some(rejected(id, "error_code is longer than 64 characters"));
                 }
+                let code = s.error_code.clone();
                 match handle.status(s.connector_id, status, s.error_code).await {
                     Ok(()) => {
+                        crate::alarms::on_status(state, &ctx.charger_id, s.connector_id, status, &code).await;
                         crate::drivers::on_status(
                             state,
                             &ctx.charger_id,
@@ -521,6 +525,7 @@ async fn handle_message(
                             crate::drivers::hold_payment(state, driver, tx_id.clone()).await;
                         }
                         crate::drivers::on_event(state, &applied.record).await;
+                        crate::alarms::on_record(state, &applied.record).await;
                     }
                     let counter = if applied.duplicate {
                         &state.metrics.events_duplicate

@@ -1,0 +1,134 @@
+//! `IncidentService`: incidents over gRPC.
+
+use std::sync::Arc;
+
+use laddnet_core::Role;
+use laddnet_incidents::{self as inc, Incident, State};
+use laddnet_proto::v1;
+use laddnet_proto::v1::incident_service_server::IncidentService;
+use tonic::{Request, Response, Status};
+
+use super::{blocking, invalid, require_role};
+use crate::state::NodeState;
+
+pub struct Incidents {
+    pub state: Arc<NodeState>,
+}
+
+const ACT: &str = "act on incidents (needs operator or admin)";
+
+fn at(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_default()
+}
+
+fn info(i: &Incident) -> v1::IncidentInfo {
+    v1::IncidentInfo {
+        id: i.id.clone(),
+        kind: i.kind.as_str().into(),
+        subject: i.subject.clone(),
+        severity: i.severity.as_str().into(),
+        state: i.state.as_str().into(),
+        active: i.active,
+        assignee: i.assignee.clone().unwrap_or_default(),
+        occurrences: i.occurrences,
+        opened_at: at(i.opened_at_ms),
+        timeline: i
+            .timeline
+            .iter()
+            .map(|s| v1::IncidentStep {
+                at: at(s.at_ms),
+                what: s.what.clone(),
+                by: s.by.clone(),
+                detail: s.detail.clone(),
+            })
+            .collect(),
+    }
+}
+
+fn now_ms() -> i64 {
+    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+fn check_id(id: &str) -> Result<(), Status> {
+    if id.is_empty() || id.len() > 64 || !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+        return Err(invalid(format!("{id:?} is not an incident id")));
+    }
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl IncidentService for Incidents {
+    async fn list_incidents(
+        &self,
+        req: Request<v1::ListIncidentsRequest>,
+    ) -> Result<Response<v1::ListIncidentsResponse>, Status> {
+        require_role(&self.state, &req, "read incidents", |_| true)?;
+        let r = req.into_inner();
+        let state = if r.state.is_empty() {
+            None
+        } else {
+            Some(State::parse(&r.state).map_err(|e| invalid(e.to_string()))?)
+        };
+        let limit = if r.limit == 0 {
+            100
+        } else {
+            r.limit.min(10_000) as usize
+        };
+        let store = self.state.store.clone();
+        let all = blocking(move || inc::list(store.as_ref(), state, limit)).await?;
+        Ok(Response::new(v1::ListIncidentsResponse {
+            incidents: all.iter().map(info).collect(),
+        }))
+    }
+
+    async fn get_incident(&self, req: Request<v1::GetIncidentRequest>) -> Result<Response<v1::IncidentInfo>, Status> {
+        require_role(&self.state, &req, "read incidents", |_| true)?;
+        let id = req.into_inner().id;
+        check_id(&id)?;
+        let store = self.state.store.clone();
+        let i = blocking(move || inc::get(store.as_ref(), &id)).await?;
+        Ok(Response::new(info(&i)))
+    }
+
+    async fn acknowledge_incident(
+        &self,
+        req: Request<v1::IncidentActionRequest>,
+    ) -> Result<Response<v1::IncidentInfo>, Status> {
+        let (who, _) = require_role(&self.state, &req, ACT, Role::can_operate)?;
+        let r = req.into_inner();
+        check_id(&r.id)?;
+        let (store, by) = (self.state.store.clone(), who.actor());
+        let i = blocking(move || inc::acknowledge(store.as_ref(), &r.id, &by, now_ms())).await?;
+        Ok(Response::new(info(&i)))
+    }
+
+    async fn assign_incident(
+        &self,
+        req: Request<v1::IncidentActionRequest>,
+    ) -> Result<Response<v1::IncidentInfo>, Status> {
+        let (who, _) = require_role(&self.state, &req, ACT, Role::can_operate)?;
+        let r = req.into_inner();
+        check_id(&r.id)?;
+        let (store, by) = (self.state.store.clone(), who.actor());
+        let i = blocking(move || inc::assign(store.as_ref(), &r.id, &r.note, &by, now_ms())).await?;
+        Ok(Response::new(info(&i)))
+    }
+
+    async fn resolve_incident(
+        &self,
+        req: Request<v1::IncidentActionRequest>,
+    ) -> Result<Response<v1::IncidentInfo>, Status> {
+        let (who, _) = require_role(&self.state, &req, ACT, Role::can_operate)?;
+        let r = req.into_inner();
+        check_id(&r.id)?;
+        if r.note.len() > 1_000 {
+            return Err(invalid("note: at most 1000 characters"));
+        }
+        let (store, by) = (self.state.store.clone(), who.actor());
+        let i = blocking(move || inc::resolve(store.as_ref(), &r.id, &by, &r.note, now_ms())).await?;
+        Ok(Response::new(info(&i)))
+    }
+}

@@ -1,0 +1,231 @@
+//! Fault detection end to end: faults injected through the simulator open
+//! exactly one incident each, which resolves when the fault clears and
+//! reopens when it returns; operators acknowledge, assign and resolve.
+
+use std::time::Duration;
+
+use laddnet_core::Role;
+use laddnet_proto::v1;
+use laddnet_proto::v1::incident_service_client::IncidentServiceClient;
+use laddnet_sim::{Fault, Kind, Profile};
+use laddnet_tests::*;
+use tonic::transport::Channel;
+
+async fn incidents(c: &mut IncidentServiceClient<Channel>) -> Vec<v1::IncidentInfo> {
+    c.list_incidents(v1::ListIncidentsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .incidents
+}
+
+/// Waits until the incidents of `kind` satisfy `ok`; returns them.
+async fn wait_for(
+    c: &mut IncidentServiceClient<Channel>,
+    kind: &str,
+    what: &str,
+    ok: impl Fn(&[v1::IncidentInfo]) -> bool,
+) -> Vec<v1::IncidentInfo> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let of: Vec<_> = incidents(c).await.into_iter().filter(|i| i.kind == kind).collect();
+        if ok(&of) {
+            return of;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{what}: {of:#?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn profile() -> Profile {
+    let mut p = Profile::fleet_member(0);
+    p.charger_id = "SIM-I".into();
+    p.kind = Kind::Ac;
+    p.connectors = 1;
+    p.sample_every = Duration::from_millis(100);
+    p.mean_idle = Duration::from_millis(200);
+    p
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn injected_faults_open_one_incident_each_and_clear_with_the_fault() {
+    let node = TestNode::start_with(|c| c.alarms.offline_after_s = 3).await;
+    let mut inc = IncidentServiceClient::new(node.channel(&node.admin).await.unwrap());
+    let ep = node.sim_endpoints();
+    let identity = laddnet_sim::enroll(&ep, "SIM-I", &node.token("SIM-I").await)
+        .await
+        .unwrap();
+    let sim = laddnet_sim::spawn(ep.clone(), identity.clone(), profile());
+
+    // Meter tampering: the register goes backwards mid-session.
+    let mut ops = node.operator_client().await;
+    let charging = eventually(Duration::from_secs(20), || {
+        let mut ops = ops.clone();
+        async move {
+            ops.list_sessions(v1::ListSessionsRequest {
+                charger_id: "SIM-I".into(),
+                ..Default::default()
+            })
+            .await
+            .map(|r| {
+                r.into_inner()
+                    .sessions
+                    .iter()
+                    .any(|s| s.status == "active" && s.samples >= 2)
+            })
+            .unwrap_or(false)
+        }
+    })
+    .await;
+    assert!(charging, "the simulated charger never charged");
+    sim.inject(Fault::MeterBackwards(5_000)).await;
+    let tamper = wait_for(&mut inc, "meter-anomaly", "no meter-anomaly incident", |v| {
+        !v.is_empty()
+    })
+    .await;
+    assert_eq!(tamper.len(), 1);
+    assert!(tamper[0].subject.starts_with("session:SIM-I-1-"), "{:?}", tamper[0]);
+    assert_eq!(tamper[0].severity, "critical");
+    assert!(
+        tamper[0].timeline[0].detail.contains("register-backwards"),
+        "{:?}",
+        tamper[0]
+    );
+    // Later readings of the same session do not open more.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _ = ops.list_sessions(v1::ListSessionsRequest::default()).await;
+    assert_eq!(
+        incidents(&mut inc)
+            .await
+            .iter()
+            .filter(|i| i.kind == "meter-anomaly")
+            .count(),
+        1
+    );
+
+    // A connector fault: one incident, however often it is reported.
+    sim.inject(Fault::ErrorCode(1, "GroundFailure".into())).await;
+    sim.inject(Fault::ErrorCode(1, "GroundFailure".into())).await;
+    let fault = wait_for(&mut inc, "charger-fault", "no charger-fault incident", |v| {
+        v.len() == 1 && v[0].active
+    })
+    .await;
+    let id = fault[0].id.clone();
+    assert_eq!(fault[0].subject, "connector:SIM-I/1");
+    assert_eq!(fault[0].timeline[0].detail, "faulted: GroundFailure");
+    // Operators work it.
+    let viewer = node.operator("viewer", Role::Viewer).await;
+    let mut as_viewer = IncidentServiceClient::new(node.channel(&viewer).await.unwrap());
+    let denied = as_viewer
+        .acknowledge_incident(v1::IncidentActionRequest {
+            id: id.clone(),
+            note: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+    inc.acknowledge_incident(v1::IncidentActionRequest {
+        id: id.clone(),
+        note: String::new(),
+    })
+    .await
+    .unwrap();
+    let assigned = inc
+        .assign_incident(v1::IncidentActionRequest {
+            id: id.clone(),
+            note: "Tech Tove".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (assigned.state.as_str(), assigned.assignee.as_str()),
+        ("assigned", "Tech Tove")
+    );
+    // The fault clears: resolved by itself.
+    sim.inject(Fault::ClearError(1)).await;
+    wait_for(&mut inc, "charger-fault", "not resolved when the fault cleared", |v| {
+        v.len() == 1 && v[0].state == "resolved" && !v[0].active
+    })
+    .await;
+    // It returns: the same incident reopens, with its technician.
+    sim.inject(Fault::ErrorCode(1, "GroundFailure".into())).await;
+    let back = wait_for(&mut inc, "charger-fault", "not reopened", |v| {
+        v.len() == 1 && v[0].active
+    })
+    .await;
+    assert_eq!(
+        (back[0].id.as_str(), back[0].state.as_str(), back[0].occurrences),
+        (id.as_str(), "assigned", 2)
+    );
+    sim.inject(Fault::ClearError(1)).await;
+    wait_for(&mut inc, "charger-fault", "not resolved again", |v| {
+        v.len() == 1 && !v[0].active
+    })
+    .await;
+
+    // A dropped connection that comes back at once is not an outage.
+    sim.inject(Fault::Disconnect).await;
+    let mut status = sim.status.clone();
+    let back = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            if status.borrow().reconnects >= 1 && status.borrow().connected {
+                break;
+            }
+            if status.changed().await.is_err() {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(back.is_ok(), "the simulator did not reconnect");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(
+        incidents(&mut inc).await.iter().all(|i| i.kind != "offline"),
+        "a reconnect within alarms.offline_after_s opened an incident"
+    );
+
+    // Gone for good: offline after 3 s; back: resolved.
+    sim.stop();
+    let off = wait_for(&mut inc, "offline", "no offline incident", |v| {
+        v.len() == 1 && v[0].active
+    })
+    .await;
+    assert_eq!(off[0].subject, "charger:SIM-I");
+    let sim = laddnet_sim::spawn(ep, identity, profile());
+    wait_for(&mut inc, "offline", "offline not resolved on reconnect", |v| {
+        v.len() == 1 && v[0].state == "resolved"
+    })
+    .await;
+
+    // Resolved by hand; the listing filters by state.
+    let closed = inc
+        .resolve_incident(v1::IncidentActionRequest {
+            id: tamper[0].id.clone(),
+            note: "meter replaced, session refunded".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(closed.state, "resolved");
+    let open = inc
+        .list_incidents(v1::ListIncidentsRequest {
+            state: "open".into(),
+            limit: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .incidents;
+    assert!(open.iter().all(|i| i.state == "open"));
+    let bad = inc
+        .list_incidents(v1::ListIncidentsRequest {
+            state: "burning".into(),
+            limit: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    assert!(bad.message().contains("burning"));
+    sim.stop();
+}
