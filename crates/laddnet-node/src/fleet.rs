@@ -215,46 +215,66 @@ pub async fn inject_faults(fleet: Fleet, every_s: u64) {
     }
 }
 
+/// What the summary line shows.
+struct Figures {
+    active: usize,
+    power_w: u64,
+    energy_wh: u64,
+    flagged: usize,
+    faulted: usize,
+    cdrs: usize,
+    billed: rust_decimal::Decimal,
+    incidents: u64,
+}
+
 /// One line every two seconds: chargers, sessions, power, energy, alarms.
 pub async fn summary(state: Arc<NodeState>) {
     let mut last = String::new();
     loop {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let store = state.store.clone();
-        let figures = tokio::task::spawn_blocking(
-            move || -> anyhow::Result<(usize, u64, u64, usize, usize, usize, rust_decimal::Decimal, u64)> {
-                let (all, _) = repo::list_sessions(store.as_ref(), None, None, None, 1_000_000)?;
-                let active: Vec<_> = all.iter().filter(|s| s.status == SessionStatus::Active).collect();
-                let power: u64 = active.iter().map(|s| u64::from(s.power_w)).sum();
-                let energy: u64 = all.iter().map(|s| s.energy_wh()).sum();
-                let flagged = all.iter().filter(|s| !s.flags.is_empty()).count();
-                let (chargers, _) = repo::list_chargers(store.as_ref(), None, 1_000_000)?;
-                let faulted = chargers
-                    .iter()
-                    .flat_map(|c| &c.connectors)
-                    .filter(|c| c.status == ConnectorStatus::Faulted)
-                    .count();
-                let cdrs = laddnet_ledger::cdr::all(store.as_ref())?;
-                let billed = cdrs
-                    .iter()
-                    .filter(|c| !c.review_required || c.approved)
-                    .map(|c| c.total_incl_vat)
-                    .sum();
-                let incidents: u64 = laddnet_incidents::active_counts(store.as_ref())?.values().sum();
-                Ok((
-                    active.len(),
-                    power,
-                    energy,
-                    flagged,
-                    faulted,
-                    cdrs.len(),
-                    billed,
-                    incidents,
-                ))
-            },
-        )
+        let figures = tokio::task::spawn_blocking(move || -> anyhow::Result<Figures> {
+            let (all, _) = repo::list_sessions(store.as_ref(), None, None, None, 1_000_000)?;
+            let active: Vec<_> = all.iter().filter(|s| s.status == SessionStatus::Active).collect();
+            let power: u64 = active.iter().map(|s| u64::from(s.power_w)).sum();
+            let energy: u64 = all.iter().map(|s| s.energy_wh()).sum();
+            let flagged = all.iter().filter(|s| !s.flags.is_empty()).count();
+            let (chargers, _) = repo::list_chargers(store.as_ref(), None, 1_000_000)?;
+            let faulted = chargers
+                .iter()
+                .flat_map(|c| &c.connectors)
+                .filter(|c| c.status == ConnectorStatus::Faulted)
+                .count();
+            let cdrs = laddnet_ledger::cdr::all(store.as_ref())?;
+            let billed = cdrs
+                .iter()
+                .filter(|c| !c.review_required || c.approved)
+                .map(|c| c.total_incl_vat)
+                .sum();
+            let incidents: u64 = laddnet_incidents::active_counts(store.as_ref())?.values().sum();
+            Ok((
+                active.len(),
+                power,
+                energy,
+                flagged,
+                faulted,
+                cdrs.len(),
+                billed,
+                incidents,
+            ))
+        })
         .await;
-        let Ok(Ok((active, power_w, energy_wh, flagged, faulted, cdrs, billed, incidents))) = figures else {
+        let Ok(Ok(Figures {
+            active,
+            power_w,
+            energy_wh,
+            flagged,
+            faulted,
+            cdrs,
+            billed,
+            incidents,
+        })) = figures
+        else {
             continue;
         };
         let line = format!(
