@@ -252,16 +252,16 @@ pub async fn summary(state: Arc<NodeState>) {
                 .map(|c| c.total_incl_vat)
                 .sum();
             let incidents: u64 = laddnet_incidents::active_counts(store.as_ref())?.values().sum();
-            Ok((
-                active.len(),
-                power,
-                energy,
+            Ok(Figures {
+                active: active.len(),
+                power_w: power,
+                energy_wh: energy,
                 flagged,
                 faulted,
-                cdrs.len(),
+                cdrs: cdrs.len(),
                 billed,
                 incidents,
-            ))
+            })
         })
         .await;
         let Ok(Ok(Figures {
