@@ -65,6 +65,7 @@ impl TestNode {
         let mut config = NodeConfig::for_data_dir(dir.path().join("data"));
         config.listen.mtls = "127.0.0.1:0".parse().unwrap();
         config.listen.enrollment = "127.0.0.1:0".parse().unwrap();
+        config.listen.metrics = "127.0.0.1:0".into();
         config.tls.handshake_timeout_ms = 1_000;
         config.tls.crl_poll_ms = 200;
         tweak(&mut config);
@@ -620,6 +621,7 @@ impl NodeProcess {
             .current_dir(dir)
             .env("LADDNET_LISTEN__MTLS", "127.0.0.1:0")
             .env("LADDNET_LISTEN__ENROLLMENT", "127.0.0.1:0")
+            .env("LADDNET_LISTEN__METRICS", "127.0.0.1:0")
             .env_remove("LADDNET_CA_PASSPHRASE")
             .stdout(std::process::Stdio::piped());
         let log = dir.join("node.log");
@@ -759,6 +761,7 @@ pub fn start_up(dir: &Path, extra: &[&str]) -> Up {
         ])
         .args(extra)
         .current_dir(dir)
+        .env("LADDNET_LISTEN__METRICS", "127.0.0.1:0")
         .env_remove("LADDCTL_CONFIG")
         .env_remove("LADDNET_CA_PASSPHRASE")
         .stdout(Stdio::piped())

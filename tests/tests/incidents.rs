@@ -229,3 +229,63 @@ async fn injected_faults_open_one_incident_each_and_clear_with_the_fault() {
     assert!(bad.message().contains("burning"));
     sim.stop();
 }
+
+/// `GET /metrics` as curl sends it; returns the body.
+async fn scrape(addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nUser-Agent: curl/8\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    tcp.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    text
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_endpoint_serves_the_fleet_series() {
+    let node = TestNode::start().await;
+    let addr = node.node().metrics_addr.expect("metrics on");
+    assert!(addr.ip().is_loopback());
+    let (_, mut cp) = node.charger("CP-M").await;
+    for e in session_events("tx-m", 3) {
+        assert!(cp.event(e).await.unwrap());
+    }
+    let mut e = tx_event("tx-m2", 0, v1::TransactionEventType::Started, 50_000, 0);
+    e.connector_id = 2;
+    assert!(cp.event(e).await.unwrap());
+    // A fault, as an incident.
+    cp.request(v1::charger_message::Payload::Status(v1::StatusNotification {
+        connector_id: 1,
+        status: v1::ConnectorStatus::Faulted as i32,
+        error_code: "OverCurrentFailure".into(),
+        timestamp_ms: 1_700_000_000_000,
+    }))
+    .await
+    .unwrap();
+    let body = scrape(addr).await;
+    for series in [
+        "laddnet_chargers_connected 1",
+        "laddnet_sessions_active 1",
+        "laddnet_energy_delivered_wh_total 600",
+        "laddnet_charger_events_total{outcome=\"accepted\"} 6",
+        "laddnet_incidents_active{kind=\"charger-fault\"} 1",
+        "laddnet_incidents_active{kind=\"offline\"} 0",
+        "laddnet_certificates_expiring_30d ",
+        "laddnet_rpc_duration_seconds_count{method=\"laddnet.v1.ChargerService/Attach\"} 1",
+        "laddnet_rpc_duration_seconds_bucket{method=\"laddnet.v1.PkiService/CreateEnrollmentToken\",le=\"+Inf\"} 1",
+    ] {
+        assert!(body.contains(series), "no {series:?} in\n{body}");
+    }
+    // Anything else is not served.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"GET /admin HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    tcp.read_to_end(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 404"));
+}

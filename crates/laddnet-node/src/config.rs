@@ -253,6 +253,9 @@ pub struct ListenSection {
     pub mtls: SocketAddr,
     /// The enrollment listener: server-side TLS only.
     pub enrollment: SocketAddr,
+    /// Prometheus metrics over plain HTTP (`GET /metrics`); keep it on
+    /// localhost or a monitoring network. Empty: off.
+    pub metrics: String,
 }
 
 impl Default for ListenSection {
@@ -260,7 +263,15 @@ impl Default for ListenSection {
         Self {
             mtls: "127.0.0.1:7443".parse().unwrap_or_else(|_| unreachable!()),
             enrollment: "127.0.0.1:7444".parse().unwrap_or_else(|_| unreachable!()),
+            metrics: "127.0.0.1:9464".into(),
         }
+    }
+}
+
+impl ListenSection {
+    /// Where metrics are served, if anywhere.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.parse().ok()
     }
 }
 
@@ -499,6 +510,9 @@ impl NodeConfig {
         }
         if d.retention_sweep_s == 0 {
             return bad("drivers.retention_sweep_s must be at least 1");
+        }
+        if !self.listen.metrics.is_empty() && self.listen.metrics.parse::<SocketAddr>().is_err() {
+            return bad("listen.metrics must be an address such as \"127.0.0.1:9464\", or empty for none");
         }
         if self.alarms.offline_after_s == 0 {
             return bad("alarms.offline_after_s must be at least 1");

@@ -20,6 +20,7 @@ pub mod bootstrap;
 pub mod config;
 pub mod drivers;
 pub mod identity;
+pub mod metrics;
 pub mod node;
 pub mod services;
 pub mod state;

@@ -177,6 +177,9 @@ async fn up(
     println!("laddnet is up");
     println!("  chargers and operators (mutual TLS): {}", node.mtls_addr);
     println!("  charger enrollment (server TLS):     {}", node.enrollment_addr);
+    if let Some(m) = node.metrics_addr {
+        println!("  metrics (Prometheus):                http://{m}/metrics");
+    }
     println!("  laddctl config: {}", ctl_abs.display());
     println!(
         "  try: laddctl sessions list   (from this directory, or with LADDCTL_CONFIG={})",
@@ -216,6 +219,9 @@ async fn main() {
                     "serving: mutual TLS on {}, enrollment on {}",
                     node.mtls_addr, node.enrollment_addr
                 );
+                if let Some(m) = node.metrics_addr {
+                    println!("metrics: http://{m}/metrics");
+                }
                 wait_for_ctrl_c().await;
                 node.shutdown().await;
                 Ok(())

@@ -63,6 +63,8 @@ pub fn open_store(config: &NodeConfig) -> anyhow::Result<SharedStore> {
 pub struct RunningNode {
     pub mtls_addr: SocketAddr,
     pub enrollment_addr: SocketAddr,
+    /// Where `GET /metrics` answers, when enabled.
+    pub metrics_addr: Option<SocketAddr>,
     pub state: Arc<NodeState>,
     shutdown: CancellationToken,
     health: HealthReporter,
@@ -167,6 +169,18 @@ impl RunningNode {
         let enroll_listener = TcpListener::bind(config.listen.enrollment)
             .await
             .with_context(|| format!("binding the enrollment listener on {}", config.listen.enrollment))?;
+        let metrics_listener = match config.listen.metrics_addr() {
+            Some(a) => Some(
+                TcpListener::bind(a)
+                    .await
+                    .with_context(|| format!("binding the metrics listener on {a} (listen.metrics)"))?,
+            ),
+            None => None,
+        };
+        let metrics_addr = match &metrics_listener {
+            Some(l) => Some(l.local_addr()?),
+            None => None,
+        };
         let mtls_addr = mtls_listener.local_addr()?;
         let enrollment_addr = enroll_listener.local_addr()?;
 
@@ -232,6 +246,7 @@ impl RunningNode {
         );
 
         let mtls_router = server()
+            .layer(crate::metrics::RpcTimer(state.rpc.clone()))
             .add_service(health_service.clone())
             .add_service(reflection.clone())
             .add_service(reflection_alpha.clone())
@@ -318,6 +333,9 @@ impl RunningNode {
             state.clone(),
             shutdown.clone(),
         )));
+        if let Some(l) = metrics_listener {
+            tasks.push(tokio::spawn(crate::metrics::serve(l, state.clone(), shutdown.clone())));
+        }
         tasks.push(tokio::spawn(crate::drivers::vault_rewrapper(
             state.clone(),
             shutdown.clone(),
@@ -327,6 +345,7 @@ impl RunningNode {
         Ok(Self {
             mtls_addr,
             enrollment_addr,
+            metrics_addr,
             state,
             shutdown,
             health,

@@ -26,6 +26,8 @@ pub struct NodeState {
     pub actors: SupervisorHandle,
     pub metrics: Metrics,
     pub hub: crate::drivers::DriverHub,
+    /// gRPC latency per method, for the metrics endpoint.
+    pub rpc: Arc<crate::metrics::RpcStats>,
     /// Cancelled when the node shuts down: long-lived streams end with it.
     pub shutdown: tokio_util::sync::CancellationToken,
     pub(crate) node_chain: Vec<CertificateDer<'static>>,
@@ -58,6 +60,7 @@ impl NodeState {
             actors,
             metrics: Metrics::default(),
             hub,
+            rpc: Default::default(),
             shutdown: tokio_util::sync::CancellationToken::new(),
             node_chain,
             node_key,
