@@ -255,6 +255,35 @@ async fn a_silent_session_is_flagged_stuck() {
     })
     .await;
     assert!(stuck);
+    // The stuck session is an incident, which resolves with meter data.
+    let inc = laddnet_proto::v1::incident_service_client::IncidentServiceClient::new(
+        node.channel(&node.admin).await.unwrap(),
+    );
+    let list = |inc: laddnet_proto::v1::incident_service_client::IncidentServiceClient<tonic::transport::Channel>| async move {
+        let mut inc = inc;
+        inc.list_incidents(laddnet_proto::v1::ListIncidentsRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .incidents
+            .into_iter()
+            .filter(|i| i.kind == "stuck-session")
+            .collect::<Vec<_>>()
+    };
+    let open = eventually(Duration::from_secs(10), || {
+        let inc = inc.clone();
+        async move { list(inc).await.iter().any(|i| i.active && i.subject == "session:tx-a") }
+    })
+    .await;
+    assert!(open, "no stuck-session incident");
+    assert!(a.event(tx_event("tx-a", 1, T::Updated, 200, 1)).await.unwrap());
+    let resolved = list(inc.clone()).await;
+    assert_eq!(resolved.len(), 1);
+    assert_eq!(
+        (resolved[0].state.as_str(), resolved[0].active),
+        ("resolved", false),
+        "{resolved:?}"
+    );
 }
 
 #[tokio::test]

@@ -35,6 +35,8 @@ pub struct SessionState {
     /// Whether a tariff lookup has been done (none may apply).
     priced: bool,
     running: Option<RunningCost>,
+    /// A stuck-session incident was raised and not yet cleared.
+    stuck: bool,
 }
 
 /// The running cost, kept incrementally: each new reading's periods are
@@ -158,6 +160,7 @@ impl Actor for SessionActor {
             pricing: None,
             priced: false,
             running: None,
+            stuck: false,
         })
     }
 
@@ -188,6 +191,29 @@ impl Actor for SessionActor {
                     applied.running_cost = state.running.clone();
                 }
                 let ended = matches!(&result, Ok(a) if a.record.status == SessionStatus::Ended && !a.duplicate);
+                if state.stuck && matches!(&result, Ok(a) if !a.duplicate) {
+                    // Meter data again: the stuck incident resolves.
+                    state.stuck = false;
+                    let (store, subject) = (
+                        state.args.store.clone(),
+                        format!("session:{}", state.args.transaction_id),
+                    );
+                    let cleared = tokio::task::spawn_blocking(move || {
+                        laddnet_store::StoreExt::transact(store.as_ref(), |tx| {
+                            laddnet_incidents::clear(
+                                tx,
+                                laddnet_incidents::AlarmKind::StuckSession,
+                                &subject,
+                                now_ms(),
+                                "meter data again",
+                            )
+                        })
+                    })
+                    .await;
+                    if let Ok(Err(e)) = cleared {
+                        tracing::warn!(error = %e, "clearing the stuck-session incident failed");
+                    }
+                }
                 if let Ok(a) = &result
                     && !a.duplicate
                     && (ended || a.record.samples == 1)
@@ -236,12 +262,40 @@ impl Actor for SessionActor {
                 {
                     tracing::warn!(transaction_id = %state.args.transaction_id, charger_id = %state.args.charger_id, "session stuck: no meter data");
                     state.record = Some(r);
+                    let (store, subject, detail) = (
+                        state.args.store.clone(),
+                        format!("session:{}", state.args.transaction_id),
+                        format!("no meter data from charger {}", state.args.charger_id),
+                    );
+                    let raised = tokio::task::spawn_blocking(move || {
+                        laddnet_store::StoreExt::transact(store.as_ref(), |tx| {
+                            laddnet_incidents::raise(
+                                tx,
+                                &laddnet_incidents::Alarm {
+                                    kind: laddnet_incidents::AlarmKind::StuckSession,
+                                    subject: &subject,
+                                    detail: &detail,
+                                    at_ms: now_ms(),
+                                },
+                            )
+                        })
+                    })
+                    .await;
+                    match raised {
+                        Ok(Ok(_)) => state.stuck = true,
+                        Ok(Err(e)) => tracing::warn!(error = %e, "raising the stuck-session incident failed"),
+                        Err(_) => {}
+                    }
                 }
             }
             SessionMsg::Fault(f) => fault(f).await,
         }
         Ok(())
     }
+}
+
+fn now_ms() -> i64 {
+    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
 }
 
 #[cfg(feature = "fault-injection")]
