@@ -289,3 +289,50 @@ async fn the_metrics_endpoint_serves_the_fleet_series() {
     tcp.read_to_end(&mut buf).await.unwrap();
     assert!(String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 404"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_near_expiry_is_an_incident_until_it_is_renewed() {
+    let node = TestNode::start_with(|c| {
+        c.alarms.certificate_check_s = 1;
+        c.alarms.certificate_expiry_days = 14;
+    })
+    .await;
+    let mut inc = IncidentServiceClient::new(node.channel(&node.admin).await.unwrap());
+    // Enrolled 355 days ago: 10 days of its 365 left.
+    node.clock.advance_days(-355);
+    let old = node.enroll("CP-X").await;
+    node.clock.advance_days(355);
+    let subject = format!("certificate:{}", old.serial);
+    let s2 = subject.clone();
+    let open = wait_for(&mut inc, "certificate-expiring", "no certificate incident", move |v| {
+        v.iter().any(|i| i.subject == s2 && i.active)
+    })
+    .await;
+    let mine: Vec<_> = open.iter().filter(|i| i.subject == subject).collect();
+    assert_eq!(mine.len(), 1);
+    assert!(
+        mine[0].timeline[0]
+            .detail
+            .contains("charger certificate of CP-X expires in"),
+        "{:?}",
+        mine[0]
+    );
+    // The charger renews: the incident resolves, and the new one raises none.
+    let (key, csr) = laddnet_pki::new_key_and_csr("CP-X").unwrap();
+    let renewed = v1::charger_service_client::ChargerServiceClient::new(node.channel(&old).await.unwrap())
+        .renew_certificate(v1::RenewCertificateRequest { csr_pem: csr })
+        .await
+        .unwrap()
+        .into_inner();
+    drop(key);
+    let new_serial = renewed.certificate.unwrap().serial;
+    let s3 = subject.clone();
+    let done = wait_for(
+        &mut inc,
+        "certificate-expiring",
+        "not resolved by the renewal",
+        move |v| v.iter().any(|i| i.subject == s3 && !i.active && i.state == "resolved"),
+    )
+    .await;
+    assert!(done.iter().all(|i| i.subject != format!("certificate:{new_serial}")));
+}

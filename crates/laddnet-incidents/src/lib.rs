@@ -62,6 +62,8 @@ pub enum AlarmKind {
     MeterAnomaly,
     /// An active session sent no meter data for too long.
     StuckSession,
+    /// A certificate in use expires soon and has no successor yet.
+    CertificateExpiring,
 }
 
 impl AlarmKind {
@@ -71,6 +73,7 @@ impl AlarmKind {
             AlarmKind::ChargerFault => "charger-fault",
             AlarmKind::MeterAnomaly => "meter-anomaly",
             AlarmKind::StuckSession => "stuck-session",
+            AlarmKind::CertificateExpiring => "certificate-expiring",
         }
     }
 
@@ -80,9 +83,10 @@ impl AlarmKind {
             "charger-fault" => AlarmKind::ChargerFault,
             "meter-anomaly" => AlarmKind::MeterAnomaly,
             "stuck-session" => AlarmKind::StuckSession,
+            "certificate-expiring" => AlarmKind::CertificateExpiring,
             _ => {
                 return Err(IncidentError::Invalid(format!(
-                    "alarm kind {s:?}: expected offline, charger-fault, meter-anomaly or stuck-session"
+                    "alarm kind {s:?}: expected offline, charger-fault, meter-anomaly, stuck-session or certificate-expiring"
                 )));
             }
         })
@@ -93,7 +97,7 @@ impl AlarmKind {
         match self {
             AlarmKind::Offline | AlarmKind::ChargerFault => Severity::Major,
             AlarmKind::MeterAnomaly => Severity::Critical,
-            AlarmKind::StuckSession => Severity::Minor,
+            AlarmKind::StuckSession | AlarmKind::CertificateExpiring => Severity::Minor,
         }
     }
 }
@@ -398,6 +402,15 @@ pub fn list(store: &dyn Store, state: Option<State>, limit: usize) -> Result<Vec
         Ok(out)
     })
 }
+
+/// Every kind, for listings and metrics.
+pub const KINDS: [AlarmKind; 5] = [
+    AlarmKind::Offline,
+    AlarmKind::ChargerFault,
+    AlarmKind::MeterAnomaly,
+    AlarmKind::StuckSession,
+    AlarmKind::CertificateExpiring,
+];
 
 /// Incidents whose condition holds now, by kind.
 pub fn active_counts(store: &dyn Store) -> Result<std::collections::BTreeMap<AlarmKind, u64>, IncidentError> {

@@ -5,6 +5,9 @@
 //!   cleared when it reports any working status;
 //! - offline: a charger's connection dropped and it did not return within
 //!   `alarms.offline_after_s`; cleared when it reconnects;
+//! - certificate expiring: a valid certificate with no successor within
+//!   `alarms.certificate_expiry_days` of its end; resolved when it is
+//!   renewed or revoked (checked every `alarms.certificate_check_s`);
 //! - meter anomaly: a session's register went backwards or delivered more
 //!   energy than the connector's power allows (possible tampering);
 //!   resolved by an operator (it never clears by itself).
@@ -139,4 +142,58 @@ pub async fn on_record(state: &Arc<NodeState>, r: &SessionRecord) {
         )
         .await;
     }
+}
+
+/// Checks certificates now and then (see the module docs).
+pub async fn certificate_watch(state: Arc<NodeState>, shutdown: tokio_util::sync::CancellationToken) {
+    let every = Duration::from_secs(state.config.alarms.certificate_check_s);
+    loop {
+        let st = state.clone();
+        let r = tokio::task::spawn_blocking(move || check_certificates(&st)).await;
+        match r {
+            Ok(Ok((raise_now, clear_now))) => {
+                for (subject, detail) in raise_now {
+                    raise(&state, AlarmKind::CertificateExpiring, subject, detail).await;
+                }
+                for subject in clear_now {
+                    clear(&state, AlarmKind::CertificateExpiring, subject, "renewed or revoked").await;
+                }
+            }
+            Ok(Err(e)) => tracing::error!(error = %e, "checking certificates failed"),
+            Err(_) => {}
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
+type Subjects = (Vec<(String, String)>, Vec<String>);
+
+fn check_certificates(state: &NodeState) -> Result<Subjects, laddnet_pki::PkiError> {
+    use laddnet_pki::CertStatus;
+    let now = state.ca.now();
+    let horizon = i64::from(state.config.alarms.certificate_expiry_days) * 86_400;
+    let (all, _) = state.ca.list(&laddnet_pki::CertFilter::default(), None, usize::MAX)?;
+    let renewed: std::collections::HashSet<&str> = all.iter().filter_map(|c| c.renewed_from.as_deref()).collect();
+    let (mut raise_now, mut clear_now) = (Vec::new(), Vec::new());
+    for c in &all {
+        let subject = format!("certificate:{}", c.serial);
+        let done = renewed.contains(c.serial.as_str()) || c.status(now) == CertStatus::Revoked;
+        if done {
+            clear_now.push(subject);
+        } else if c.status(now) == CertStatus::Valid && c.not_after - now < horizon {
+            let days = (c.not_after - now).div_euclid(86_400);
+            raise_now.push((
+                subject,
+                format!(
+                    "{} certificate of {} expires in {days} days",
+                    c.profile.as_str(),
+                    c.subject
+                ),
+            ));
+        }
+    }
+    Ok((raise_now, clear_now))
 }

@@ -50,11 +50,20 @@ pub struct AlarmsSection {
     /// A charger whose connection dropped and did not come back within
     /// this long is offline (an incident opens; it resolves on reconnect).
     pub offline_after_s: u64,
+    /// A valid certificate with no successor this close to its expiry is
+    /// an incident (renewing or revoking it resolves it).
+    pub certificate_expiry_days: u32,
+    /// How often certificates are checked.
+    pub certificate_check_s: u64,
 }
 
 impl Default for AlarmsSection {
     fn default() -> Self {
-        Self { offline_after_s: 120 }
+        Self {
+            offline_after_s: 120,
+            certificate_expiry_days: 14,
+            certificate_check_s: 3_600,
+        }
     }
 }
 
@@ -516,6 +525,9 @@ impl NodeConfig {
         }
         if self.alarms.offline_after_s == 0 {
             return bad("alarms.offline_after_s must be at least 1");
+        }
+        if self.alarms.certificate_check_s == 0 {
+            return bad("alarms.certificate_check_s must be at least 1");
         }
         let n = &self.notifications;
         if n.retry_initial_ms == 0 || n.retry_max_ms < n.retry_initial_ms || n.max_attempts == 0 {

@@ -183,12 +183,7 @@ pub fn render(state: &NodeState) -> String {
     }
     out.push_str("# HELP laddnet_incidents_active Incidents whose condition holds now, by kind.\n# TYPE laddnet_incidents_active gauge\n");
     let counts = laddnet_incidents::active_counts(state.store.as_ref()).unwrap_or_default();
-    for kind in [
-        laddnet_incidents::AlarmKind::Offline,
-        laddnet_incidents::AlarmKind::ChargerFault,
-        laddnet_incidents::AlarmKind::MeterAnomaly,
-        laddnet_incidents::AlarmKind::StuckSession,
-    ] {
+    for kind in laddnet_incidents::KINDS {
         let _ = writeln!(
             out,
             "laddnet_incidents_active{{kind=\"{}\"}} {}",

@@ -333,6 +333,10 @@ impl RunningNode {
             state.clone(),
             shutdown.clone(),
         )));
+        tasks.push(tokio::spawn(crate::alarms::certificate_watch(
+            state.clone(),
+            shutdown.clone(),
+        )));
         if let Some(l) = metrics_listener {
             tasks.push(tokio::spawn(crate::metrics::serve(l, state.clone(), shutdown.clone())));
         }
