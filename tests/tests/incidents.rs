@@ -336,3 +336,102 @@ async fn a_certificate_near_expiry_is_an_incident_until_it_is_renewed() {
     .await;
     assert!(done.iter().all(|i| i.subject != format!("certificate:{new_serial}")));
 }
+
+#[tokio::test]
+async fn availability_matches_a_hand_computed_history() {
+    let node = TestNode::start().await;
+    let (_, mut cp) = node.charger("CP-AV").await;
+    // t0 = 2023-11-14T22:13:20Z; statuses in the charger's time.
+    const T0: i64 = 1_700_000_000_000;
+    const MIN: i64 = 60_000;
+    async fn status(cp: &mut Attached, connector: u32, s: v1::ConnectorStatus, at: i64) {
+        cp.request(v1::charger_message::Payload::Status(v1::StatusNotification {
+            connector_id: connector,
+            status: s as i32,
+            error_code: if s == v1::ConnectorStatus::Faulted {
+                "GroundFailure".into()
+            } else {
+                String::new()
+            },
+            timestamp_ms: at,
+        }))
+        .await
+        .unwrap();
+    }
+    use v1::ConnectorStatus as S;
+    status(&mut cp, 1, S::Available, T0).await;
+    status(&mut cp, 2, S::Available, T0).await;
+    status(&mut cp, 1, S::Faulted, T0 + 10 * MIN).await;
+    status(&mut cp, 1, S::Available, T0 + 25 * MIN).await;
+    status(&mut cp, 1, S::Unavailable, T0 + 40 * MIN).await;
+    status(&mut cp, 1, S::Available, T0 + 45 * MIN).await;
+    // Planned maintenance of the whole charger for the last 10 minutes.
+    node.driver_admin()
+        .await
+        .schedule_maintenance(v1::ScheduleMaintenanceRequest {
+            charger_id: "CP-AV".into(),
+            site_id: String::new(),
+            starts_at: "2023-11-14T23:03:20Z".into(),
+            ends_at: "2023-11-14T23:13:20Z".into(),
+            reason: "inspection".into(),
+        })
+        .await
+        .unwrap();
+    let mut ops = node.operator_client().await;
+    let report = |by: &str| {
+        let mut ops = ops.clone();
+        let by = by.to_string();
+        async move {
+            ops.availability_report(v1::AvailabilityReportRequest {
+                from: "2023-11-14T22:13:20Z".into(),
+                to: "2023-11-14T23:13:20Z".into(),
+                by,
+            })
+            .await
+            .map(|r| r.into_inner().rows)
+        }
+    };
+    // By hand: connector 1 is up 0–10, 25–40 and 45–50 (30 min), faulted
+    // 10–25 (15), unavailable 40–45 plus the window 50–60 (15); connector 2
+    // is up 50 min and in the window 10.
+    let rows = report("connector").await.unwrap();
+    let row = |k: &str| rows.iter().find(|r| r.key == k).unwrap().clone();
+    let c1 = row("CP-AV/1");
+    assert_eq!(
+        (
+            c1.availability_percent.as_str(),
+            c1.counted_s,
+            c1.up_s,
+            c1.fault_s,
+            c1.offline_s,
+            c1.maintenance_s
+        ),
+        ("50.00", 3600, 1800, 900, 0, 900)
+    );
+    let c2 = row("CP-AV/2");
+    assert_eq!(
+        (c2.availability_percent.as_str(), c2.up_s, c2.maintenance_s),
+        ("83.33", 3000, 600)
+    );
+    let by_charger = report("charger").await.unwrap();
+    assert_eq!(by_charger.len(), 1);
+    assert_eq!(
+        (
+            by_charger[0].key.as_str(),
+            by_charger[0].availability_percent.as_str(),
+            by_charger[0].counted_s
+        ),
+        ("CP-AV", "66.67", 7200)
+    );
+    assert_eq!(report("site").await.unwrap()[0].key, "(no site)");
+    assert_eq!(report("planet").await.unwrap_err().code(), tonic::Code::InvalidArgument);
+    let backwards = ops
+        .availability_report(v1::AvailabilityReportRequest {
+            from: "2023-11-15T00:00:00Z".into(),
+            to: "2023-11-14T00:00:00Z".into(),
+            by: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(backwards.code(), tonic::Code::InvalidArgument, "{backwards:?}");
+}

@@ -47,6 +47,8 @@ pub enum ChargerMsg {
         connector_id: u32,
         status: ConnectorStatus,
         error_code: String,
+        /// When the charger saw it (unix ms), for the status history.
+        at_ms: i64,
         reply: RpcReplyPort<Result<(), RepoError>>,
     },
     Heartbeat,
@@ -209,11 +211,12 @@ impl Actor for ChargerActor {
                 connector_id,
                 status,
                 error_code,
+                at_ms,
                 reply,
             } => {
                 let (store, id) = (state.args.store.clone(), state.args.charger_id.clone());
                 let r = tokio::task::spawn_blocking(move || {
-                    repo::set_connector_status(store.as_ref(), &id, connector_id, status, &error_code, now())
+                    repo::set_connector_status(store.as_ref(), &id, connector_id, status, &error_code, now(), at_ms)
                 })
                 .await
                 .map_err(|e| RepoError::Gone(e.to_string()))
@@ -357,11 +360,13 @@ impl ChargerHandle {
         connector_id: u32,
         status: ConnectorStatus,
         error_code: String,
+        at_ms: i64,
     ) -> Result<(), RepoError> {
         self.ask(|reply| ChargerMsg::Status {
             connector_id,
             status,
             error_code,
+            at_ms,
             reply,
         })
         .await?

@@ -18,6 +18,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod availability;
 pub mod charger;
 pub mod repo;
 pub mod session;

@@ -472,6 +472,8 @@ pub fn record_boot(store: &dyn Store, mut rec: ChargerRecord) -> Result<ChargerR
     })
 }
 
+/// Sets a connector's status and appends it to the status history at
+/// `at_ms` (the charger's time; 0: now).
 pub fn set_connector_status(
     store: &dyn Store,
     charger_id: &str,
@@ -479,6 +481,7 @@ pub fn set_connector_status(
     status: ConnectorStatus,
     error_code: &str,
     now: i64,
+    at_ms: i64,
 ) -> Result<(), RepoError> {
     store.transact(|tx| {
         let mut rec: ChargerRecord =
@@ -491,8 +494,22 @@ pub fn set_connector_status(
         c.status = status;
         c.error_code = error_code.to_string();
         rec.last_seen = now;
+        let at = if at_ms > 0 { at_ms } else { now * 1000 };
+        put(
+            tx,
+            &keys::pack(&("status-history", charger_id, i64::from(connector_id), at)),
+            &crate::availability::StatusPoint {
+                status,
+                error_code: error_code.to_string(),
+            },
+        )?;
         put(tx, &charger_key(charger_id), &rec)
     })
+}
+
+/// Records a charger's connection coming up or going down (node time).
+pub fn record_connection(store: &dyn Store, charger_id: &str, online: bool, at_ms: i64) -> Result<(), RepoError> {
+    store.transact(|tx| put(tx, &keys::pack(&("conn-history", charger_id, at_ms)), &online))
 }
 
 pub fn touch_charger(store: &dyn Store, charger_id: &str, now: i64) -> Result<(), RepoError> {

@@ -94,3 +94,62 @@ pub async fn run(cmd: IncidentsCmd, cfg: Option<&Path>, out: Output) -> anyhow::
     }
     Ok(())
 }
+
+#[derive(Subcommand)]
+pub enum AvailabilityCmd {
+    /// Uptime over a period, with downtime by reason.
+    Report {
+        /// RFC 3339.
+        #[arg(long)]
+        from: String,
+        #[arg(long)]
+        to: String,
+        /// connector, charger or site.
+        #[arg(long, default_value = "charger")]
+        by: String,
+    },
+}
+
+fn hours(s: i64) -> String {
+    format!("{:.2}", s as f64 / 3600.0)
+}
+
+pub async fn availability(cmd: AvailabilityCmd, cfg: Option<&Path>, out: Output) -> anyhow::Result<()> {
+    let AvailabilityCmd::Report { from, to, by } = cmd;
+    let mut c = laddnet_proto::v1::operator_service_client::OperatorServiceClient::new(channel(cfg).await?);
+    let r = c
+        .availability_report(v1::AvailabilityReportRequest { from, to, by })
+        .await?
+        .into_inner();
+    emit(
+        out,
+        json!({"rows": r.rows.iter().map(|x| json!({
+            "key": x.key, "availability_percent": x.availability_percent, "counted_s": x.counted_s,
+            "up_s": x.up_s, "fault_s": x.fault_s, "offline_s": x.offline_s, "maintenance_s": x.maintenance_s,
+        })).collect::<Vec<_>>()}),
+        &[
+            "KEY",
+            "AVAILABLE %",
+            "COUNTED H",
+            "UP H",
+            "FAULT H",
+            "OFFLINE H",
+            "MAINTENANCE H",
+        ],
+        r.rows
+            .iter()
+            .map(|x| {
+                vec![
+                    x.key.clone(),
+                    x.availability_percent.clone(),
+                    hours(x.counted_s),
+                    hours(x.up_s),
+                    hours(x.fault_s),
+                    hours(x.offline_s),
+                    hours(x.maintenance_s),
+                ]
+            })
+            .collect(),
+    );
+    Ok(())
+}

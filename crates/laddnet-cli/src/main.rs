@@ -89,6 +89,9 @@ enum Cmd {
     /// Incidents: faults and alarms as cases to work through.
     #[command(subcommand)]
     Incidents(incidents::IncidentsCmd),
+    /// Uptime of connectors, chargers and sites.
+    #[command(subcommand)]
+    Availability(incidents::AvailabilityCmd),
     /// Drivers: accounts, tokens, preferences, GDPR export and erasure.
     #[command(subcommand)]
     Drivers(drivers::DriversCmd),
@@ -1078,6 +1081,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Plans(p) => invoices::plans(p, cfg, out).await?,
         Cmd::Invoices(i) => invoices::invoices(i, cfg, out).await?,
         Cmd::Incidents(i) => incidents::run(i, cfg, out).await?,
+        Cmd::Availability(a) => incidents::availability(a, cfg, out).await?,
         Cmd::Maintenance(m) => drivers::maintenance(m, cfg, out).await?,
         Cmd::Sites(SitesCmd::Access {
             site_id,

@@ -95,8 +95,21 @@ pub async fn on_status(
     }
 }
 
+/// Connection history, for availability.
+async fn record_connection(state: &Arc<NodeState>, charger_id: &str, online: bool) {
+    let (st, id) = (state.clone(), charger_id.to_string());
+    let r = tokio::task::spawn_blocking(move || {
+        laddnet_actors::repo::record_connection(st.store.as_ref(), &id, online, now_ms())
+    })
+    .await;
+    if let Ok(Err(e)) = r {
+        tracing::warn!(error = %e, "recording the connection history failed");
+    }
+}
+
 /// A charger (re)connected.
 pub async fn on_attached(state: &Arc<NodeState>, charger_id: &str) {
+    record_connection(state, charger_id, true).await;
     clear(
         state,
         AlarmKind::Offline,
@@ -111,6 +124,7 @@ pub fn on_detached(state: &Arc<NodeState>, charger_id: &str) {
     let (state, id) = (state.clone(), charger_id.to_string());
     let after = Duration::from_secs(state.config.alarms.offline_after_s);
     tokio::spawn(async move {
+        record_connection(&state, &id, false).await;
         tokio::select! {
             _ = state.shutdown.cancelled() => return,
             _ = tokio::time::sleep(after) => {}

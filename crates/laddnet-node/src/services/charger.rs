@@ -401,7 +401,10 @@ async fn handle_message(
                     return Some(rejected(id, "error_code is longer than 64 characters"));
                 }
                 let code = s.error_code.clone();
-                match handle.status(s.connector_id, status, s.error_code).await {
+                match handle
+                    .status(s.connector_id, status, s.error_code, s.timestamp_ms)
+                    .await
+                {
                     Ok(()) => {
                         crate::alarms::on_status(state, &ctx.charger_id, s.connector_id, status, &code).await;
                         crate::drivers::on_status(

@@ -353,6 +353,37 @@ impl OperatorService for Operator {
         Ok(Response::new(view))
     }
 
+    async fn availability_report(
+        &self,
+        req: Request<v1::AvailabilityReportRequest>,
+    ) -> Result<Response<v1::AvailabilityReportResponse>, Status> {
+        require_role(&self.state, &req, "read availability", |_| true)?;
+        let r = req.into_inner();
+        let at = |field: &str, v: &str| -> Result<i64, Status> {
+            super::parse_time(v, field)?.ok_or_else(|| super::invalid(format!("{field} is required (RFC 3339)")))
+        };
+        let (from, to) = (at("from", &r.from)?, at("to", &r.to)?);
+        let by = laddnet_actors::availability::By::parse(if r.by.is_empty() { "charger" } else { &r.by })
+            .map_err(|e| super::invalid(e.to_string()))?;
+        let store = self.state.store.clone();
+        let rows =
+            blocking(move || laddnet_actors::availability::report(store.as_ref(), from * 1000, to * 1000, by)).await?;
+        Ok(Response::new(v1::AvailabilityReportResponse {
+            rows: rows
+                .iter()
+                .map(|x| v1::AvailabilityRow {
+                    key: x.key.clone(),
+                    availability_percent: x.availability_percent().to_string(),
+                    counted_s: x.counted_ms / 1000,
+                    up_s: x.up_ms / 1000,
+                    fault_s: x.fault_ms / 1000,
+                    offline_s: x.offline_ms / 1000,
+                    maintenance_s: x.maintenance_ms / 1000,
+                })
+                .collect(),
+        }))
+    }
+
     async fn watch_sessions(&self, req: Request<v1::WatchSessionsRequest>) -> Result<Response<WatchStream>, Status> {
         require_role(&self.state, &req, "watch sessions", |_| true)?;
         let only = req.into_inner().transaction_id;
