@@ -103,6 +103,24 @@ async fn injected_faults_open_one_incident_each_and_clear_with_the_fault() {
         1
     );
 
+    // Overload: the connector reports 3 kW above its 22 kW rating.
+    sim.inject(Fault::Overload(3_000)).await;
+    let over = wait_for(&mut inc, "overload", "no overload incident", |v| {
+        v.len() == 1 && v[0].active
+    })
+    .await;
+    assert_eq!(over[0].subject, "connector:SIM-I/1");
+    assert!(
+        over[0].timeline[0].detail.contains("on a 22000 W connector"),
+        "{:?}",
+        over[0]
+    );
+    sim.inject(Fault::Overload(0)).await;
+    wait_for(&mut inc, "overload", "overload not resolved", |v| {
+        v.len() == 1 && !v[0].active && v[0].state == "resolved"
+    })
+    .await;
+
     // A connector fault: one incident, however often it is reported.
     sim.inject(Fault::ErrorCode(1, "GroundFailure".into())).await;
     sim.inject(Fault::ErrorCode(1, "GroundFailure".into())).await;

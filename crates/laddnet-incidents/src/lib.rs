@@ -64,6 +64,8 @@ pub enum AlarmKind {
     StuckSession,
     /// A certificate in use expires soon and has no successor yet.
     CertificateExpiring,
+    /// A connector draws more power than it is rated for.
+    Overload,
 }
 
 impl AlarmKind {
@@ -74,6 +76,7 @@ impl AlarmKind {
             AlarmKind::MeterAnomaly => "meter-anomaly",
             AlarmKind::StuckSession => "stuck-session",
             AlarmKind::CertificateExpiring => "certificate-expiring",
+            AlarmKind::Overload => "overload",
         }
     }
 
@@ -84,9 +87,10 @@ impl AlarmKind {
             "meter-anomaly" => AlarmKind::MeterAnomaly,
             "stuck-session" => AlarmKind::StuckSession,
             "certificate-expiring" => AlarmKind::CertificateExpiring,
+            "overload" => AlarmKind::Overload,
             _ => {
                 return Err(IncidentError::Invalid(format!(
-                    "alarm kind {s:?}: expected offline, charger-fault, meter-anomaly, stuck-session or certificate-expiring"
+                    "alarm kind {s:?}: expected offline, charger-fault, meter-anomaly, stuck-session, certificate-expiring or overload"
                 )));
             }
         })
@@ -95,7 +99,7 @@ impl AlarmKind {
     /// How bad, by default.
     pub fn severity(self) -> Severity {
         match self {
-            AlarmKind::Offline | AlarmKind::ChargerFault => Severity::Major,
+            AlarmKind::Offline | AlarmKind::ChargerFault | AlarmKind::Overload => Severity::Major,
             AlarmKind::MeterAnomaly => Severity::Critical,
             AlarmKind::StuckSession | AlarmKind::CertificateExpiring => Severity::Minor,
         }
@@ -404,12 +408,13 @@ pub fn list(store: &dyn Store, state: Option<State>, limit: usize) -> Result<Vec
 }
 
 /// Every kind, for listings and metrics.
-pub const KINDS: [AlarmKind; 5] = [
+pub const KINDS: [AlarmKind; 6] = [
     AlarmKind::Offline,
     AlarmKind::ChargerFault,
     AlarmKind::MeterAnomaly,
     AlarmKind::StuckSession,
     AlarmKind::CertificateExpiring,
+    AlarmKind::Overload,
 ];
 
 /// Incidents whose condition holds now, by kind.

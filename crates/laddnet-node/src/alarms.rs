@@ -8,6 +8,8 @@
 //! - certificate expiring: a valid certificate with no successor within
 //!   `alarms.certificate_expiry_days` of its end; resolved when it is
 //!   renewed or revoked (checked every `alarms.certificate_check_s`);
+//! - overload: a session's power above its connector's rating (by more
+//!   than 5 %); cleared by a reading within it;
 //! - meter anomaly: a session's register went backwards or delivered more
 //!   energy than the connector's power allows (possible tampering);
 //!   resolved by an operator (it never clears by itself).
@@ -141,8 +143,37 @@ pub fn on_detached(state: &Arc<NodeState>, charger_id: &str) {
     });
 }
 
-/// After a meter event: the session's anomaly flags raise an alarm.
+/// After a meter event: the session's anomaly flags raise an alarm, and
+/// power above the connector's rating (by more than 5 %) is an overload
+/// until a reading is back within it.
 pub async fn on_record(state: &Arc<NodeState>, r: &SessionRecord) {
+    if r.max_power_w > 0 && r.status == laddnet_core::charging::SessionStatus::Active {
+        let subject = format!("connector:{}/{}", r.charger_id, r.connector_id);
+        let over = u64::from(r.power_w) * 100 > u64::from(r.max_power_w) * 105;
+        let known = state
+            .overloaded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&subject);
+        if over {
+            state
+                .overloaded
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(subject.clone());
+            if !known {
+                let detail = format!("{} W on a {} W connector", r.power_w, r.max_power_w);
+                raise(state, AlarmKind::Overload, subject, detail).await;
+            }
+        } else if known {
+            state
+                .overloaded
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&subject);
+            clear(state, AlarmKind::Overload, subject, "power back within the rating").await;
+        }
+    }
     let found: Vec<&str> = [FLAG_REGISTER_BACKWARDS, FLAG_ENERGY_EXCEEDS_CAPACITY]
         .into_iter()
         .filter(|f| r.flags.contains(*f))

@@ -26,6 +26,9 @@ pub struct NodeState {
     pub actors: SupervisorHandle,
     pub metrics: Metrics,
     pub hub: crate::drivers::DriverHub,
+    /// Connectors with an overload incident raised by this node (so a
+    /// normal reading clears it without a store read per event).
+    pub overloaded: Mutex<HashSet<String>>,
     /// gRPC latency per method, for the metrics endpoint.
     pub rpc: Arc<crate::metrics::RpcStats>,
     /// Cancelled when the node shuts down: long-lived streams end with it.
@@ -60,6 +63,7 @@ impl NodeState {
             actors,
             metrics: Metrics::default(),
             hub,
+            overloaded: Default::default(),
             rpc: Default::default(),
             shutdown: tokio_util::sync::CancellationToken::new(),
             node_chain,

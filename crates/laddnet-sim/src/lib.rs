@@ -143,6 +143,9 @@ pub enum Fault {
     Silence(Duration),
     /// Drop the connection now (the charger reconnects with backoff).
     Disconnect,
+    /// Report this many W above the connector's rating while charging
+    /// (0: back to normal).
+    Overload(u32),
 }
 
 /// Live figures, for the `up` summary and tests.
@@ -192,6 +195,7 @@ struct Sim {
     queue: VecDeque<v1::ChargerMessage>,
     next_msg: u64,
     pending_jump: i64,
+    overload_w: u32,
     faulted: Vec<bool>,
     idle_until: Vec<tokio::time::Instant>,
     status: SimStatus,
@@ -366,7 +370,12 @@ impl Sim {
             s.soc = (s.soc + wh as f64 / 600.0).min(100.0);
             let done = s.soc >= s.target_soc;
             let left = s.elapsed >= s.leaves_after;
-            self.queue_event(i, v1::TransactionEventType::Updated, power, "", offline);
+            let reported = if self.overload_w > 0 {
+                self.p.max_power_w + self.overload_w
+            } else {
+                power
+            };
+            self.queue_event(i, v1::TransactionEventType::Updated, reported, "", offline);
             if done || left {
                 self.stop_session(i, if done { "ev-full" } else { "ev-disconnected" }, offline);
             } else {
@@ -418,6 +427,7 @@ async fn run(
         queue: VecDeque::new(),
         next_msg: 0,
         pending_jump: 0,
+        overload_w: 0,
         faulted: vec![false; n],
         idle_until: (0..n)
             .map(|_| start + Duration::from_millis(rand::thread_rng().gen_range(0..4_000)))
@@ -510,6 +520,7 @@ async fn run(
                     }
                     Some(Fault::MeterJump(wh)) => sim.pending_jump = wh as i64,
                     Some(Fault::MeterBackwards(wh)) => sim.pending_jump = -(wh as i64),
+                    Some(Fault::Overload(w)) => sim.overload_w = w,
                     Some(Fault::Silence(d)) => silent_until = tokio::time::Instant::now() + d,
                     Some(Fault::Disconnect) => break true,
                 },
