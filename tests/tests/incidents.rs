@@ -453,3 +453,58 @@ async fn availability_matches_a_hand_computed_history() {
         .unwrap_err();
     assert_eq!(backwards.code(), tonic::Code::InvalidArgument, "{backwards:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flapping_connection_is_one_incident_that_resolves_when_it_calms_down() {
+    let node = TestNode::start_with(|c| {
+        c.alarms.flap_reconnects = 3;
+        c.alarms.flap_window_s = 6;
+    })
+    .await;
+    let mut inc = IncidentServiceClient::new(node.channel(&node.admin).await.unwrap());
+    let ep = node.sim_endpoints();
+    let identity = laddnet_sim::enroll(&ep, "SIM-F", &node.token("SIM-F").await)
+        .await
+        .unwrap();
+    let mut p = profile();
+    p.charger_id = "SIM-F".into();
+    let sim = laddnet_sim::spawn(ep, identity, p);
+    let mut status = sim.status.clone();
+    // Connected once, then dropped twice: three connections.
+    for n in 0..3u64 {
+        let up = tokio::time::timeout(Duration::from_secs(20), async {
+            loop {
+                if status.borrow().connected && status.borrow().reconnects >= n {
+                    break;
+                }
+                if status.changed().await.is_err() {
+                    break;
+                }
+            }
+        })
+        .await;
+        assert!(up.is_ok(), "connection {n} did not come up");
+        if n < 2 {
+            sim.inject(Fault::Disconnect).await;
+            let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                while status.borrow().connected {
+                    if status.changed().await.is_err() {
+                        break;
+                    }
+                }
+            })
+            .await;
+        }
+    }
+    let flap = wait_for(&mut inc, "flapping", "no flapping incident", |v| {
+        v.len() == 1 && v[0].active
+    })
+    .await;
+    assert_eq!(flap[0].subject, "charger:SIM-F");
+    // Stable for a window: resolved.
+    wait_for(&mut inc, "flapping", "flapping not resolved", |v| {
+        v.len() == 1 && !v[0].active && v[0].state == "resolved"
+    })
+    .await;
+    sim.stop();
+}

@@ -66,6 +66,8 @@ pub enum AlarmKind {
     CertificateExpiring,
     /// A connector draws more power than it is rated for.
     Overload,
+    /// A charger keeps losing and regaining its connection.
+    Flapping,
 }
 
 impl AlarmKind {
@@ -77,6 +79,7 @@ impl AlarmKind {
             AlarmKind::StuckSession => "stuck-session",
             AlarmKind::CertificateExpiring => "certificate-expiring",
             AlarmKind::Overload => "overload",
+            AlarmKind::Flapping => "flapping",
         }
     }
 
@@ -88,9 +91,10 @@ impl AlarmKind {
             "stuck-session" => AlarmKind::StuckSession,
             "certificate-expiring" => AlarmKind::CertificateExpiring,
             "overload" => AlarmKind::Overload,
+            "flapping" => AlarmKind::Flapping,
             _ => {
                 return Err(IncidentError::Invalid(format!(
-                    "alarm kind {s:?}: expected offline, charger-fault, meter-anomaly, stuck-session, certificate-expiring or overload"
+                    "alarm kind {s:?}: expected offline, charger-fault, meter-anomaly, stuck-session, certificate-expiring, overload or flapping"
                 )));
             }
         })
@@ -101,7 +105,7 @@ impl AlarmKind {
         match self {
             AlarmKind::Offline | AlarmKind::ChargerFault | AlarmKind::Overload => Severity::Major,
             AlarmKind::MeterAnomaly => Severity::Critical,
-            AlarmKind::StuckSession | AlarmKind::CertificateExpiring => Severity::Minor,
+            AlarmKind::StuckSession | AlarmKind::CertificateExpiring | AlarmKind::Flapping => Severity::Minor,
         }
     }
 }
@@ -408,13 +412,14 @@ pub fn list(store: &dyn Store, state: Option<State>, limit: usize) -> Result<Vec
 }
 
 /// Every kind, for listings and metrics.
-pub const KINDS: [AlarmKind; 6] = [
+pub const KINDS: [AlarmKind; 7] = [
     AlarmKind::Offline,
     AlarmKind::ChargerFault,
     AlarmKind::MeterAnomaly,
     AlarmKind::StuckSession,
     AlarmKind::CertificateExpiring,
     AlarmKind::Overload,
+    AlarmKind::Flapping,
 ];
 
 /// Incidents whose condition holds now, by kind.

@@ -10,6 +10,8 @@
 //!   renewed or revoked (checked every `alarms.certificate_check_s`);
 //! - overload: a session's power above its connector's rating (by more
 //!   than 5 %); cleared by a reading within it;
+//! - flapping: `alarms.flap_reconnects` connections of one charger within
+//!   `alarms.flap_window_s`; resolved after a window with fewer;
 //! - meter anomaly: a session's register went backwards or delivered more
 //!   energy than the connector's power allows (possible tampering);
 //!   resolved by an operator (it never clears by itself).
@@ -112,6 +114,7 @@ async fn record_connection(state: &Arc<NodeState>, charger_id: &str, online: boo
 /// A charger (re)connected.
 pub async fn on_attached(state: &Arc<NodeState>, charger_id: &str) {
     record_connection(state, charger_id, true).await;
+    flapping(state, charger_id).await;
     clear(
         state,
         AlarmKind::Offline,
@@ -241,4 +244,62 @@ fn check_certificates(state: &NodeState) -> Result<Subjects, laddnet_pki::PkiErr
         }
     }
     Ok((raise_now, clear_now))
+}
+
+/// Counts this connection; raises flapping at the threshold and, a window
+/// later, clears it if the charger has calmed down.
+async fn flapping(state: &Arc<NodeState>, charger_id: &str) {
+    let cfg = &state.config.alarms;
+    let window = Duration::from_secs(cfg.flap_window_s);
+    let now = std::time::Instant::now();
+    let recent = {
+        let mut m = state.connects.lock().unwrap_or_else(|p| p.into_inner());
+        let q = m.entry(charger_id.to_string()).or_default();
+        q.push_back(now);
+        while q.front().is_some_and(|t| now.duration_since(*t) > window) {
+            q.pop_front();
+        }
+        q.len()
+    };
+    if recent < cfg.flap_reconnects as usize {
+        return;
+    }
+    raise(
+        state,
+        AlarmKind::Flapping,
+        format!("charger:{charger_id}"),
+        format!("{recent} connections within {} s", window.as_secs()),
+    )
+    .await;
+    if recent > cfg.flap_reconnects as usize {
+        // A watcher from when the threshold was reached is on it.
+        return;
+    }
+    let (state, id) = (state.clone(), charger_id.to_string());
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = state.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(window) => {}
+            }
+            let calm = {
+                let m = state.connects.lock().unwrap_or_else(|p| p.into_inner());
+                let now = std::time::Instant::now();
+                m.get(&id)
+                    .map(|q| q.iter().filter(|t| now.duration_since(**t) <= window).count())
+                    .unwrap_or(0)
+                    < state.config.alarms.flap_reconnects as usize
+            };
+            if calm {
+                clear(
+                    &state,
+                    AlarmKind::Flapping,
+                    format!("charger:{id}"),
+                    "the connection is stable",
+                )
+                .await;
+                return;
+            }
+        }
+    });
 }

@@ -55,6 +55,10 @@ pub struct AlarmsSection {
     pub certificate_expiry_days: u32,
     /// How often certificates are checked.
     pub certificate_check_s: u64,
+    /// This many connections of one charger within `flap_window_s` is
+    /// flapping; a window with fewer resolves it.
+    pub flap_reconnects: u32,
+    pub flap_window_s: u64,
 }
 
 impl Default for AlarmsSection {
@@ -63,6 +67,8 @@ impl Default for AlarmsSection {
             offline_after_s: 120,
             certificate_expiry_days: 14,
             certificate_check_s: 3_600,
+            flap_reconnects: 5,
+            flap_window_s: 600,
         }
     }
 }
@@ -528,6 +534,9 @@ impl NodeConfig {
         }
         if self.alarms.certificate_check_s == 0 {
             return bad("alarms.certificate_check_s must be at least 1");
+        }
+        if self.alarms.flap_reconnects < 2 || self.alarms.flap_window_s == 0 {
+            return bad("alarms.flap_reconnects must be at least 2 and alarms.flap_window_s at least 1");
         }
         let n = &self.notifications;
         if n.retry_initial_ms == 0 || n.retry_max_ms < n.retry_initial_ms || n.max_attempts == 0 {

@@ -29,6 +29,8 @@ pub struct NodeState {
     /// Connectors with an overload incident raised by this node (so a
     /// normal reading clears it without a store read per event).
     pub overloaded: Mutex<HashSet<String>>,
+    /// Recent connection times per charger, for flapping.
+    pub connects: Mutex<std::collections::HashMap<String, std::collections::VecDeque<std::time::Instant>>>,
     /// gRPC latency per method, for the metrics endpoint.
     pub rpc: Arc<crate::metrics::RpcStats>,
     /// Cancelled when the node shuts down: long-lived streams end with it.
@@ -64,6 +66,7 @@ impl NodeState {
             metrics: Metrics::default(),
             hub,
             overloaded: Default::default(),
+            connects: Default::default(),
             rpc: Default::default(),
             shutdown: tokio_util::sync::CancellationToken::new(),
             node_chain,
