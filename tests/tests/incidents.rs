@@ -508,3 +508,49 @@ async fn a_flapping_connection_is_one_incident_that_resolves_when_it_calms_down(
     .await;
     sim.stop();
 }
+
+#[tokio::test]
+async fn watching_incidents_shows_each_change_as_it_happens() {
+    let node = TestNode::start().await;
+    let mut inc = IncidentServiceClient::new(node.channel(&node.admin).await.unwrap());
+    let mut watch = inc
+        .watch_incidents(v1::WatchIncidentsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let (_, mut cp) = node.charger("CP-W").await;
+    let status = |s: v1::ConnectorStatus| {
+        v1::charger_message::Payload::Status(v1::StatusNotification {
+            connector_id: 2,
+            status: s as i32,
+            error_code: "HighTemperature".into(),
+            timestamp_ms: 1_700_000_000_000,
+        })
+    };
+    cp.request(status(v1::ConnectorStatus::Faulted)).await.unwrap();
+    let opened = next(&mut watch).await;
+    assert_eq!(opened.timeline.len(), 1);
+    assert_eq!(
+        (
+            opened.kind.as_str(),
+            opened.subject.as_str(),
+            opened.state.as_str(),
+            opened.active
+        ),
+        ("charger-fault", "connector:CP-W/2", "open", true)
+    );
+    cp.request(status(v1::ConnectorStatus::Available)).await.unwrap();
+    let resolved = next(&mut watch).await;
+    assert_eq!(
+        (resolved.id.as_str(), resolved.state.as_str(), resolved.active),
+        (opened.id.as_str(), "resolved", false)
+    );
+}
+
+async fn next(w: &mut tonic::Streaming<v1::IncidentInfo>) -> v1::IncidentInfo {
+    tokio::time::timeout(Duration::from_secs(10), w.message())
+        .await
+        .expect("a change within 10 s")
+        .unwrap()
+        .unwrap()
+}

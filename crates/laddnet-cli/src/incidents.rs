@@ -31,6 +31,8 @@ pub enum IncidentsCmd {
         #[arg(long, default_value = "")]
         note: String,
     },
+    /// The incidents not closed, then each change as it happens (Ctrl-C ends).
+    Watch,
 }
 
 const HEADERS: &[&str] = &[
@@ -91,6 +93,26 @@ pub async fn run(cmd: IncidentsCmd, cfg: Option<&Path>, out: Output) -> anyhow::
             one(out, &c.assign_incident(action(id, technician)).await?.into_inner())
         }
         IncidentsCmd::Resolve { id, note } => one(out, &c.resolve_incident(action(id, note)).await?.into_inner()),
+        IncidentsCmd::Watch => {
+            let mut s = c.watch_incidents(v1::WatchIncidentsRequest {}).await?.into_inner();
+            while let Some(i) = s.message().await? {
+                match out {
+                    Output::Json => println!("{}", incident_json(&i)),
+                    Output::Table => {
+                        let last = i.timeline.last();
+                        println!(
+                            "{}  {:<8} {:<13} {:<21} {:<24} {}",
+                            last.map(|s| s.at.as_str()).unwrap_or(&i.opened_at),
+                            i.severity,
+                            i.state,
+                            i.kind,
+                            i.subject,
+                            last.map(|s| format!("{}: {}", s.what, s.detail)).unwrap_or_default()
+                        );
+                    }
+                }
+            }
+        }
     }
     Ok(())
 }

@@ -1,6 +1,11 @@
 //! `IncidentService`: incidents over gRPC.
 
+use std::collections::HashMap;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
 
 use laddnet_core::Role;
 use laddnet_incidents::{self as inc, Incident, State};
@@ -59,8 +64,54 @@ fn check_id(id: &str) -> Result<(), Status> {
     Ok(())
 }
 
+type WatchStream = Pin<Box<dyn Stream<Item = Result<v1::IncidentInfo, Status>> + Send>>;
+
+/// What an operator sees change: state, activity, assignee, steps.
+fn fingerprint(i: &Incident) -> (State, bool, Option<String>, usize, u32) {
+    (i.state, i.active, i.assignee.clone(), i.timeline.len(), i.occurrences)
+}
+
 #[tonic::async_trait]
 impl IncidentService for Incidents {
+    type WatchIncidentsStream = WatchStream;
+
+    async fn watch_incidents(&self, req: Request<v1::WatchIncidentsRequest>) -> Result<Response<WatchStream>, Status> {
+        require_role(&self.state, &req, "read incidents", |_| true)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let (store, shutdown) = (self.state.store.clone(), self.state.shutdown.clone());
+        tokio::spawn(async move {
+            let mut seen: HashMap<String, (State, bool, Option<String>, usize, u32)> = HashMap::new();
+            let mut first = true;
+            loop {
+                let s2 = store.clone();
+                let Ok(Ok(all)) = tokio::task::spawn_blocking(move || inc::list(s2.as_ref(), None, 1_000)).await else {
+                    return;
+                };
+                // Oldest first, so a client sees changes in order.
+                for i in all.iter().rev() {
+                    let fp = fingerprint(i);
+                    let changed = seen.get(&i.id) != Some(&fp);
+                    let show = if first {
+                        i.state != State::Resolved || i.active
+                    } else {
+                        changed
+                    };
+                    seen.insert(i.id.clone(), fp);
+                    if show && tx.send(Ok(info(i))).await.is_err() {
+                        return;
+                    }
+                }
+                first = false;
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    _ = tx.closed() => return,
+                    _ = shutdown.cancelled() => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
     async fn list_incidents(
         &self,
         req: Request<v1::ListIncidentsRequest>,
