@@ -293,6 +293,12 @@ pub fn raise(tx: &mut dyn Transaction, a: &Alarm<'_>) -> Result<(Incident, Chang
     Ok((i, Change::Opened))
 }
 
+/// Whether an incident of this kind and subject is live (cheap: one read),
+/// so callers can skip a write transaction when there is nothing to clear.
+pub fn is_live(tx: &mut dyn Transaction, kind: AlarmKind, subject: &str) -> Result<bool, IncidentError> {
+    Ok(tx.get(&live_key(kind, subject))?.is_some())
+}
+
 /// The condition ended: the incident resolves itself (it reopens if the
 /// condition returns).
 pub fn clear(

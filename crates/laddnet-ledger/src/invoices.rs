@@ -359,10 +359,7 @@ pub fn run(store: &dyn Store, driver: &str, period: Period, at: i64) -> Result<I
         let total_incl: Decimal = lines.iter().map(|l| l.incl_vat).sum();
         let mut paid = Decimal::ZERO;
         for c in &sessions {
-            paid += crate::payments::captured(tx, &c.id)?;
-            if let Some(i) = get::<crate::payments::Intent>(tx, &keys::pack(&("payment-intent", c.id.as_str())))? {
-                paid += i.captured - i.refunded;
-            }
+            paid += crate::payments::paid(tx, &c.id)?;
         }
         // The number: next in the year's sequence, in this transaction.
         let year = period.year.to_string();

@@ -285,6 +285,13 @@ pub fn captured(tx: &mut dyn Transaction, session: &str) -> Result<Decimal, Ledg
         .unwrap_or(Decimal::ZERO))
 }
 
+/// What a session has paid: taken from the wallet, or captured (less
+/// refunds) by the card provider.
+pub fn paid(tx: &mut dyn Transaction, session: &str) -> Result<Decimal, LedgerError> {
+    let card = get::<Intent>(tx, &intent_key(session))?.map_or(Decimal::ZERO, |i| i.captured - i.refunded);
+    Ok(captured(tx, session)? + card)
+}
+
 /// Status of a card or mobile-wallet payment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]

@@ -23,11 +23,8 @@ use laddnet_core::charging::{ConnectorStatus, FLAG_ENERGY_EXCEEDS_CAPACITY, FLAG
 use laddnet_incidents::{Alarm, AlarmKind, Change};
 use laddnet_store::StoreExt;
 
+use crate::now_ms;
 use crate::state::NodeState;
-
-fn now_ms() -> i64 {
-    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
-}
 
 /// Raises an alarm (once per condition: repeats are absorbed).
 pub async fn raise(state: &Arc<NodeState>, kind: AlarmKind, subject: String, detail: String) {
@@ -62,6 +59,10 @@ pub async fn clear(state: &Arc<NodeState>, kind: AlarmKind, subject: String, det
     let st = state.clone();
     let s2 = subject.clone();
     let r = tokio::task::spawn_blocking(move || {
+        // Most working statuses and reconnects have nothing to clear: a read.
+        if !st.store.snapshot(|tx| laddnet_incidents::is_live(tx, kind, &s2))? {
+            return Ok(None);
+        }
         st.store
             .transact(|tx| laddnet_incidents::clear(tx, kind, &s2, now_ms(), detail))
     })

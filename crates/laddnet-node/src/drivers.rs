@@ -18,6 +18,7 @@ use tokio::sync::{Notify, broadcast};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{NodeConfig, WebhookConfig};
+use crate::now_ms;
 use crate::state::NodeState;
 
 /// Drivers, their vault, and the notification plumbing.
@@ -31,10 +32,6 @@ pub struct DriverHub {
     pub min_wallet_balance: Decimal,
     /// What a start reserves on a wallet or pre-authorizes on a card.
     pub payment_hold: Decimal,
-}
-
-fn now_ms() -> i64 {
-    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
 }
 
 /// Opens the vault: master keys from `drivers.master_key_dir` (created on

@@ -33,3 +33,8 @@ pub use config::NodeConfig;
 /// The client side: connector and `laddctl.toml` (re-exported).
 pub use laddnet_client as client;
 pub use node::RunningNode;
+
+/// Now, unix milliseconds (UTC).
+pub(crate) fn now_ms() -> i64 {
+    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
+}

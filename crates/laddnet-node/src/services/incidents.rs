@@ -13,7 +13,8 @@ use laddnet_proto::v1;
 use laddnet_proto::v1::incident_service_server::IncidentService;
 use tonic::{Request, Response, Status};
 
-use super::{blocking, invalid, require_role};
+use super::{blocking, invalid, require_role, rfc3339};
+use crate::now_ms;
 use crate::state::NodeState;
 
 pub struct Incidents {
@@ -23,10 +24,7 @@ pub struct Incidents {
 const ACT: &str = "act on incidents (needs operator or admin)";
 
 fn at(ms: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
-        .unwrap_or_default()
+    rfc3339(ms.div_euclid(1000))
 }
 
 fn info(i: &Incident) -> v1::IncidentInfo {
@@ -51,10 +49,6 @@ fn info(i: &Incident) -> v1::IncidentInfo {
             })
             .collect(),
     }
-}
-
-fn now_ms() -> i64 {
-    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
 }
 
 fn check_id(id: &str) -> Result<(), Status> {
@@ -148,29 +142,35 @@ impl IncidentService for Incidents {
         &self,
         req: Request<v1::IncidentActionRequest>,
     ) -> Result<Response<v1::IncidentInfo>, Status> {
-        let (who, _) = require_role(&self.state, &req, ACT, Role::can_operate)?;
-        let r = req.into_inner();
-        check_id(&r.id)?;
-        let (store, by) = (self.state.store.clone(), who.actor());
-        let i = blocking(move || inc::acknowledge(store.as_ref(), &r.id, &by, now_ms())).await?;
-        Ok(Response::new(info(&i)))
+        self.act(req, |store, id, _, by| inc::acknowledge(store, id, by, now_ms()))
+            .await
     }
 
     async fn assign_incident(
         &self,
         req: Request<v1::IncidentActionRequest>,
     ) -> Result<Response<v1::IncidentInfo>, Status> {
-        let (who, _) = require_role(&self.state, &req, ACT, Role::can_operate)?;
-        let r = req.into_inner();
-        check_id(&r.id)?;
-        let (store, by) = (self.state.store.clone(), who.actor());
-        let i = blocking(move || inc::assign(store.as_ref(), &r.id, &r.note, &by, now_ms())).await?;
-        Ok(Response::new(info(&i)))
+        self.act(req, |store, id, technician, by| {
+            inc::assign(store, id, technician, by, now_ms())
+        })
+        .await
     }
 
     async fn resolve_incident(
         &self,
         req: Request<v1::IncidentActionRequest>,
+    ) -> Result<Response<v1::IncidentInfo>, Status> {
+        self.act(req, |store, id, note, by| inc::resolve(store, id, by, note, now_ms()))
+            .await
+    }
+}
+
+impl Incidents {
+    /// An operator's step on an incident: `f(store, id, note, who)`.
+    async fn act(
+        &self,
+        req: Request<v1::IncidentActionRequest>,
+        f: impl FnOnce(&dyn laddnet_store::Store, &str, &str, &str) -> Result<Incident, inc::IncidentError> + Send + 'static,
     ) -> Result<Response<v1::IncidentInfo>, Status> {
         let (who, _) = require_role(&self.state, &req, ACT, Role::can_operate)?;
         let r = req.into_inner();
@@ -179,7 +179,7 @@ impl IncidentService for Incidents {
             return Err(invalid("note: at most 1000 characters"));
         }
         let (store, by) = (self.state.store.clone(), who.actor());
-        let i = blocking(move || inc::resolve(store.as_ref(), &r.id, &by, &r.note, now_ms())).await?;
+        let i = blocking(move || f(store.as_ref(), &r.id, &r.note, &by)).await?;
         Ok(Response::new(info(&i)))
     }
 }

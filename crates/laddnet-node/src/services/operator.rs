@@ -19,6 +19,7 @@ use tonic::{Request, Response, Status};
 
 use super::{blocking, page, page_token, require_role, rfc3339};
 use crate::identity::Principal;
+use crate::now_ms;
 use crate::state::NodeState;
 use crate::status::NodeError;
 
@@ -113,10 +114,6 @@ fn with_cost(store: &laddnet_store::SharedStore, mut p: v1::Session) -> v1::Sess
         p.cost_incl_vat = incl.to_string();
     }
     p
-}
-
-fn now_ms() -> i64 {
-    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
 }
 
 fn parse_status(s: &str) -> Result<Option<SessionStatus>, Status> {
