@@ -14,6 +14,7 @@ const PROTOS: &[&str] = &[
     "laddnet/v1/billing.proto",
     "laddnet/v1/drivers.proto",
     "laddnet/v1/incidents.proto",
+    "laddnet/v1/fleet.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -520,6 +520,7 @@ pub fn tx_event(
             current_ma: 16_000,
             voltage_mv: 230_000,
             soc_percent: Some(40),
+            ..Default::default()
         }),
         offline: false,
         stop_reason: if kind == v1::TransactionEventType::Ended {

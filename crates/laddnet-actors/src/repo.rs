@@ -571,3 +571,14 @@ pub fn get_site(store: &dyn Store, id: &str) -> Result<Option<SiteRecord>, RepoE
 pub fn list_sites(store: &dyn Store, after: Option<&str>, limit: usize) -> Result<(Vec<SiteRecord>, bool), RepoError> {
     scan(store, "site", after, limit, |_: &SiteRecord| true)
 }
+
+/// Records the firmware a charger now runs (after an installed update).
+pub fn set_firmware_version(store: &dyn Store, id: &str, version: &str) -> Result<(), RepoError> {
+    store.transact(|tx| {
+        if let Some(mut rec) = get::<ChargerRecord>(tx, &charger_key(id))? {
+            rec.firmware_version = version.to_string();
+            put(tx, &charger_key(id), &rec)?;
+        }
+        Ok(())
+    })
+}

@@ -8,6 +8,7 @@
 //! Errors go to stderr, naming the problem, with exit code 1 (2 for usage).
 
 mod drivers;
+mod fleet;
 mod incidents;
 mod invoices;
 
@@ -92,6 +93,12 @@ enum Cmd {
     /// Uptime of connectors, chargers and sites.
     #[command(subcommand)]
     Availability(incidents::AvailabilityCmd),
+    /// Firmware images (signed by the node) and staged update campaigns.
+    #[command(subcommand)]
+    Firmware(fleet::FirmwareCmd),
+    /// Log bundles uploaded by chargers.
+    #[command(subcommand)]
+    Diagnostics(fleet::DiagnosticsCmd),
     /// Drivers: accounts, tokens, preferences, GDPR export and erasure.
     #[command(subcommand)]
     Drivers(drivers::DriversCmd),
@@ -385,6 +392,10 @@ enum SitesCmd {
         private: bool,
         #[arg(long = "group")]
         groups: Vec<String>,
+    },
+    /// The site's grid limit, measured power and each session's limit.
+    Load {
+        site_id: String,
     },
     /// Share of connector time in use per local hour (JSON).
     Utilisation {
@@ -1082,6 +1093,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Invoices(i) => invoices::invoices(i, cfg, out).await?,
         Cmd::Incidents(i) => incidents::run(i, cfg, out).await?,
         Cmd::Availability(a) => incidents::availability(a, cfg, out).await?,
+        Cmd::Firmware(f) => fleet::firmware(f, cfg, out).await?,
+        Cmd::Diagnostics(d) => fleet::diagnostics(d, cfg, out).await?,
+        Cmd::Sites(SitesCmd::Load { site_id }) => fleet::site_load(cfg, out, site_id).await?,
         Cmd::Maintenance(m) => drivers::maintenance(m, cfg, out).await?,
         Cmd::Sites(SitesCmd::Access {
             site_id,

@@ -104,6 +104,10 @@ impl SessionStatus {
 /// Anomalies found in a session's meter data: billed only after review.
 pub const FLAG_REGISTER_BACKWARDS: &str = "register-backwards";
 pub const FLAG_ENERGY_EXCEEDS_CAPACITY: &str = "energy-exceeds-capacity";
+/// The energy between two readings disagrees with the power they report
+/// (more than 1.5 times the higher, or less than half the lower): the
+/// register or the power measurement is off, or tampered with.
+pub const FLAG_ENERGY_POWER_MISMATCH: &str = "energy-power-mismatch";
 pub const FLAG_STUCK: &str = "stuck";
 /// A start the token did not allow (found when an offline start was
 /// reconciled, or a charger started despite a refusal).
@@ -115,6 +119,9 @@ pub struct Point {
     pub seq: u64,
     pub at_ms: i64,
     pub energy_wh: u64,
+    /// The power at this reading, W (0 in records stored before it was kept).
+    #[serde(default)]
+    pub power_w: u32,
 }
 
 impl From<&TxEvent> for Point {
@@ -123,6 +130,7 @@ impl From<&TxEvent> for Point {
             seq: e.seq,
             at_ms: e.at_ms,
             energy_wh: e.meter.energy_wh,
+            power_w: e.meter.power_w,
         }
     }
 }
@@ -242,8 +250,21 @@ impl SessionRecord {
         // resolution and clock jitter).
         let dt_ms = (b.at_ms - a.at_ms).max(0) as u128;
         let allowed_wh = (u128::from(self.max_power_w) * dt_ms * 11) / (3_600_000 * 10) + 1;
-        if self.max_power_w > 0 && u128::from(b.energy_wh - a.energy_wh) > allowed_wh {
+        let delta = u128::from(b.energy_wh - a.energy_wh);
+        if self.max_power_w > 0 && delta > allowed_wh {
             self.flags.insert(FLAG_ENERGY_EXCEEDS_CAPACITY.into());
+        }
+        // The power integral: between two readings the power was somewhere
+        // around the two reported values. Energy far outside that range
+        // (1.5 times the higher, half the lower, 2 Wh of meter resolution)
+        // means one of the two measurements is wrong.
+        let (lo, hi) = (
+            u128::from(a.power_w.min(b.power_w)),
+            u128::from(a.power_w.max(b.power_w)),
+        );
+        let wh = |w: u128| w * dt_ms / 3_600_000;
+        if dt_ms > 0 && (delta > wh(hi) * 3 / 2 + 2 || delta + 2 < wh(lo) / 2) {
+            self.flags.insert(FLAG_ENERGY_POWER_MISMATCH.into());
         }
     }
 

@@ -7,6 +7,7 @@
 //! - [`charging`]: connectors, meter samples, transaction events and the
 //!   order-independent session record.
 //! - [`tariff`] and [`cost`]: OCPI 2.2.1 tariffs and the pure cost engine.
+//! - [`load`]: how a site's grid limit is shared among its sessions.
 //! - [`ErrorKind`]: the coarse classes that the node maps to gRPC codes in
 //!   one table.
 
@@ -16,6 +17,7 @@ pub mod charging;
 pub mod cost;
 mod error;
 mod ids;
+pub mod load;
 mod role;
 pub mod tariff;
 

@@ -68,6 +68,13 @@ pub enum AlarmKind {
     Overload,
     /// A charger keeps losing and regaining its connection.
     Flapping,
+    /// A session gets far less power than the car, connector and limit
+    /// allow, or will not finish before the driver's departure.
+    LowPower,
+    /// A charger draws more than the charging limit it was sent.
+    LimitIgnored,
+    /// A site draws more than its grid connection's limit.
+    SiteOverload,
 }
 
 impl AlarmKind {
@@ -80,6 +87,9 @@ impl AlarmKind {
             AlarmKind::CertificateExpiring => "certificate-expiring",
             AlarmKind::Overload => "overload",
             AlarmKind::Flapping => "flapping",
+            AlarmKind::LowPower => "low-power",
+            AlarmKind::LimitIgnored => "limit-ignored",
+            AlarmKind::SiteOverload => "site-overload",
         }
     }
 
@@ -92,9 +102,12 @@ impl AlarmKind {
             "certificate-expiring" => AlarmKind::CertificateExpiring,
             "overload" => AlarmKind::Overload,
             "flapping" => AlarmKind::Flapping,
+            "low-power" => AlarmKind::LowPower,
+            "limit-ignored" => AlarmKind::LimitIgnored,
+            "site-overload" => AlarmKind::SiteOverload,
             _ => {
                 return Err(IncidentError::Invalid(format!(
-                    "alarm kind {s:?}: expected offline, charger-fault, meter-anomaly, stuck-session, certificate-expiring, overload or flapping"
+                    "alarm kind {s:?}: expected offline, charger-fault, meter-anomaly, stuck-session, certificate-expiring, overload, flapping, low-power, limit-ignored or site-overload"
                 )));
             }
         })
@@ -103,9 +116,13 @@ impl AlarmKind {
     /// How bad, by default.
     pub fn severity(self) -> Severity {
         match self {
-            AlarmKind::Offline | AlarmKind::ChargerFault | AlarmKind::Overload => Severity::Major,
-            AlarmKind::MeterAnomaly => Severity::Critical,
-            AlarmKind::StuckSession | AlarmKind::CertificateExpiring | AlarmKind::Flapping => Severity::Minor,
+            AlarmKind::Offline | AlarmKind::ChargerFault | AlarmKind::Overload | AlarmKind::LimitIgnored => {
+                Severity::Major
+            }
+            AlarmKind::MeterAnomaly | AlarmKind::SiteOverload => Severity::Critical,
+            AlarmKind::StuckSession | AlarmKind::CertificateExpiring | AlarmKind::Flapping | AlarmKind::LowPower => {
+                Severity::Minor
+            }
         }
     }
 }
@@ -418,7 +435,7 @@ pub fn list(store: &dyn Store, state: Option<State>, limit: usize) -> Result<Vec
 }
 
 /// Every kind, for listings and metrics.
-pub const KINDS: [AlarmKind; 7] = [
+pub const KINDS: [AlarmKind; 10] = [
     AlarmKind::Offline,
     AlarmKind::ChargerFault,
     AlarmKind::MeterAnomaly,
@@ -426,6 +443,9 @@ pub const KINDS: [AlarmKind; 7] = [
     AlarmKind::CertificateExpiring,
     AlarmKind::Overload,
     AlarmKind::Flapping,
+    AlarmKind::LowPower,
+    AlarmKind::LimitIgnored,
+    AlarmKind::SiteOverload,
 ];
 
 /// Incidents whose condition holds now, by kind.

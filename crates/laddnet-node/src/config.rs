@@ -41,6 +41,31 @@ pub struct NodeConfig {
     pub notifications: NotificationsSection,
     #[serde(default)]
     pub alarms: AlarmsSection,
+    #[serde(default)]
+    pub load: LoadSection,
+}
+
+/// Site load management: how a site's grid limit is shared.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoadSection {
+    /// Every session gets at least this much while the limit allows (6 A
+    /// on one phase: what an AC car needs to keep charging).
+    pub min_session_w: u32,
+    /// Re-plan at least this often, besides every start and stop.
+    pub replan_ms: u64,
+    /// A new limit is sent only when it moves by more than this.
+    pub hysteresis_w: u32,
+}
+
+impl Default for LoadSection {
+    fn default() -> Self {
+        Self {
+            min_session_w: 1_400,
+            replan_ms: 2_000,
+            hysteresis_w: 300,
+        }
+    }
 }
 
 /// Fault detection thresholds.
@@ -59,6 +84,20 @@ pub struct AlarmsSection {
     /// flapping; a window with fewer resolves it.
     pub flap_reconnects: u32,
     pub flap_window_s: u64,
+    /// Too little power: a session drawing less than this percentage of
+    /// what the car, the connector and its limit allow, for longer than
+    /// `low_power_after_s` (below `low_power_below_soc` %, where batteries
+    /// do not yet taper); or one that will not reach the driver's target
+    /// before their departure at its present pace.
+    pub low_power_percent: u32,
+    pub low_power_after_s: u64,
+    pub low_power_below_soc: u32,
+    /// A charger drawing more than its charging limit (plus 5 %) this long
+    /// after the limit was sent ignores it.
+    pub limit_grace_s: u64,
+    /// A site above its grid limit for longer than this (the load
+    /// manager's reaction time) is an incident.
+    pub site_overload_after_s: u64,
 }
 
 impl Default for AlarmsSection {
@@ -69,6 +108,11 @@ impl Default for AlarmsSection {
             certificate_check_s: 3_600,
             flap_reconnects: 5,
             flap_window_s: 600,
+            low_power_percent: 50,
+            low_power_after_s: 120,
+            low_power_below_soc: 80,
+            limit_grace_s: 5,
+            site_overload_after_s: 5,
         }
     }
 }
@@ -383,6 +427,7 @@ impl NodeConfig {
             drivers: Default::default(),
             notifications: Default::default(),
             alarms: Default::default(),
+            load: Default::default(),
         }
     }
 
@@ -537,6 +582,16 @@ impl NodeConfig {
         }
         if self.alarms.flap_reconnects < 2 || self.alarms.flap_window_s == 0 {
             return bad("alarms.flap_reconnects must be at least 2 and alarms.flap_window_s at least 1");
+        }
+        let a = &self.alarms;
+        if a.low_power_percent == 0 || a.low_power_percent >= 100 || a.low_power_below_soc > 100 {
+            return bad("alarms.low_power_percent must be 1 to 99 and alarms.low_power_below_soc at most 100");
+        }
+        if a.low_power_after_s == 0 || a.limit_grace_s == 0 || a.site_overload_after_s == 0 {
+            return bad("alarms.low_power_after_s, limit_grace_s and site_overload_after_s must be at least 1");
+        }
+        if self.load.replan_ms < 100 || self.load.replan_ms > 60_000 {
+            return bad("load.replan_ms must be 100 to 60000");
         }
         let n = &self.notifications;
         if n.retry_initial_ms == 0 || n.retry_max_ms < n.retry_initial_ms || n.max_attempts == 0 {

@@ -320,6 +320,26 @@ pub async fn on_event(state: &Arc<NodeState>, record: &SessionRecord) {
     raise(state, vec![(format!("nearly-done/{}", record.transaction_id), n)]).await;
 }
 
+/// The driver's departure (a daily HH:MM in the site's zone) as the
+/// first such moment after `after_ms`, in Unix ms; blocking.
+pub(crate) fn departure_ms(state: &NodeState, driver_id: &str, site: Option<&str>, after_ms: i64) -> Option<i64> {
+    use chrono::TimeZone;
+    let drv = state.hub.drivers.get(driver_id).ok()?;
+    let minutes = laddnet_drivers::parse_hhmm(drv.preferences.departure.as_deref()?)?;
+    let tz = site_tz(state, site);
+    let after = chrono::Utc.timestamp_millis_opt(after_ms).single()?.with_timezone(&tz);
+    let day = after.date_naive();
+    for d in [day, day.succ_opt()?] {
+        let naive = d.and_hms_opt(minutes / 60, minutes % 60, 0)?;
+        if let Some(t) = tz.from_local_datetime(&naive).earliest()
+            && t.timestamp_millis() > after_ms
+        {
+            return Some(t.timestamp_millis());
+        }
+    }
+    None
+}
+
 fn site_tz(state: &NodeState, site: Option<&str>) -> chrono_tz::Tz {
     site.and_then(|s| laddnet_actors::repo::get_site(state.store.as_ref(), s).ok().flatten())
         .and_then(|s| s.time_zone.parse().ok())

@@ -148,6 +148,13 @@ impl IdentityCheck for CaIdentityCheck {
                 Profile::Driver => Principal::Driver {
                     id: record.subject.clone(),
                 },
+                // Code signing only (rustls refuses it too: no TLS usage).
+                Profile::FirmwareSigning => {
+                    return refuse(format!(
+                        "certificate {} signs firmware; it cannot authenticate a connection",
+                        record.serial
+                    ));
+                }
             };
             Ok(Identity {
                 serial: record.serial,

@@ -18,8 +18,11 @@
 pub mod alarms;
 pub mod bootstrap;
 pub mod config;
+pub mod diagnostics;
 pub mod drivers;
+pub mod firmware;
 pub mod identity;
+pub mod load;
 pub mod metrics;
 pub mod node;
 pub mod services;

@@ -13,6 +13,7 @@ use laddnet_proto::v1::charger_service_server::ChargerServiceServer;
 use laddnet_proto::v1::driver_admin_service_server::DriverAdminServiceServer;
 use laddnet_proto::v1::driver_service_server::DriverServiceServer;
 use laddnet_proto::v1::enrollment_service_server::EnrollmentServiceServer;
+use laddnet_proto::v1::fleet_service_server::FleetServiceServer;
 use laddnet_proto::v1::incident_service_server::IncidentServiceServer;
 use laddnet_proto::v1::operator_service_server::OperatorServiceServer;
 use laddnet_proto::v1::pki_service_server::PkiServiceServer;
@@ -163,6 +164,10 @@ impl RunningNode {
             hub,
         ));
 
+        let alarm_actor = crate::alarms::start(&state).await?;
+        let _ = state.alarm_actor.set(alarm_actor);
+        tokio::spawn(crate::firmware::resume(state.clone()));
+
         let mtls_listener = TcpListener::bind(config.listen.mtls)
             .await
             .with_context(|| format!("binding the mutual-TLS listener on {}", config.listen.mtls))?;
@@ -194,6 +199,7 @@ impl RunningNode {
             "laddnet.v1.DriverAdminService",
             "laddnet.v1.DriverService",
             "laddnet.v1.IncidentService",
+            "laddnet.v1.FleetService",
             "laddnet.v1.EnrollmentService",
         ] {
             health.set_service_status(name, ServingStatus::Serving).await;
@@ -284,6 +290,11 @@ impl RunningNode {
                 IncidentServiceServer::new(crate::services::incidents::Incidents { state: state.clone() })
                     .max_decoding_message_size(limit)
                     .max_encoding_message_size(limit),
+            )
+            .add_service(
+                FleetServiceServer::new(crate::services::fleet::Fleet { state: state.clone() })
+                    .max_decoding_message_size(limit)
+                    .max_encoding_message_size(limit.max(crate::diagnostics::MAX_BUNDLE + 4096)),
             );
         let e = &ca.policy().enrollment;
         let enroll_router = server()
@@ -368,12 +379,17 @@ impl RunningNode {
             "laddnet.v1.DriverAdminService",
             "laddnet.v1.DriverService",
             "laddnet.v1.IncidentService",
+            "laddnet.v1.FleetService",
             "laddnet.v1.EnrollmentService",
         ] {
             self.health.set_service_status(name, ServingStatus::NotServing).await;
         }
         self.shutdown.cancel();
         self.state.actors.stop();
+        self.state.load.stop_all();
+        if let Some(a) = self.state.alarm_actor.get() {
+            a.stop(None);
+        }
         for t in self.tasks {
             let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
         }

@@ -26,11 +26,15 @@ pub struct NodeState {
     pub actors: SupervisorHandle,
     pub metrics: Metrics,
     pub hub: crate::drivers::DriverHub,
-    /// Connectors with an overload incident raised by this node (so a
-    /// normal reading clears it without a store read per event).
-    pub overloaded: Mutex<HashSet<String>>,
-    /// Recent connection times per charger, for flapping.
-    pub connects: Mutex<std::collections::HashMap<String, std::collections::VecDeque<std::time::Instant>>>,
+    /// The fault-detection actor (set once at start).
+    pub alarm_actor: std::sync::OnceLock<ractor::ActorRef<crate::alarms::AlarmMsg>>,
+    /// Operators waiting for a diagnostics bundle, by request id.
+    pub diag_waiters:
+        Mutex<std::collections::HashMap<String, tokio::sync::oneshot::Sender<crate::diagnostics::Bundle>>>,
+    /// The firmware-signing key, loaded (or issued) at the first upload.
+    pub firmware_signer: tokio::sync::Mutex<Option<Arc<laddnet_pki::firmware::FirmwareSigner>>>,
+    /// Site load management: one actor per site with a grid limit.
+    pub load: crate::load::LoadManager,
     /// gRPC latency per method, for the metrics endpoint.
     pub rpc: Arc<crate::metrics::RpcStats>,
     /// Cancelled when the node shuts down: long-lived streams end with it.
@@ -65,8 +69,10 @@ impl NodeState {
             actors,
             metrics: Metrics::default(),
             hub,
-            overloaded: Default::default(),
-            connects: Default::default(),
+            alarm_actor: Default::default(),
+            load: Default::default(),
+            diag_waiters: Default::default(),
+            firmware_signer: Default::default(),
             rpc: Default::default(),
             shutdown: tokio_util::sync::CancellationToken::new(),
             node_chain,
@@ -165,6 +171,8 @@ pub struct Outbound {
     pub pending: Mutex<std::collections::HashMap<String, tokio::sync::oneshot::Sender<v1::CommandReply>>>,
     /// The offline-list version the charger holds (as far as we sent it).
     pub list_version: AtomicU64,
+    /// Diagnostics uploads the node asked this charger for.
+    pub uploads: crate::diagnostics::Uploads,
 }
 
 struct Attached {

@@ -47,6 +47,8 @@ pub enum NodeError {
     #[error("{0}")]
     Exhausted(String),
     #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
     Internal(String),
 }
 
@@ -59,6 +61,7 @@ impl HasKind for NodeError {
             NodeError::AlreadyExists(_) => ErrorKind::AlreadyExists,
             NodeError::Precondition(_) => ErrorKind::FailedPrecondition,
             NodeError::Exhausted(_) => ErrorKind::ResourceExhausted,
+            NodeError::NotFound(_) => ErrorKind::NotFound,
             NodeError::Internal(_) => ErrorKind::Internal,
         }
     }
@@ -67,5 +70,11 @@ impl HasKind for NodeError {
 impl From<NodeError> for Status {
     fn from(e: NodeError) -> Status {
         to_status(e)
+    }
+}
+
+impl From<laddnet_store::StoreError> for NodeError {
+    fn from(e: laddnet_store::StoreError) -> Self {
+        NodeError::Internal(format!("store: {e}"))
     }
 }

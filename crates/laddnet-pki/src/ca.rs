@@ -99,6 +99,10 @@ pub enum Subject {
     Driver {
         id: String,
     },
+    /// The key firmware images are signed with: CN is its name.
+    FirmwareSigning {
+        name: String,
+    },
 }
 
 impl Subject {
@@ -108,6 +112,7 @@ impl Subject {
             Subject::Operator { .. } => Profile::Operator,
             Subject::Node { .. } => Profile::Node,
             Subject::Driver { .. } => Profile::Driver,
+            Subject::FirmwareSigning { .. } => Profile::FirmwareSigning,
         }
     }
     fn name(&self) -> String {
@@ -116,6 +121,7 @@ impl Subject {
             Subject::Operator { name, .. } => name.to_string(),
             Subject::Node { name, .. } => name.clone(),
             Subject::Driver { id } => id.clone(),
+            Subject::FirmwareSigning { name } => name.clone(),
         }
     }
 }
@@ -415,6 +421,11 @@ impl Ca {
             Subject::Driver { .. } => {
                 p.distinguished_name.push(DnType::OrganizationalUnitName, "driver");
                 p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+            }
+            Subject::FirmwareSigning { .. } => {
+                p.distinguished_name
+                    .push(DnType::OrganizationalUnitName, "firmware-signing");
+                p.extended_key_usages = vec![ExtendedKeyUsagePurpose::CodeSigning];
             }
             Subject::Node { sans, .. } => {
                 p.distinguished_name.push(DnType::OrganizationalUnitName, "node");
@@ -853,6 +864,9 @@ fn subject_of(rec: &CertRecord) -> Result<Subject, PkiError> {
         },
         Profile::Driver => Subject::Driver {
             id: rec.subject.clone(),
+        },
+        Profile::FirmwareSigning => Subject::FirmwareSigning {
+            name: rec.subject.clone(),
         },
         Profile::Node => {
             let der = pem::parse(&rec.certificate_pem).map_err(|e| corrupt(e.to_string()))?;

@@ -11,6 +11,8 @@
 //! - [`audit`]: the hash-chained, append-only audit log, written in the same
 //!   transaction as the action it records.
 //! - [`tls`]: the rustls configurations for every listener and client.
+//! - [`firmware`]: the firmware-signing key (issued by this CA) and the
+//!   check a charger makes before installing an image.
 //! - [`inspect`]: decoders for CSRs, certificates and CRLs (fuzzed).
 
 #![forbid(unsafe_code)]
@@ -18,6 +20,7 @@
 pub mod audit;
 mod ca;
 mod error;
+pub mod firmware;
 pub mod inspect;
 mod policy;
 mod records;

@@ -57,6 +57,17 @@ pub struct Profiles {
     /// Driver apps' credentials (absent in older policy files: 365/30).
     #[serde(default = "default_driver_profile")]
     pub driver: ProfilePolicy,
+    /// The firmware-signing key's certificate (absent in older policy
+    /// files: 730/60).
+    #[serde(default = "default_firmware_profile")]
+    pub firmware_signing: ProfilePolicy,
+}
+
+fn default_firmware_profile() -> ProfilePolicy {
+    ProfilePolicy {
+        validity_days: 730,
+        renewal_window_days: 60,
+    }
 }
 
 fn default_driver_profile() -> ProfilePolicy {
@@ -83,6 +94,9 @@ pub enum Profile {
     Operator,
     Node,
     Driver,
+    /// Signs firmware images (code-signing usage only: never a TLS client
+    /// or server).
+    FirmwareSigning,
 }
 
 impl Profile {
@@ -92,6 +106,7 @@ impl Profile {
             Profile::Operator => "operator",
             Profile::Node => "node",
             Profile::Driver => "driver",
+            Profile::FirmwareSigning => "firmware-signing",
         }
     }
 
@@ -101,8 +116,9 @@ impl Profile {
             "operator" => Ok(Profile::Operator),
             "node" => Ok(Profile::Node),
             "driver" => Ok(Profile::Driver),
+            "firmware-signing" => Ok(Profile::FirmwareSigning),
             other => Err(PkiError::Invalid(format!(
-                "unknown profile {other:?}: expected charger, operator, node or driver"
+                "unknown profile {other:?}: expected charger, operator, node, driver or firmware-signing"
             ))),
         }
     }
@@ -127,6 +143,7 @@ impl Policy {
             Profile::Operator => self.profiles.operator,
             Profile::Node => self.profiles.node,
             Profile::Driver => self.profiles.driver,
+            Profile::FirmwareSigning => self.profiles.firmware_signing,
         }
     }
 
@@ -150,6 +167,7 @@ impl Policy {
             ("operator", self.profiles.operator),
             ("node", self.profiles.node),
             ("driver", self.profiles.driver),
+            ("firmware_signing", self.profiles.firmware_signing),
         ] {
             if p.validity_days == 0 {
                 return bad(format!("profiles.{name}.validity_days must be at least 1"));

@@ -11,6 +11,14 @@
 //!   dropped connection keeps queueing (flagged offline) and the queue is
 //!   replayed on reconnect, which uses jittered exponential backoff.
 //! - Commands are answered; remote start and stop act on sessions.
+//! - Charging limits (`SetChargingLimit`) cap a connector's power until
+//!   changed; each reading reports the limit applied and what the car takes.
+//! - `GetDiagnostics` uploads a log bundle of the charger's recent history
+//!   over the stream.
+//! - `UpdateFirmware` downloads the image over mutual TLS and installs it
+//!   only if [`laddnet_pki::firmware::verify_firmware`] passes against the
+//!   root the charger trusts; then it reboots (reconnects with the new
+//!   version in its boot).
 //! - Faults can be injected on demand ([`Fault`]).
 
 #![forbid(unsafe_code)]
@@ -146,14 +154,33 @@ pub enum Fault {
     /// Report this many W above the connector's rating while charging
     /// (0: back to normal).
     Overload(u32),
+    /// A broken power module: deliver at most this many W whatever the car
+    /// and the limit allow (None: repaired).
+    Throttle(Option<u32>),
+    /// Ignore charging limits from the node (true) or obey them again.
+    IgnoreLimits(bool),
+    /// Firmware installs fail after a good download and check (true).
+    FirmwareFails(bool),
+    /// A tampered meter: the register counts this percentage of the energy
+    /// delivered (100: honest again), while the power reading stays true.
+    EnergyScale(u32),
 }
+
+/// The most lines a diagnostics bundle keeps.
+const LOG_LINES: usize = 500;
 
 /// Live figures, for the `up` summary and tests.
 #[derive(Debug, Clone, Default)]
 pub struct SimStatus {
     pub connected: bool,
     pub active_sessions: u32,
+    /// Power delivered now (the sum over sessions), W.
     pub power_w: u32,
+    /// Per session: (transaction id, power delivered now, W).
+    pub sessions: Vec<(String, u32)>,
+    pub firmware_version: String,
+    /// Images refused because they did not verify.
+    pub firmware_refused: u64,
     pub queued: usize,
     pub reconnects: u64,
     pub acked: u64,
@@ -186,6 +213,7 @@ struct Session {
     car_max_w: u32,
     leaves_after: Duration,
     elapsed: Duration,
+    power_w: u32,
 }
 
 struct Sim {
@@ -197,6 +225,16 @@ struct Sim {
     pending_jump: i64,
     overload_w: u32,
     faulted: Vec<bool>,
+    /// The node's charging limit per connector.
+    limits: Vec<Option<u32>>,
+    ignore_limits: bool,
+    throttle: Option<u32>,
+    energy_scale: u32,
+    firmware: String,
+    firmware_fails: bool,
+    /// An update in progress (one at a time).
+    updating: bool,
+    log: VecDeque<String>,
     idle_until: Vec<tokio::time::Instant>,
     status: SimStatus,
     /// The offline authorization list: hash -> accepted.
@@ -210,6 +248,13 @@ fn now_ms() -> i64 {
 }
 
 impl Sim {
+    fn note(&mut self, line: String) {
+        if self.log.len() == LOG_LINES {
+            self.log.pop_front();
+        }
+        self.log.push_back(format!("{} {line}", now_ms()));
+    }
+
     fn msg(&mut self, payload: In) -> v1::ChargerMessage {
         self.next_msg += 1;
         v1::ChargerMessage {
@@ -219,6 +264,7 @@ impl Sim {
     }
 
     fn queue_status(&mut self, connector: u32, status: v1::ConnectorStatus, code: &str) {
+        self.note(format!("connector {connector} {} {code}", status.as_str_name()));
         let m = self.msg(In::Status(v1::StatusNotification {
             connector_id: connector,
             status: status as i32,
@@ -232,8 +278,10 @@ impl Sim {
         let s = &mut self.sessions[i];
         let seq = s.seq;
         s.seq += 1;
-        let (tx_id, connector, soc, token) = (s.tx_id.clone(), s.connector, s.soc, s.token.clone());
+        let (tx_id, connector, soc, token, car_max) =
+            (s.tx_id.clone(), s.connector, s.soc, s.token.clone(), s.car_max_w);
         let wh = self.register_wh[(connector - 1) as usize];
+        let limit = self.limits[(connector - 1) as usize];
         let m = self.msg(In::Transaction(v1::TransactionEvent {
             transaction_id: tx_id,
             seq,
@@ -248,6 +296,8 @@ impl Sim {
                 current_ma: power_w / 230 * 1000 / if self.p.kind == Kind::Ac { 3 } else { 1 },
                 voltage_mv: if self.p.kind == Kind::Ac { 230_000 } else { 400_000 },
                 soc_percent: Some(soc as u32),
+                ev_max_power_w: Some(car_max),
+                limit_w: limit,
             }),
             offline,
             stop_reason: stop.into(),
@@ -322,7 +372,9 @@ impl Sim {
             car_max_w,
             leaves_after: Duration::from_secs(rng.gen_range(30..180)),
             elapsed: Duration::ZERO,
+            power_w: 0,
         });
+        self.note(format!("connector {connector} session started"));
         let i = self.sessions.len() - 1;
         self.queue_event(i, v1::TransactionEventType::Started, 0, "", offline);
     }
@@ -330,6 +382,9 @@ impl Sim {
     fn stop_session(&mut self, i: usize, reason: &str, offline: bool) {
         self.queue_event(i, v1::TransactionEventType::Ended, 0, reason, offline);
         let s = self.sessions.remove(i);
+        self.note(format!("connector {} session ended: {reason}", s.connector));
+        // A limit belongs to the session it was planned for.
+        self.limits[(s.connector - 1) as usize] = None;
         self.queue_status(s.connector, v1::ConnectorStatus::Available, "");
         // Cars come more often at the commuter peaks (07–09, 16–19 UTC here)
         // and rarely at night.
@@ -359,9 +414,19 @@ impl Sim {
                 Kind::Dc if s.soc < 50.0 => rated,
                 Kind::Dc => (f64::from(rated) * (1.0 - (s.soc - 50.0) / 60.0)).max(5_000.0) as u32,
             };
-            let wh = (f64::from(power) * sim_s / 3600.0) as u64;
             let c = (s.connector - 1) as usize;
-            self.register_wh[c] += wh;
+            let mut power = power;
+            if let Some(l) = self.limits[c]
+                && !self.ignore_limits
+            {
+                power = power.min(l);
+            }
+            if let Some(t) = self.throttle {
+                power = power.min(t);
+            }
+            s.power_w = power;
+            let wh = (f64::from(power) * sim_s / 3600.0) as u64;
+            self.register_wh[c] += wh * u64::from(self.energy_scale) / 100;
             if self.pending_jump != 0 {
                 self.register_wh[c] = self.register_wh[c].saturating_add_signed(self.pending_jump);
                 self.pending_jump = 0;
@@ -391,7 +456,8 @@ impl Sim {
             }
         }
         self.status.active_sessions = self.sessions.len() as u32;
-        self.status.power_w = self.sessions.iter().map(|s| self.p.max_power_w.min(s.car_max_w)).sum();
+        self.status.power_w = self.sessions.iter().map(|s| s.power_w).sum();
+        self.status.sessions = self.sessions.iter().map(|s| (s.tx_id.clone(), s.power_w)).collect();
         self.status.queued = self.queue.len();
     }
 }
@@ -429,6 +495,14 @@ async fn run(
         pending_jump: 0,
         overload_w: 0,
         faulted: vec![false; n],
+        limits: vec![None; n],
+        ignore_limits: false,
+        throttle: None,
+        energy_scale: 100,
+        firmware: "1.0.0".into(),
+        firmware_fails: false,
+        updating: false,
+        log: VecDeque::new(),
         idle_until: (0..n)
             .map(|_| start + Duration::from_millis(rand::thread_rng().gen_range(0..4_000)))
             .collect(),
@@ -448,6 +522,7 @@ async fn run(
     let mut backoff = Duration::from_millis(250);
     let mut silent_until = tokio::time::Instant::now();
     let mut ticker = tokio::time::interval(sim.p.sample_every);
+    let (fw_tx, mut fw_rx) = mpsc::channel::<v1::FirmwareStatus>(8);
     loop {
         // Offline: keep charging and queueing until a connection works.
         let attempt = connect_once(&ep, tls.clone(), &sim).await;
@@ -472,6 +547,8 @@ async fn run(
             }
         };
         sim.status.connected = true;
+        sim.status.firmware_version = sim.firmware.clone();
+        sim.note("connected".into());
         let _ = status.send(sim.status.clone());
         // Replay what the node has not acknowledged, oldest first.
         let mut in_flight = 0usize;
@@ -521,14 +598,38 @@ async fn run(
                     Some(Fault::MeterJump(wh)) => sim.pending_jump = wh as i64,
                     Some(Fault::MeterBackwards(wh)) => sim.pending_jump = -(wh as i64),
                     Some(Fault::Overload(w)) => sim.overload_w = w,
+                    Some(Fault::Throttle(w)) => sim.throttle = w,
+                    Some(Fault::EnergyScale(p)) => sim.energy_scale = p,
+                    Some(Fault::IgnoreLimits(b)) => sim.ignore_limits = b,
+                    Some(Fault::FirmwareFails(b)) => sim.firmware_fails = b,
                     Some(Fault::Silence(d)) => silent_until = tokio::time::Instant::now() + d,
                     Some(Fault::Disconnect) => break true,
                 },
+                Some(fs) = fw_rx.recv() => {
+                    let installed = fs.state == v1::FirmwareState::Installed as i32;
+                    let refused = fs.state == v1::FirmwareState::SignatureInvalid as i32;
+                    let done = installed || refused
+                        || fs.state == v1::FirmwareState::InstallFailed as i32
+                        || fs.state == v1::FirmwareState::DownloadFailed as i32;
+                    sim.note(format!("firmware {} {}: {}", fs.version, v1::FirmwareState::try_from(fs.state).map(|s| s.as_str_name()).unwrap_or("?"), fs.detail));
+                    if refused {
+                        sim.status.firmware_refused += 1;
+                    }
+                    if installed {
+                        sim.firmware = fs.version.clone();
+                        sim.status.firmware_version = fs.version.clone();
+                    }
+                    if done {
+                        sim.updating = false;
+                    }
+                    let m = sim.msg(In::FirmwareStatus(fs));
+                    sim.queue.push_back(m);
+                }
                 m = inbound.message() => match m {
                     Ok(Some(m)) => {
                         match m.payload {
                             Some(Out::Command(cmd)) => {
-                                let reply = handle_command(&mut sim, &cmd);
+                                let reply = handle_command(&mut sim, &cmd, &ep, &tls, &fw_tx);
                                 let r = sim.msg(In::CommandReply(reply));
                                 // Replies jump the queue (an operator is waiting),
                                 // behind the message in flight, if any.
@@ -567,7 +668,13 @@ async fn run(
     }
 }
 
-fn handle_command(sim: &mut Sim, cmd: &v1::Command) -> v1::CommandReply {
+fn handle_command(
+    sim: &mut Sim,
+    cmd: &v1::Command,
+    ep: &Endpoints,
+    tls: &Arc<laddnet_client::ClientConfig>,
+    fw: &mpsc::Sender<v1::FirmwareStatus>,
+) -> v1::CommandReply {
     use v1::command::Kind as K;
     let accepted = |detail: &str| v1::CommandReply {
         command_id: cmd.command_id.clone(),
@@ -597,17 +704,118 @@ fn handle_command(sim: &mut Sim, cmd: &v1::Command) -> v1::CommandReply {
             }
             None => rejected("no such transaction"),
         },
-        Some(K::Reset(_))
-        | Some(K::UnlockConnector(_))
-        | Some(K::ChangeAvailability(_))
-        | Some(K::SetChargingLimit(_)) => accepted(""),
-        Some(K::GetDiagnostics(_)) | Some(K::UpdateFirmware(_)) => v1::CommandReply {
-            command_id: cmd.command_id.clone(),
-            status: v1::CommandStatus::NotSupported as i32,
-            detail: "not simulated".into(),
+        Some(K::SetChargingLimit(l)) => match sim.limits.get_mut((l.connector_id.max(1) - 1) as usize) {
+            Some(slot) if l.connector_id > 0 => {
+                *slot = Some(l.limit_w);
+                accepted("limit set")
+            }
+            _ => rejected("no such connector"),
         },
+        Some(K::Reset(_)) | Some(K::UnlockConnector(_)) | Some(K::ChangeAvailability(_)) => accepted(""),
+        Some(K::GetDiagnostics(_)) => {
+            let mut bundle = format!(
+                "laddnet-sim diagnostics\ncharger {}\nfirmware {}\nconnectors {}\nqueued {}\n--- log ---\n",
+                sim.p.charger_id,
+                sim.firmware,
+                sim.p.connectors,
+                sim.queue.len()
+            );
+            for l in &sim.log {
+                bundle.push_str(l);
+                bundle.push('\n');
+            }
+            let chunks: Vec<Vec<u8>> = bundle.as_bytes().chunks(16 * 1024).map(<[u8]>::to_vec).collect();
+            let n = chunks.len();
+            for (i, data) in chunks.into_iter().enumerate() {
+                let m = sim.msg(In::Diagnostics(v1::DiagnosticsChunk {
+                    command_id: cmd.command_id.clone(),
+                    index: i as u32,
+                    data,
+                    last: i + 1 == n,
+                    file_name: format!("{}-diagnostics.log", sim.p.charger_id),
+                }));
+                sim.queue.push_back(m);
+            }
+            accepted("uploading")
+        }
+        Some(K::UpdateFirmware(u)) => {
+            if sim.updating {
+                return rejected("an update is already in progress");
+            }
+            sim.updating = true;
+            let (ep, tls, fw, u) = (ep.clone(), tls.clone(), fw.clone(), u.clone());
+            let fails = sim.firmware_fails;
+            tokio::spawn(update_firmware(ep, tls, fw, u, fails));
+            accepted("downloading")
+        }
         None => rejected("empty command"),
     }
+}
+
+/// Downloads, verifies and "installs" an image, reporting each step.
+async fn update_firmware(
+    ep: Endpoints,
+    tls: Arc<laddnet_client::ClientConfig>,
+    fw: mpsc::Sender<v1::FirmwareStatus>,
+    u: v1::UpdateFirmware,
+    fails: bool,
+) {
+    let report = |state: v1::FirmwareState, detail: String| v1::FirmwareStatus {
+        campaign_id: u.campaign_id.clone(),
+        version: u.version.clone(),
+        state: state as i32,
+        detail,
+    };
+    let _ = fw.send(report(v1::FirmwareState::Downloading, String::new())).await;
+    let image = async {
+        let ch = laddnet_client::connect(&ep.mtls, &ep.server_name, tls).await?;
+        let mut s = v1::charger_service_client::ChargerServiceClient::new(ch)
+            .download_firmware(v1::DownloadFirmwareRequest {
+                version: u.version.clone(),
+            })
+            .await?
+            .into_inner();
+        let mut image = Vec::new();
+        while let Some(c) = s.message().await? {
+            image.extend_from_slice(&c.data);
+            if image.len() as u64 > u.size.max(1) * 2 {
+                anyhow::bail!("the image is larger than announced");
+            }
+        }
+        Ok::<_, anyhow::Error>(image)
+    }
+    .await;
+    let image = match image {
+        Ok(i) => i,
+        Err(e) => {
+            let _ = fw.send(report(v1::FirmwareState::DownloadFailed, e.to_string())).await;
+            return;
+        }
+    };
+    let _ = fw.send(report(v1::FirmwareState::Downloaded, String::new())).await;
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    if let Err(e) = laddnet_pki::firmware::verify_firmware(
+        &ep.root_pem,
+        &u.signer_chain_pem,
+        &u.version,
+        &image,
+        &u.sha256,
+        &u.signature,
+        now,
+    ) {
+        let _ = fw
+            .send(report(v1::FirmwareState::SignatureInvalid, e.to_string()))
+            .await;
+        return;
+    }
+    let _ = fw.send(report(v1::FirmwareState::Installing, String::new())).await;
+    if fails {
+        let _ = fw
+            .send(report(v1::FirmwareState::InstallFailed, "flash write failed".into()))
+            .await;
+        return;
+    }
+    let _ = fw.send(report(v1::FirmwareState::Installed, String::new())).await;
 }
 
 type Inbound = tonic::Streaming<v1::CentralMessage>;
@@ -628,7 +836,7 @@ async fn connect_once(
                 Kind::Ac => "AC-22".into(),
                 Kind::Dc => format!("DC-{}", sim.p.max_power_w / 1000),
             },
-            firmware_version: "1.0.0".into(),
+            firmware_version: sim.firmware.clone(),
             connectors: (1..=sim.p.connectors)
                 .map(|c| v1::Connector {
                     connector_id: c,

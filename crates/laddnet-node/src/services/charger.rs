@@ -185,9 +185,57 @@ impl Pacer {
     }
 }
 
+type DownloadStream = Pin<Box<dyn Stream<Item = Result<v1::FirmwareChunk, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl ChargerService for Charger {
     type AttachStream = AttachStream;
+    type DownloadFirmwareStream = DownloadStream;
+
+    async fn download_firmware(
+        &self,
+        req: Request<v1::DownloadFirmwareRequest>,
+    ) -> Result<Response<DownloadStream>, Status> {
+        let identity = caller(&self.state, &req)?;
+        let Principal::Charger { id, .. } = &identity.principal else {
+            return Err(NodeError::Denied("only chargers download firmware".into()).into());
+        };
+        let version = req.into_inner().version;
+        crate::firmware::check_version(&version)?;
+        let (store, charger, v2) = (self.state.store.clone(), id.to_string(), version.clone());
+        let image = blocking(move || {
+            if !crate::firmware::may_download(store.as_ref(), &charger, &v2)? {
+                return Err(NodeError::Denied(format!(
+                    "no firmware campaign for version {v2} includes charger {charger}"
+                )));
+            }
+            crate::firmware::get_image(store.as_ref(), &v2)?
+                .ok_or_else(|| NodeError::NotFound(format!("no firmware {v2}")))
+        })
+        .await?;
+        let (tx, rx) = mpsc::channel(4);
+        let store = self.state.store.clone();
+        tokio::spawn(async move {
+            for i in 0..image.chunks {
+                let (s2, v) = (store.clone(), image.version.clone());
+                let chunk = tokio::task::spawn_blocking(move || crate::firmware::read_chunk(s2.as_ref(), &v, i)).await;
+                let item = match chunk {
+                    Ok(Ok(Some(data))) => Ok(v1::FirmwareChunk { data }),
+                    Ok(Ok(None)) => Err(Status::data_loss(format!(
+                        "firmware {} misses chunk {i}",
+                        image.version
+                    ))),
+                    Ok(Err(e)) => Err(crate::status::to_status(e)),
+                    Err(e) => Err(Status::internal(e.to_string())),
+                };
+                let stop = item.is_err();
+                if tx.send(item).await.is_err() || stop {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
 
     async fn attach(&self, req: Request<Streaming<v1::ChargerMessage>>) -> Result<Response<AttachStream>, Status> {
         let identity = caller(&self.state, &req)?;
@@ -273,10 +321,11 @@ impl ChargerService for Charger {
             tx: tx.clone(),
             pending: Default::default(),
             list_version: std::sync::atomic::AtomicU64::new(boot.local_list_version),
+            uploads: Default::default(),
         });
         self.state.chargers.bind(&id, conn, handle.clone(), outbound.clone());
         tracing::info!(charger_id = %id, "charger attached");
-        crate::alarms::on_attached(&self.state, id.as_str()).await;
+        crate::alarms::on_attached(&self.state, id.as_str());
         let heartbeat_interval_s = self.state.config.node.heartbeat_interval_s;
         let _ = tx
             .send(out(
@@ -406,7 +455,7 @@ async fn handle_message(
                     .await
                 {
                     Ok(()) => {
-                        crate::alarms::on_status(state, &ctx.charger_id, s.connector_id, status, &code).await;
+                        crate::alarms::on_status(state, &ctx.charger_id, s.connector_id, status, &code);
                         crate::drivers::on_status(
                             state,
                             &ctx.charger_id,
@@ -464,6 +513,8 @@ async fn handle_message(
         }
         Some(In::Transaction(t)) => {
             let (token, token_type) = (t.id_token.clone(), t.token_type);
+            let ev_max_w = t.meter.as_ref().and_then(|m| m.ev_max_power_w);
+            let limit_w = t.meter.as_ref().and_then(|m| m.limit_w);
             let event = match tx_event(t) {
                 Ok(e) => e,
                 Err(reason) => {
@@ -528,7 +579,8 @@ async fn handle_message(
                             crate::drivers::hold_payment(state, driver, tx_id.clone()).await;
                         }
                         crate::drivers::on_event(state, &applied.record).await;
-                        crate::alarms::on_record(state, &applied.record).await;
+                        crate::alarms::on_record(state, &applied.record, ev_max_w, limit_w);
+                        crate::load::on_reading(state, &applied.record, ev_max_w).await;
                     }
                     let counter = if applied.duplicate {
                         &state.metrics.events_duplicate
@@ -580,6 +632,52 @@ async fn handle_message(
             }
             return None;
         }
+        Some(In::FirmwareStatus(fs)) => {
+            let store = state.store.clone();
+            let charger = ctx.charger_id.clone();
+            let r = tokio::task::spawn_blocking(move || {
+                let r = crate::firmware::on_status(store.as_ref(), &charger, &fs);
+                (r, fs)
+            })
+            .await;
+            match r {
+                Ok((Ok(()), fs)) => {
+                    tracing::info!(charger_id = %ctx.charger_id, version = %fs.version, state = fs.state, campaign = %fs.campaign_id, "firmware status");
+                    out(id, Out::StatusAck(v1::StatusAck {}))
+                }
+                Ok((Err(e), _)) => rejected(id, e.to_string()),
+                Err(e) => rejected(id, format!("firmware status not recorded: {e}")),
+            }
+        }
+        Some(In::Diagnostics(chunk)) => match outbound.uploads.chunk(chunk) {
+            Err(e) => rejected(id, e.to_string()),
+            Ok(None) => out(id, Out::StatusAck(v1::StatusAck {})),
+            Ok(Some((request, file_name, content))) => {
+                let store = state.store.clone();
+                let charger = ctx.charger_id.clone();
+                let req2 = request.clone();
+                let saved = tokio::task::spawn_blocking(move || {
+                    crate::diagnostics::save(store.as_ref(), &charger, &req2, &file_name, &content)
+                })
+                .await;
+                match saved {
+                    Ok(Ok(bundle)) => {
+                        tracing::info!(charger_id = %ctx.charger_id, bundle = %bundle.id, size = bundle.size, "diagnostics stored");
+                        let waiter = state
+                            .diag_waiters
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .remove(&request);
+                        if let Some(w) = waiter {
+                            let _ = w.send(bundle);
+                        }
+                        out(id, Out::StatusAck(v1::StatusAck {}))
+                    }
+                    Ok(Err(e)) => rejected(id, e.to_string()),
+                    Err(e) => rejected(id, format!("diagnostics not stored: {e}")),
+                }
+            }
+        },
         Some(In::Boot(_)) => rejected(id, "boot was already accepted on this stream"),
         None => rejected(id, "message without payload"),
     })

@@ -7,6 +7,7 @@ pub mod billing;
 pub mod charger;
 pub mod drivers;
 pub mod enrollment;
+pub mod fleet;
 pub mod incidents;
 pub mod operator;
 pub mod pki;

@@ -1,0 +1,160 @@
+//! Diagnostics bundles: a charger asked with `GetDiagnostics` uploads a log
+//! bundle over its own stream in `DiagnosticsChunk` messages; the node
+//! accepts chunks only for a request it made to that charger, in order,
+//! up to [`MAX_BUNDLE`], and stores the bundle when the last one arrives
+//! (content in 64 KiB values, the metadata last).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use laddnet_proto::v1;
+use laddnet_store::{Store, StoreExt, keys};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::now_ms;
+use crate::status::NodeError;
+
+pub const MAX_BUNDLE: usize = 16 * 1024 * 1024;
+const CHUNK: usize = 64 * 1024;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Bundle {
+    pub id: String,
+    pub charger_id: String,
+    pub file_name: String,
+    pub received_ms: i64,
+    pub size: u64,
+    pub sha256: String,
+    pub chunks: u32,
+}
+
+/// Uploads in progress on one charger's stream: request id -> bytes so far
+/// and the next index expected.
+#[derive(Default)]
+pub struct Uploads {
+    open: Mutex<HashMap<String, (Vec<u8>, u32)>>,
+}
+
+impl Uploads {
+    /// The node asked for a bundle under `command_id`.
+    pub fn expect(&self, command_id: &str) {
+        self.open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(command_id.to_string(), (Vec::new(), 0));
+    }
+
+    /// Takes a chunk; returns the whole bundle with its file name after the
+    /// last one.
+    pub fn chunk(&self, c: v1::DiagnosticsChunk) -> Result<Option<(String, String, Vec<u8>)>, NodeError> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let Some((buf, next)) = open.get_mut(&c.command_id) else {
+            return Err(NodeError::Invalid(format!(
+                "no diagnostics were requested under {:?}",
+                c.command_id.chars().take(64).collect::<String>()
+            )));
+        };
+        if c.index != *next {
+            let expected = *next;
+            open.remove(&c.command_id);
+            return Err(NodeError::Invalid(format!(
+                "diagnostics chunk {} arrived where {expected} was expected; the upload is dropped",
+                c.index
+            )));
+        }
+        if buf.len() + c.data.len() > MAX_BUNDLE {
+            open.remove(&c.command_id);
+            return Err(NodeError::Invalid(format!(
+                "the diagnostics bundle is larger than {} MiB; the upload is dropped",
+                MAX_BUNDLE / 1024 / 1024
+            )));
+        }
+        buf.extend_from_slice(&c.data);
+        *next += 1;
+        if !c.last {
+            return Ok(None);
+        }
+        let (buf, _) = open.remove(&c.command_id).unwrap_or_default();
+        Ok(Some((c.command_id, c.file_name, buf)))
+    }
+}
+
+pub fn file_name_ok(name: &str) -> String {
+    let clean: String = name
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+        .take(100)
+        .collect();
+    if clean.is_empty() {
+        "diagnostics.log".into()
+    } else {
+        clean
+    }
+}
+
+fn meta_key(charger: &str, id: &str) -> Vec<u8> {
+    keys::pack(&("diag", charger, id))
+}
+fn data_key(id: &str, i: u32) -> Vec<u8> {
+    keys::pack(&("diag-data", id, i as i64))
+}
+
+pub fn save(store: &dyn Store, charger: &str, id: &str, file_name: &str, content: &[u8]) -> Result<Bundle, NodeError> {
+    let chunks: Vec<&[u8]> = content.chunks(CHUNK).collect();
+    for (batch_no, batch) in chunks.chunks(16).enumerate() {
+        store.transact(|tx| {
+            for (j, c) in batch.iter().enumerate() {
+                tx.set(&data_key(id, (batch_no * 16 + j) as u32), c)?;
+            }
+            Ok::<_, NodeError>(())
+        })?;
+    }
+    let b = Bundle {
+        id: id.into(),
+        charger_id: charger.into(),
+        file_name: file_name_ok(file_name),
+        received_ms: now_ms(),
+        size: content.len() as u64,
+        sha256: hex::encode(Sha256::digest(content)),
+        chunks: chunks.len() as u32,
+    };
+    let json = serde_json::to_vec(&b).map_err(|e| NodeError::Internal(e.to_string()))?;
+    store.transact(|tx| {
+        tx.set(&meta_key(charger, id), &json)?;
+        Ok::<_, NodeError>(())
+    })?;
+    Ok(b)
+}
+
+pub fn list(store: &dyn Store, charger: &str) -> Result<Vec<Bundle>, NodeError> {
+    let (b, e) = keys::tuple_range(&("diag", charger));
+    store.snapshot(|tx| {
+        tx.get_range(&b, &e, 1_000, false)?
+            .into_iter()
+            .map(|(_, v)| serde_json::from_slice(&v).map_err(|e| NodeError::Internal(e.to_string())))
+            .collect()
+    })
+}
+
+/// A bundle with its content: by id, or the charger's latest.
+pub fn load(store: &dyn Store, charger: &str, id: Option<&str>) -> Result<(Bundle, Vec<u8>), NodeError> {
+    let all = list(store, charger)?;
+    let b = match id {
+        Some(id) => all.into_iter().find(|b| b.id == id),
+        None => all.into_iter().max_by_key(|b| b.received_ms),
+    }
+    .ok_or_else(|| NodeError::NotFound(format!("no diagnostics bundle for charger {charger}")))?;
+    let mut content = Vec::with_capacity(b.size as usize);
+    store.snapshot(|tx| {
+        content.clear();
+        for i in 0..b.chunks {
+            let part = tx
+                .get(&data_key(&b.id, i))?
+                .ok_or_else(|| NodeError::Internal(format!("bundle {} misses chunk {i}", b.id)))?;
+            content.extend_from_slice(&part);
+        }
+        Ok::<_, NodeError>(())
+    })?;
+    Ok((b, content))
+}
