@@ -143,7 +143,14 @@ async fn meter_anomalies_are_flagged() {
     assert!(cp.event(tx_event("tx-jump", 0, T::Started, 1000, 0)).await.unwrap());
     assert!(cp.event(tx_event("tx-jump", 1, T::Updated, 51_000, 1)).await.unwrap());
     let s = node.session("tx-jump").await.unwrap();
-    assert_eq!(s.flags, vec!["energy-exceeds-capacity".to_string()]);
+    // … and far from what its 11 kW readings integrate to.
+    assert_eq!(
+        s.flags,
+        vec![
+            "energy-exceeds-capacity".to_string(),
+            "energy-power-mismatch".to_string()
+        ]
+    );
     // Malformed events get a precise rejection and store nothing.
     let mut bad = tx_event("tx-bad", 0, T::Started, 1, 0);
     bad.connector_id = 0;

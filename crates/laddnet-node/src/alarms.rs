@@ -518,3 +518,21 @@ async fn flapping(state: &Arc<NodeState>, myself: &ActorRef<AlarmMsg>, st: &mut 
         myself.send_after(window, move || AlarmMsg::FlapCheck(id));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::late_for_departure;
+
+    #[test]
+    fn the_pace_decides_whether_a_session_finishes_before_departure() {
+        let min = 60_000;
+        // 20 % → 30 % in 10 minutes: 80 % is 50 minutes further.
+        let eta = late_for_departure((0, 20), (10 * min, 30), 80, 30 * min);
+        assert_eq!(eta, Some(60 * min));
+        assert_eq!(late_for_departure((0, 20), (10 * min, 30), 80, 90 * min), None);
+        // Too early to tell, no progress, or already there: no verdict.
+        assert_eq!(late_for_departure((0, 20), (30_000, 25), 80, 0), None);
+        assert_eq!(late_for_departure((0, 20), (10 * min, 20), 80, 0), None);
+        assert_eq!(late_for_departure((0, 20), (10 * min, 85), 80, 0), None);
+    }
+}
