@@ -9,8 +9,6 @@ use laddnet_node::diagnostics::{Uploads, file_name_ok};
 use laddnet_proto::v1;
 use libfuzzer_sys::fuzz_target;
 
-const ROOT: &str = "-----BEGIN CERTIFICATE-----\nMIIBdzCCAR2gAwIBAgIBATAKBggqhkjOPQQDAjAUMRIwEAYDVQQDDAlsYWRkbmV0\nLXJvb3QwHhcNMjYwMTAxMDAwMDAwWhcNMzYwMTAxMDAwMDAwWjAUMRIwEAYDVQQD\n-----END CERTIFICATE-----\n";
-
 fn u32_at(d: &[u8], i: usize) -> u32 {
     let b = |k: usize| u32::from(*d.get(i + k).unwrap_or(&0));
     b(0) | (b(1) << 8) | (b(2) << 16)
@@ -20,10 +18,16 @@ fuzz_target!(|data: &[u8]| {
     let (head, rest) = data.split_at(data.len().min(64));
     let text = String::from_utf8_lossy(rest);
     // A charger's check of an announced image.
-    let (chain, image) = rest.split_at(rest.len() / 2);
-    let chain = String::from_utf8_lossy(chain);
-    let _ = laddnet_pki::firmware::verify_firmware(ROOT, &chain, &text, image, head, head, 1_800_000_000);
-    let _ = laddnet_pki::firmware::verify_firmware(&chain, ROOT, "1.0", image, head, image, 0);
+    let (chain_bytes, image) = rest.split_at(rest.len() / 2);
+    let (root_bytes, signer_bytes) = chain_bytes.split_at(chain_bytes.len() / 2);
+    let chain = String::from_utf8_lossy(chain_bytes);
+    let (root, signer) = (String::from_utf8_lossy(root_bytes), String::from_utf8_lossy(signer_bytes));
+    // The announced hash matches, so the chain, root and signature checks
+    // are reached with whatever the input holds.
+    let sha = <sha2::Sha256 as sha2::Digest>::digest(image).to_vec();
+    let _ = laddnet_pki::firmware::verify_firmware(&root, &signer, &text, image, &sha, head, 1_800_000_000);
+    let _ = laddnet_pki::firmware::verify_firmware(&chain, &chain, "1.0", image, &sha, image, 0);
+    let _ = laddnet_pki::firmware::verify_firmware(&chain, &chain, "1.0", image, head, head, 0);
     // Versions and file names.
     if laddnet_node::firmware::check_version(&text).is_ok() {
         assert!(!text.is_empty() && text.len() <= 32);

@@ -50,7 +50,7 @@ impl Demand {
             cap = cap.min(
                 self.measured_w
                     .saturating_add(self.measured_w / 10)
-                    .max(self.measured_w + 500),
+                    .max(self.measured_w.saturating_add(500)),
             );
         }
         cap
