@@ -36,7 +36,7 @@ fuzz_target!(|data: &[u8]| {
     assert!(!name.is_empty() && name.len() <= 100 && !name.contains('/'));
     // Diagnostics chunks: only requested ids, in order.
     let up = Uploads::default();
-    up.expect("r1");
+    up.requested("r1");
     let mut total = 0usize;
     for (i, piece) in rest.chunks(7).enumerate() {
         let c = v1::DiagnosticsChunk {

@@ -38,7 +38,7 @@ pub struct Uploads {
 
 impl Uploads {
     /// The node asked for a bundle under `command_id`.
-    pub fn expect(&self, command_id: &str) {
+    pub fn requested(&self, command_id: &str) {
         self.open
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -243,7 +243,7 @@ impl FleetService for Fleet {
             .outbound(id.as_str())
             .ok_or_else(|| Status::from(NodeError::Precondition(format!("charger {id} is not connected"))))?;
         let request = format!("diag-{id}-{}", crate::now_ms());
-        outbound.uploads.expect(&request);
+        outbound.uploads.requested(&request);
         let (done_tx, done_rx) = oneshot::channel();
         let (reply_tx, reply_rx) = oneshot::channel();
         self.state
