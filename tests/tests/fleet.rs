@@ -473,3 +473,55 @@ async fn diagnostics_are_uploaded_over_the_charger_stream_and_stored() {
     assert_eq!(e.code(), tonic::Code::NotFound);
     sim.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_that_will_not_finish_before_the_drivers_departure_is_too_little_power() {
+    let node = TestNode::start().await;
+    node.install_tariff().await;
+    // The driver wants 95 % and leaves in two to three minutes.
+    let (driver, _) = node.driver("Grace Hopper", "grace@example.org", "04D3D3D3").await;
+    let departs = time::OffsetDateTime::now_utc() + time::Duration::minutes(3);
+    let departure = format!("{:02}:{:02}", departs.hour(), departs.minute());
+    node.driver_admin()
+        .await
+        .set_preferences(v1::SetPreferencesRequest {
+            driver_id: driver,
+            preferences: Some(v1::Preferences {
+                target_soc_percent: 95,
+                departure: departure.clone(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    // Full power, but a car this size fills at under 0.2 % a second: at
+    // least three minutes to go from 70 % or below to 95 %.
+    let mut p = ac("SIM-DEP", 1, 1_000);
+    p.speed = 20;
+    p.tokens = vec!["04D3D3D3".into()];
+    p.stay = Some(Duration::from_secs(600));
+    p.mean_idle = Duration::from_millis(100);
+    let sim = sim_at(&node, p, "").await;
+    let mut inc = IncidentServiceClient::new(node.channel(&node.admin).await.unwrap());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let low = loop {
+        let of = incidents_of(&mut inc, "low-power").await;
+        if !of.is_empty() {
+            break of;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no low-power incident for the departure"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(low.len(), 1, "{low:#?}");
+    assert!(low[0].subject.starts_with("session:SIM-DEP-1-"), "{low:?}");
+    let detail = &low[0].timeline[0].detail;
+    assert!(detail.starts_with("at this pace 95 % is reached at "), "{detail}");
+    assert!(detail.contains("after the departure at "), "{detail}");
+    assert!(detail.ends_with(&format!("T{departure}:00Z")), "{detail}");
+    // Full power all along: not the power rule.
+    assert!(sim.status.borrow().power_w >= 7_400);
+    sim.stop();
+}

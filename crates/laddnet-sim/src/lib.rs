@@ -118,6 +118,8 @@ pub struct Profile {
     /// card in use here is not picked); empty: the charger runs free
     /// (starts carry no token).
     pub tokens: Vec<String>,
+    /// How long drivers stay (None: 30–180 s at random).
+    pub stay: Option<Duration>,
 }
 
 impl Profile {
@@ -133,6 +135,7 @@ impl Profile {
             speed: 1,
             mean_idle: Duration::from_secs(8),
             tokens: Vec::new(),
+            stay: None,
         }
     }
 }
@@ -370,7 +373,10 @@ impl Sim {
             soc: rng.gen_range(10.0..50.0),
             target_soc: rng.gen_range(70.0..95.0),
             car_max_w,
-            leaves_after: Duration::from_secs(rng.gen_range(30..180)),
+            leaves_after: self
+                .p
+                .stay
+                .unwrap_or_else(|| Duration::from_secs(rng.gen_range(30..180))),
             elapsed: Duration::ZERO,
             power_w: 0,
         });
