@@ -2,7 +2,7 @@
 //! bundle over its own stream in `DiagnosticsChunk` messages; the node
 //! accepts chunks only for a request it made to that charger, in order,
 //! up to [`MAX_BUNDLE`], and stores the bundle when the last one arrives
-//! (content in 64 KiB values, the metadata last).
+//! (content in chunks, [`crate::blobs`]; the metadata last).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -12,11 +12,11 @@ use laddnet_store::{Store, StoreExt, keys};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::blobs::{list_json, put_json, read_chunks, write_chunks};
 use crate::now_ms;
 use crate::status::NodeError;
 
 pub const MAX_BUNDLE: usize = 16 * 1024 * 1024;
-const CHUNK: usize = 64 * 1024;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Bundle {
@@ -101,15 +101,7 @@ fn data_key(id: &str, i: u32) -> Vec<u8> {
 }
 
 pub fn save(store: &dyn Store, charger: &str, id: &str, file_name: &str, content: &[u8]) -> Result<Bundle, NodeError> {
-    let chunks: Vec<&[u8]> = content.chunks(CHUNK).collect();
-    for (batch_no, batch) in chunks.chunks(16).enumerate() {
-        store.transact(|tx| {
-            for (j, c) in batch.iter().enumerate() {
-                tx.set(&data_key(id, (batch_no * 16 + j) as u32), c)?;
-            }
-            Ok::<_, NodeError>(())
-        })?;
-    }
+    let chunks = write_chunks(store, content, |i| data_key(id, i))?;
     let b = Bundle {
         id: id.into(),
         charger_id: charger.into(),
@@ -117,24 +109,14 @@ pub fn save(store: &dyn Store, charger: &str, id: &str, file_name: &str, content
         received_ms: now_ms(),
         size: content.len() as u64,
         sha256: hex::encode(Sha256::digest(content)),
-        chunks: chunks.len() as u32,
+        chunks,
     };
-    let json = serde_json::to_vec(&b).map_err(|e| NodeError::Internal(e.to_string()))?;
-    store.transact(|tx| {
-        tx.set(&meta_key(charger, id), &json)?;
-        Ok::<_, NodeError>(())
-    })?;
+    store.transact(|tx| put_json(tx, &meta_key(charger, id), &b))?;
     Ok(b)
 }
 
 pub fn list(store: &dyn Store, charger: &str) -> Result<Vec<Bundle>, NodeError> {
-    let (b, e) = keys::tuple_range(&("diag", charger));
-    store.snapshot(|tx| {
-        tx.get_range(&b, &e, 1_000, false)?
-            .into_iter()
-            .map(|(_, v)| serde_json::from_slice(&v).map_err(|e| NodeError::Internal(e.to_string())))
-            .collect()
-    })
+    list_json(store, keys::tuple_range(&("diag", charger)), 1_000)
 }
 
 /// A bundle with its content: by id, or the charger's latest.
@@ -145,16 +127,6 @@ pub fn load(store: &dyn Store, charger: &str, id: Option<&str>) -> Result<(Bundl
         None => all.into_iter().max_by_key(|b| b.received_ms),
     }
     .ok_or_else(|| NodeError::NotFound(format!("no diagnostics bundle for charger {charger}")))?;
-    let mut content = Vec::with_capacity(b.size as usize);
-    store.snapshot(|tx| {
-        content.clear();
-        for i in 0..b.chunks {
-            let part = tx
-                .get(&data_key(&b.id, i))?
-                .ok_or_else(|| NodeError::Internal(format!("bundle {} misses chunk {i}", b.id)))?;
-            content.extend_from_slice(&part);
-        }
-        Ok::<_, NodeError>(())
-    })?;
+    let content = read_chunks(store, b.chunks, |i| data_key(&b.id, i))?;
     Ok((b, content))
 }

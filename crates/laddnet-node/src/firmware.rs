@@ -1,7 +1,7 @@
 //! Firmware images and staged update campaigns.
 //!
-//! - An uploaded image is stored in 64 KiB chunks (its metadata last, so a
-//!   half-written upload is never visible) and signed with the CA's
+//! - An uploaded image is stored in chunks ([`crate::blobs`]; its metadata
+//!   last, so a half-written upload is never visible) and signed with the CA's
 //!   firmware-signing key ([`laddnet_pki::firmware`]).
 //! - A campaign sends `UpdateFirmware` to its chargers in two stages: a
 //!   canary share first (the first chargers by id), then the rest. A stage
@@ -16,19 +16,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use laddnet_proto::v1;
-use laddnet_store::{Store, StoreExt, Transaction, keys};
+use laddnet_store::{Store, StoreExt, keys};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::blobs::{get_json, list_json, put_json, write_chunks};
 use crate::now_ms;
 use crate::state::NodeState;
 use crate::status::NodeError;
 
-pub const CHUNK: usize = 64 * 1024;
 /// The largest image accepted.
 pub const MAX_IMAGE: usize = 256 * 1024 * 1024;
-/// Chunks written per transaction (1 MiB: well inside FoundationDB's limit).
-const CHUNKS_PER_TX: usize = 16;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Image {
@@ -97,19 +95,6 @@ fn campaign_key(id: &str) -> Vec<u8> {
     keys::pack(&("fw-campaign", id))
 }
 
-fn get<T: serde::de::DeserializeOwned>(tx: &mut dyn Transaction, key: &[u8]) -> Result<Option<T>, NodeError> {
-    match tx.get(key)? {
-        None => Ok(None),
-        Some(v) => serde_json::from_slice(&v)
-            .map(Some)
-            .map_err(|e| NodeError::Internal(format!("stored firmware record: {e}"))),
-    }
-}
-fn put<T: Serialize>(tx: &mut dyn Transaction, key: &[u8], v: &T) -> Result<(), NodeError> {
-    let bytes = serde_json::to_vec(v).map_err(|e| NodeError::Internal(e.to_string()))?;
-    Ok(tx.set(key, &bytes)?)
-}
-
 /// Stores and signs an image. Versions are immutable: uploading one that
 /// exists is refused.
 pub fn store_image(
@@ -132,15 +117,7 @@ pub fn store_image(
     let signature = signer
         .sign(version, &digest)
         .map_err(|e| NodeError::Internal(format!("signing firmware: {e}")))?;
-    let chunks: Vec<&[u8]> = image.chunks(CHUNK).collect();
-    for (batch_no, batch) in chunks.chunks(CHUNKS_PER_TX).enumerate() {
-        store.transact(|tx| {
-            for (j, c) in batch.iter().enumerate() {
-                tx.set(&chunk_key(version, (batch_no * CHUNKS_PER_TX + j) as u32), c)?;
-            }
-            Ok::<_, NodeError>(())
-        })?;
-    }
+    let chunks = write_chunks(store, image, |i| chunk_key(version, i))?;
     let meta = Image {
         version: version.into(),
         size: image.len() as u64,
@@ -150,7 +127,7 @@ pub fn store_image(
         signer_serial: signer.serial.clone(),
         signer_chain_pem: signer.chain_pem.clone(),
         signature: hex::encode(signature),
-        chunks: chunks.len() as u32,
+        chunks,
     };
     store.transact(|tx| {
         if tx.get(&image_key(version))?.is_some() {
@@ -158,23 +135,17 @@ pub fn store_image(
                 "firmware {version} was already uploaded"
             )));
         }
-        put(tx, &image_key(version), &meta)
+        put_json(tx, &image_key(version), &meta)
     })?;
     Ok(meta)
 }
 
 pub fn get_image(store: &dyn Store, version: &str) -> Result<Option<Image>, NodeError> {
-    store.snapshot(|tx| get(tx, &image_key(version)))
+    store.snapshot(|tx| get_json(tx, &image_key(version)))
 }
 
 pub fn list_images(store: &dyn Store) -> Result<Vec<Image>, NodeError> {
-    let (b, e) = keys::tuple_range(&("fw-image",));
-    store.snapshot(|tx| {
-        tx.get_range(&b, &e, 10_000, false)?
-            .into_iter()
-            .map(|(_, v)| serde_json::from_slice(&v).map_err(|e| NodeError::Internal(e.to_string())))
-            .collect()
-    })
+    list_json(store, keys::tuple_range(&("fw-image",)), 10_000)
 }
 
 pub fn read_chunk(store: &dyn Store, version: &str, i: u32) -> Result<Option<Vec<u8>>, NodeError> {
@@ -182,17 +153,11 @@ pub fn read_chunk(store: &dyn Store, version: &str, i: u32) -> Result<Option<Vec
 }
 
 pub fn get_campaign(store: &dyn Store, id: &str) -> Result<Option<Campaign>, NodeError> {
-    store.snapshot(|tx| get(tx, &campaign_key(id)))
+    store.snapshot(|tx| get_json(tx, &campaign_key(id)))
 }
 
 pub fn list_campaigns(store: &dyn Store) -> Result<Vec<Campaign>, NodeError> {
-    let (b, e) = keys::tuple_range(&("fw-campaign",));
-    store.snapshot(|tx| {
-        tx.get_range(&b, &e, 10_000, false)?
-            .into_iter()
-            .map(|(_, v)| serde_json::from_slice(&v).map_err(|e| NodeError::Internal(e.to_string())))
-            .collect()
-    })
+    list_json(store, keys::tuple_range(&("fw-campaign",)), 10_000)
 }
 
 /// Creates a campaign over `chargers` (sorted: the first of them are the
@@ -251,7 +216,7 @@ pub fn create_campaign(
                 })
                 .collect(),
         };
-        put(tx, &campaign_key(&c.id), &c)?;
+        put_json(tx, &campaign_key(&c.id), &c)?;
         Ok(c)
     })
 }
@@ -260,9 +225,9 @@ pub fn create_campaign(
 fn update(store: &dyn Store, id: &str, mut f: impl FnMut(&mut Campaign)) -> Result<Campaign, NodeError> {
     store.transact(|tx| {
         let mut c: Campaign =
-            get(tx, &campaign_key(id))?.ok_or_else(|| NodeError::NotFound(format!("no campaign {id}")))?;
+            get_json(tx, &campaign_key(id))?.ok_or_else(|| NodeError::NotFound(format!("no campaign {id}")))?;
         f(&mut c);
-        put(tx, &campaign_key(id), &c)?;
+        put_json(tx, &campaign_key(id), &c)?;
         Ok(c)
     })
 }
@@ -460,11 +425,7 @@ async fn step(state: &Arc<NodeState>, id: &str) -> Result<(), NodeError> {
                 campaign_id: c.id.clone(),
             })),
         };
-        let msg = v1::CentralMessage {
-            msg_id: 0,
-            payload: Some(v1::central_message::Payload::Command(cmd)),
-        };
-        if out.tx.send(Ok(msg)).await.is_ok() {
+        if out.send_command(cmd).await {
             sent.push(charger);
         }
     }

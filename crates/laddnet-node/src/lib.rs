@@ -16,6 +16,7 @@
 #![forbid(unsafe_code)]
 
 pub mod alarms;
+pub mod blobs;
 pub mod bootstrap;
 pub mod config;
 pub mod diagnostics;

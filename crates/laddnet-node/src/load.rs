@@ -267,11 +267,7 @@ async fn replan(node: &Arc<NodeState>, st: &mut SiteState) {
                 limit_w: limit,
             })),
         };
-        let msg = v1::CentralMessage {
-            msg_id: 0,
-            payload: Some(v1::central_message::Payload::Command(cmd)),
-        };
-        if out.tx.send(Ok(msg)).await.is_ok() {
+        if out.send_command(cmd).await {
             live.sent = Some((limit, Instant::now()));
         }
     }

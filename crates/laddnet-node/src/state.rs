@@ -175,6 +175,18 @@ pub struct Outbound {
     pub uploads: crate::diagnostics::Uploads,
 }
 
+impl Outbound {
+    /// Sends a command (its reply, if any, is matched by `command_id`);
+    /// false when the charger's stream is gone.
+    pub async fn send_command(&self, command: v1::Command) -> bool {
+        let msg = v1::CentralMessage {
+            msg_id: 0,
+            payload: Some(v1::central_message::Payload::Command(command)),
+        };
+        self.tx.send(Ok(msg)).await.is_ok()
+    }
+}
+
 struct Attached {
     conn: u64,
     handle: Option<ChargerHandle>,

@@ -420,7 +420,7 @@ async fn remote_stop(outbound: &Outbound, tx_id: &str) {
             transaction_id: tx_id.into(),
         })),
     };
-    let _ = outbound.tx.send(out(0, Out::Command(cmd))).await;
+    outbound.send_command(cmd).await;
 }
 
 /// Handles one message after boot; returns the reply to send, if any.

@@ -267,15 +267,7 @@ impl FleetService for Fleet {
             command_id: request.clone(),
             kind: Some(v1::command::Kind::GetDiagnostics(v1::GetDiagnostics {})),
         };
-        if outbound
-            .tx
-            .send(Ok(v1::CentralMessage {
-                msg_id: 0,
-                payload: Some(v1::central_message::Payload::Command(cmd)),
-            }))
-            .await
-            .is_err()
-        {
+        if !outbound.send_command(cmd).await {
             forget();
             return Err(NodeError::Precondition(format!("charger {id} disconnected")).into());
         }

@@ -220,13 +220,7 @@ impl OperatorService for Operator {
             pending.insert(command.command_id.clone(), tx);
         }
         let cmd_id = command.command_id.clone();
-        let sent = outbound
-            .tx
-            .send(Ok(v1::CentralMessage {
-                msg_id: 0,
-                payload: Some(v1::central_message::Payload::Command(command)),
-            }))
-            .await;
+        let sent = outbound.send_command(command).await;
         let forget = || {
             outbound
                 .pending
@@ -234,7 +228,7 @@ impl OperatorService for Operator {
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&cmd_id);
         };
-        if sent.is_err() {
+        if !sent {
             forget();
             return Err(NodeError::Precondition(format!("charger {id} disconnected")).into());
         }
