@@ -15,6 +15,8 @@ const PROTOS: &[&str] = &[
     "laddnet/v1/drivers.proto",
     "laddnet/v1/incidents.proto",
     "laddnet/v1/fleet.proto",
+    "laddnet/v1/store.proto",
+    "laddnet/v1/cluster.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -43,6 +43,61 @@ pub struct NodeConfig {
     pub alarms: AlarmsSection,
     #[serde(default)]
     pub load: LoadSection,
+    #[serde(default)]
+    pub store: StoreSection,
+    #[serde(default)]
+    pub cluster: ClusterSection,
+}
+
+/// Which store the node uses.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreBackend {
+    /// redb in the data dir: one node owns it (the default).
+    #[default]
+    Embedded,
+    /// `laddnet store serve`: one redb file shared by the nodes of a small
+    /// cluster over mutual TLS (not replicated).
+    Shared,
+    /// A FoundationDB cluster (a build with the `fdb` feature).
+    Foundationdb,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreSection {
+    pub backend: StoreBackend,
+    /// shared: `https://host:port` of `laddnet store serve`.
+    pub endpoint: String,
+    /// shared: the name to check in the store server's certificate.
+    pub server_name: String,
+    /// shared: this node's store credentials, written by `laddnet store
+    /// serve --client NAME` (the chain and its key, mode 0600).
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// foundationdb: the cluster file (default: FoundationDB's own default).
+    pub cluster_file: Option<PathBuf>,
+}
+
+/// Several nodes on one shared store.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterSection {
+    /// A node's membership lease: another node takes over its chargers
+    /// once it has not renewed for this long.
+    pub lease_ms: u64,
+    /// Where other nodes reach this node's mutual-TLS listener
+    /// (`host:port`); empty: the listener's own address.
+    pub advertise: String,
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        Self {
+            lease_ms: 10_000,
+            advertise: String::new(),
+        }
+    }
 }
 
 /// Site load management: how a site's grid limit is shared.
@@ -428,6 +483,8 @@ impl NodeConfig {
             notifications: Default::default(),
             alarms: Default::default(),
             load: Default::default(),
+            store: Default::default(),
+            cluster: Default::default(),
         }
     }
 
@@ -501,6 +558,9 @@ impl NodeConfig {
             &mut self.ca.key_file,
             &mut self.ca.policy,
             &mut self.drivers.master_key_dir,
+            &mut self.store.cert,
+            &mut self.store.key,
+            &mut self.store.cluster_file,
         ]
         .into_iter()
         .flatten()
@@ -520,6 +580,17 @@ impl NodeConfig {
         }
         if self.tls.server_names.is_empty() {
             return bad("tls.server_names must name at least one DNS name or IP address");
+        }
+        if !(1_000..=600_000).contains(&self.cluster.lease_ms) {
+            return bad("cluster.lease_ms must be 1000 to 600000");
+        }
+        if self.store.backend == StoreBackend::Shared
+            && (self.store.endpoint.is_empty() || self.store.cert.is_none() || self.store.key.is_none())
+        {
+            return bad("store.backend = \"shared\" needs store.endpoint, store.cert and store.key");
+        }
+        if !self.cluster.advertise.is_empty() && self.cluster.advertise.parse::<SocketAddr>().is_err() {
+            return bad("cluster.advertise must be host:port with an IP address");
         }
         if !(100..=60_000).contains(&self.tls.handshake_timeout_ms) {
             return bad("tls.handshake_timeout_ms must be 100 to 60000");

@@ -27,6 +27,7 @@ pub mod load;
 pub mod metrics;
 pub mod node;
 pub mod services;
+pub mod shared_store;
 pub mod state;
 pub mod status;
 pub mod transport;

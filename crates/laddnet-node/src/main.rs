@@ -55,6 +55,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: VaultCmd,
     },
+    /// The shared store for a small cluster without FoundationDB.
+    Store {
+        #[command(subcommand)]
+        cmd: StoreCmd,
+    },
     /// Check a config file (with LADDNET_* overrides) and print it resolved.
     Validate {
         #[arg(long, short, default_value = "laddnet-data/laddnet.toml", env = "LADDNET_CONFIG")]
@@ -97,6 +102,24 @@ async fn wait_for_ctrl_c() {
     if tokio::signal::ctrl_c().await.is_err() {
         std::future::pending::<()>().await;
     }
+}
+
+#[derive(Subcommand)]
+enum StoreCmd {
+    /// Serve this data dir's store to the nodes of a cluster over mutual
+    /// TLS (one redb file, not replicated: FoundationDB is the production
+    /// backend). Writes credentials for each `--client` node that has none
+    /// into `<data_dir>/store-clients/`.
+    Serve {
+        #[arg(long, short, default_value = "laddnet-data/laddnet.toml", env = "LADDNET_CONFIG")]
+        config: PathBuf,
+        /// Where nodes connect (port 0 picks a free one).
+        #[arg(long, default_value = "127.0.0.1:7450")]
+        listen: std::net::SocketAddr,
+        /// A node that will use the store (repeat for each).
+        #[arg(long = "client")]
+        clients: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -235,6 +258,25 @@ async fn main() {
                 Ok(())
             }
             Cmd::Vault { cmd } => vault(cmd),
+            Cmd::Store {
+                cmd:
+                    StoreCmd::Serve {
+                        config,
+                        listen,
+                        clients,
+                    },
+            } => {
+                let stop = tokio_util::sync::CancellationToken::new();
+                let serving = laddnet_node::shared_store::serve(load(&config)?, listen, clients, stop.clone()).await?;
+                for (name, crt, key) in &serving.clients {
+                    println!("client {name}: {} {}", crt.display(), key.display());
+                }
+                println!("store serving on {}", serving.addr);
+                wait_for_ctrl_c().await;
+                stop.cancel();
+                let _ = serving.task.await;
+                Ok(())
+            }
             Cmd::Validate { config } => {
                 let cfg = load(&config).with_context(|| "invalid configuration")?;
                 laddnet_node::node::load_policy(&cfg)?;

@@ -27,7 +27,7 @@ use tonic::transport::Server;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
-use crate::config::NodeConfig;
+use crate::config::{NodeConfig, StoreBackend};
 use crate::identity::CaIdentityCheck;
 use crate::services::billing::Billing;
 use crate::services::drivers::{DriverAdmin, DriverApp};
@@ -55,9 +55,47 @@ pub fn load_policy(config: &NodeConfig) -> anyhow::Result<Policy> {
 
 pub fn open_store(config: &NodeConfig) -> anyhow::Result<SharedStore> {
     std::fs::create_dir_all(&config.data_dir).with_context(|| format!("creating {}", config.data_dir.display()))?;
-    let store =
-        RedbStore::open(config.store_path()).with_context(|| format!("opening {}", config.store_path().display()))?;
-    Ok(Arc::new(store))
+    let s = &config.store;
+    match s.backend {
+        StoreBackend::Embedded => {
+            let store = RedbStore::open(config.store_path())
+                .with_context(|| format!("opening {}", config.store_path().display()))?;
+            Ok(Arc::new(store))
+        }
+        StoreBackend::Shared => {
+            let read = |p: &Option<std::path::PathBuf>, what: &str| -> anyhow::Result<String> {
+                let p = p.as_ref().with_context(|| format!("store.{what} is not set"))?;
+                std::fs::read_to_string(p).with_context(|| format!("reading store.{what} {}", p.display()))
+            };
+            let root_path = config.ca_dir().join("root.crt");
+            let root = std::fs::read_to_string(&root_path)
+                .with_context(|| format!("reading the CA root {}", root_path.display()))?;
+            let server_name = if s.server_name.is_empty() {
+                "localhost"
+            } else {
+                &s.server_name
+            };
+            let client = crate::shared_store::SharedStoreClient::connect(
+                &s.endpoint,
+                server_name,
+                &root,
+                &read(&s.cert, "cert")?,
+                &read(&s.key, "key")?,
+            )
+            .with_context(|| format!("connecting to the shared store at {}", s.endpoint))?;
+            Ok(Arc::new(client))
+        }
+        #[cfg(feature = "fdb")]
+        StoreBackend::Foundationdb => {
+            let file = s.cluster_file.as_ref().map(|p| p.display().to_string());
+            let store = laddnet_store::FdbStore::open(file.as_deref()).context("opening FoundationDB")?;
+            Ok(Arc::new(store))
+        }
+        #[cfg(not(feature = "fdb"))]
+        StoreBackend::Foundationdb => anyhow::bail!(
+            "store.backend = \"foundationdb\" needs a laddnet built with `--features fdb` (and libfdb_c installed)"
+        ),
+    }
 }
 
 /// A node that is serving.

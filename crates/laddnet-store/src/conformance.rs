@@ -79,6 +79,20 @@ fn ranges(s: &dyn Store, run: &str) {
         .map(|(_, v)| i64::from_le_bytes(v[..8].try_into().unwrap()))
         .collect();
     assert_eq!(nums, vec![2, 4, 5, 10, 33], "ascending tuple order, prefix-bounded");
+    // Read-your-writes in ranges: a set and a clear inside the transaction
+    // show in its own range reads, limits applied after them.
+    s.transact(|tx| {
+        tx.set(&pack(&("conformance", run, "range", 3i64)), &3i64.to_le_bytes())?;
+        tx.clear(&pack(&("conformance", run, "range", 2i64)))?;
+        let seen: Vec<i64> = tx
+            .get_range(&b, &e, 2, false)?
+            .iter()
+            .map(|(_, v)| i64::from_le_bytes(v[..8].try_into().unwrap()))
+            .collect();
+        assert_eq!(seen, vec![3, 4], "a range read sees the transaction's own writes");
+        Err::<(), _>(StoreError::Internal("abort: leave the range as it was".into()))
+    })
+    .unwrap_err();
     let rev = s.snapshot(|tx| tx.get_range(&b, &e, 2, true)).unwrap();
     let nums: Vec<i64> = rev
         .iter()

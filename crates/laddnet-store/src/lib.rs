@@ -71,6 +71,11 @@ impl WriteBudget {
     }
 }
 
+/// Refuses a key longer than FoundationDB allows.
+pub fn check_key(key: &[u8]) -> Result<(), StoreError> {
+    WriteBudget::check_key(key)
+}
+
 /// One key-value pair from a range read.
 pub type KeyValue = (Vec<u8>, Vec<u8>);
 
