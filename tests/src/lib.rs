@@ -300,7 +300,7 @@ impl TestNode {
     /// Where a simulated charger finds this node (as it runs now).
     pub fn sim_endpoints(&self) -> laddnet_sim::Endpoints {
         laddnet_sim::Endpoints {
-            mtls: self.mtls_endpoint(),
+            mtls: vec![self.mtls_endpoint()],
             enrollment: format!("https://{}", self.node().enrollment_addr),
             server_name: "localhost".into(),
             root_pem: self.root_pem.clone(),

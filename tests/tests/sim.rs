@@ -11,7 +11,7 @@ use laddnet_tests::*;
 async fn a_simulated_charger_drops_reconnects_and_replays_without_holes() {
     let node = TestNode::start().await;
     let ep = Endpoints {
-        mtls: node.mtls_endpoint(),
+        mtls: vec![node.mtls_endpoint()],
         enrollment: format!("https://{}", node.node().enrollment_addr),
         server_name: "localhost".into(),
         root_pem: node.root_pem.clone(),

@@ -26,6 +26,10 @@ pub struct ChargerArgs {
     pub site_id: Option<String>,
     pub connectors: Vec<Connector>,
     pub config: ActorConfig,
+    /// The ownership this actor writes under (`store` is fenced by it):
+    /// on detach the sessions are interrupted and the charger released in
+    /// one fenced transaction. None: a store of its own (tests).
+    pub fence: Option<crate::cluster::Fence>,
 }
 
 struct Live {
@@ -262,10 +266,21 @@ impl Actor for ChargerActor {
                     live.actor.stop(Some("charger detached".into()));
                 }
                 state.sessions.clear();
-                let (store, id) = (state.args.store.clone(), state.args.charger_id.clone());
-                match tokio::task::spawn_blocking(move || repo::interrupt_sessions(store.as_ref(), &id, now())).await {
+                let (store, id, fence) = (
+                    state.args.store.clone(),
+                    state.args.charger_id.clone(),
+                    state.args.fence.clone(),
+                );
+                let released = tokio::task::spawn_blocking(move || match fence {
+                    Some(f) => crate::cluster::release(store.as_ref(), &f, now()),
+                    None => repo::interrupt_sessions(store.as_ref(), &id, now()),
+                });
+                match released.await {
                     Ok(Ok(ids)) if !ids.is_empty() => {
                         tracing::info!(charger_id = %state.args.charger_id, sessions = ids.len(), "charger dropped mid-session; sessions interrupted")
+                    }
+                    Ok(Err(RepoError::Store(laddnet_store::StoreError::Fenced(why)))) => {
+                        tracing::info!(charger_id = %state.args.charger_id, reason = %why, "another node owns the charger now; its sessions are left to it")
                     }
                     Ok(Err(e)) => {
                         tracing::error!(charger_id = %state.args.charger_id, error = %e, "could not mark sessions interrupted")

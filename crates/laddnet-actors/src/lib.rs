@@ -20,6 +20,7 @@
 
 pub mod availability;
 pub mod charger;
+pub mod cluster;
 pub mod repo;
 pub mod session;
 pub mod supervisor;

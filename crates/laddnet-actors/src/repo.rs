@@ -284,22 +284,28 @@ pub fn open_sessions(store: &dyn Store, charger_id: &str) -> Result<Vec<String>,
 
 /// Marks `charger_id`'s active sessions interrupted (it dropped).
 pub fn interrupt_sessions(store: &dyn Store, charger_id: &str, now: i64) -> Result<Vec<String>, RepoError> {
-    let ids = open_sessions(store, charger_id)?;
-    store.transact(|tx| {
-        let mut done = Vec::new();
-        for id in &ids {
-            if let Some(mut r) = get::<SessionRecord>(tx, &session_key(id))?
-                && r.status == SessionStatus::Active
-            {
-                r.status = SessionStatus::Interrupted;
-                r.interrupted_at = Some(now);
-                r.power_w = 0;
-                put_session(tx, &r)?;
-                done.push(id.clone());
-            }
+    store.transact(|tx| interrupt_sessions_in(tx, charger_id, now))
+}
+
+/// [`interrupt_sessions`] inside a caller's transaction.
+pub fn interrupt_sessions_in(tx: &mut dyn Transaction, charger_id: &str, now: i64) -> Result<Vec<String>, RepoError> {
+    let (b, e) = keys::tuple_range(&("session-open", charger_id));
+    let mut done = Vec::new();
+    for (k, _) in tx.get_range(&b, &e, 0, false)? {
+        let id = keys::unpack::<(String, String, String)>(&k)
+            .map(|t| t.2)
+            .map_err(|e| RepoError::Corrupted(format!("{e:?}")))?;
+        if let Some(mut r) = get::<SessionRecord>(tx, &session_key(&id))?
+            && r.status == SessionStatus::Active
+        {
+            r.status = SessionStatus::Interrupted;
+            r.interrupted_at = Some(now);
+            r.power_w = 0;
+            put_session(tx, &r)?;
+            done.push(id);
         }
-        Ok(done)
-    })
+    }
+    Ok(done)
 }
 
 /// At node start no charger is attached yet: every active session is

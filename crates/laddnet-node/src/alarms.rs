@@ -192,7 +192,7 @@ impl Actor for AlarmActor {
                 });
             }
             AlarmMsg::OfflineCheck(id) => {
-                if node.chargers.connection(&id).is_none() && !node.shutdown.is_cancelled() {
+                if !node.shutdown.is_cancelled() && !crate::cluster::connected_anywhere(&node, &id).await {
                     let detail = format!("no connection for {} s", st.t.offline_after_s);
                     raise(&node, AlarmKind::Offline, format!("charger:{id}"), detail).await;
                 }

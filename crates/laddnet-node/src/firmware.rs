@@ -410,9 +410,6 @@ async fn step(state: &Arc<NodeState>, id: &str) -> Result<(), NodeError> {
     let signature = hex::decode(&image.signature).map_err(|e| NodeError::Internal(e.to_string()))?;
     let mut sent = Vec::new();
     for charger in to_send {
-        let Some(out) = state.chargers.outbound(&charger) else {
-            continue;
-        };
         let cmd = v1::Command {
             command_id: format!("fw-{}-{charger}", c.id),
             kind: Some(v1::command::Kind::UpdateFirmware(v1::UpdateFirmware {
@@ -425,7 +422,11 @@ async fn step(state: &Arc<NodeState>, id: &str) -> Result<(), NodeError> {
                 campaign_id: c.id.clone(),
             })),
         };
-        if out.send_command(cmd).await {
+        // Wherever the charger is connected: here or through its node.
+        if crate::cluster::command(state, &charger, cmd, false, &format!("campaign:{}", c.id))
+            .await
+            .is_ok()
+        {
             sent.push(charger);
         }
     }

@@ -127,7 +127,7 @@ pub async fn start(node: &RunningNode, data_dir: &Path, n: usize) -> anyhow::Res
     let drivers = node.state.hub.drivers.clone();
     tokio::task::spawn_blocking(move || create_demo_drivers(&drivers, n * DRIVERS_PER_CHARGER)).await??;
     let ep = Endpoints {
-        mtls: format!("https://{}", node.mtls_addr),
+        mtls: vec![format!("https://{}", node.mtls_addr)],
         enrollment: format!("https://{}", node.enrollment_addr),
         server_name: node
             .state

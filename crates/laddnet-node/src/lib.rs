@@ -18,6 +18,7 @@
 pub mod alarms;
 pub mod blobs;
 pub mod bootstrap;
+pub mod cluster;
 pub mod config;
 pub mod diagnostics;
 pub mod drivers;

@@ -149,6 +149,7 @@ impl RunningNode {
         };
         let chain = laddnet_pki::tls::certs_from_pem(&node_cert.chain_pem)?;
         let key = laddnet_pki::tls::key_from_pem(&node_key)?;
+        let node_client_tls = laddnet_pki::tls::client_config(ca.root_pem(), Some((&node_cert.chain_pem, &node_key)))?;
         let (crl, revoked) = {
             let ca = ca.clone();
             tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
@@ -165,7 +166,7 @@ impl RunningNode {
         )?;
         let enroll_cfg = laddnet_pki::tls::server_only_config(chain.clone(), key.clone_key())?;
         let mtls_shared = Arc::new(RwLock::new(mtls_cfg));
-        {
+        if config.store.backend == StoreBackend::Embedded {
             // A previous run may have stopped uncleanly: no charger is attached
             // yet, so its active sessions wait for their chargers as interrupted.
             let store = store.clone();
@@ -226,6 +227,15 @@ impl RunningNode {
         };
         let mtls_addr = mtls_listener.local_addr()?;
         let enrollment_addr = enroll_listener.local_addr()?;
+        let _ = state.cluster.client_tls.set(node_client_tls);
+        let advertise = if config.cluster.advertise.is_empty() {
+            mtls_addr.to_string()
+        } else {
+            config.cluster.advertise.clone()
+        };
+        crate::cluster::join(&state, advertise)
+            .await
+            .context("joining the cluster")?;
 
         let shutdown = state.shutdown.clone();
         let (health, health_service) = tonic_health::server::health_reporter();
@@ -238,6 +248,7 @@ impl RunningNode {
             "laddnet.v1.DriverService",
             "laddnet.v1.IncidentService",
             "laddnet.v1.FleetService",
+            "laddnet.v1.ClusterService",
             "laddnet.v1.EnrollmentService",
         ] {
             health.set_service_status(name, ServingStatus::Serving).await;
@@ -333,6 +344,13 @@ impl RunningNode {
                 FleetServiceServer::new(crate::services::fleet::Fleet { state: state.clone() })
                     .max_decoding_message_size(limit)
                     .max_encoding_message_size(limit.max(crate::diagnostics::MAX_BUNDLE + 4096)),
+            )
+            .add_service(
+                laddnet_proto::v1::cluster_service_server::ClusterServiceServer::new(
+                    crate::services::cluster::ClusterNode { state: state.clone() },
+                )
+                .max_decoding_message_size(limit)
+                .max_encoding_message_size(limit),
             );
         let e = &ca.policy().enrollment;
         let enroll_router = server()
@@ -368,6 +386,7 @@ impl RunningNode {
             }
         }));
         tasks.push(tokio::spawn(revocation_poller(state.clone(), shutdown.clone())));
+        tasks.push(tokio::spawn(crate::cluster::heartbeat(state.clone(), shutdown.clone())));
         tasks.push(tokio::spawn(interruption_sweeper(state.clone(), shutdown.clone())));
         tasks.push(tokio::spawn(billing_sweeper(state.clone(), shutdown.clone())));
         tasks.push(tokio::spawn(crate::drivers::notification_pump(
@@ -394,7 +413,7 @@ impl RunningNode {
             shutdown.clone(),
         )));
 
-        tracing::info!(mtls = %mtls_addr, enrollment = %enrollment_addr, store = "redb", "node serving");
+        tracing::info!(mtls = %mtls_addr, enrollment = %enrollment_addr, store = state.store.backend(), "node serving");
         Ok(Self {
             mtls_addr,
             enrollment_addr,
@@ -418,6 +437,7 @@ impl RunningNode {
             "laddnet.v1.DriverService",
             "laddnet.v1.IncidentService",
             "laddnet.v1.FleetService",
+            "laddnet.v1.ClusterService",
             "laddnet.v1.EnrollmentService",
         ] {
             self.health.set_service_status(name, ServingStatus::NotServing).await;
@@ -431,6 +451,7 @@ impl RunningNode {
         for t in self.tasks {
             let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
         }
+        crate::cluster::leave(&self.state).await;
         // Streams, actors and connection tasks hold the store; wait for
         // them to let go, so the data dir can be opened again as soon as
         // this returns.

@@ -35,6 +35,8 @@ pub struct NodeState {
     pub firmware_signer: tokio::sync::Mutex<Option<Arc<laddnet_pki::firmware::FirmwareSigner>>>,
     /// Site load management: one actor per site with a grid limit.
     pub load: crate::load::LoadManager,
+    /// Membership and node-to-node routing.
+    pub cluster: crate::cluster::Cluster,
     /// gRPC latency per method, for the metrics endpoint.
     pub rpc: Arc<crate::metrics::RpcStats>,
     /// Cancelled when the node shuts down: long-lived streams end with it.
@@ -71,6 +73,7 @@ impl NodeState {
             hub,
             alarm_actor: Default::default(),
             load: Default::default(),
+            cluster: Default::default(),
             diag_waiters: Default::default(),
             firmware_signer: Default::default(),
             rpc: Default::default(),
@@ -293,6 +296,18 @@ impl ChargerRegistry {
             .iter()
             .filter_map(|(id, a)| a.outbound.clone().map(|o| (id.clone(), o)))
             .collect()
+    }
+
+    /// Closes every charger connection (this node lost its membership).
+    pub fn close_all(&self, conns: &crate::transport::ConnRegistry) -> usize {
+        let serials: Vec<String> = self
+            .live
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|a| a.serial.clone())
+            .collect();
+        serials.iter().map(|s| conns.close_serial(s)).sum()
     }
 
     pub fn len(&self) -> usize {

@@ -50,6 +50,9 @@ pub enum NodeError {
     NotFound(String),
     #[error("{0}")]
     Internal(String),
+    /// A dependency (the store, another node) is down; retry.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl HasKind for NodeError {
@@ -63,6 +66,7 @@ impl HasKind for NodeError {
             NodeError::Exhausted(_) => ErrorKind::ResourceExhausted,
             NodeError::NotFound(_) => ErrorKind::NotFound,
             NodeError::Internal(_) => ErrorKind::Internal,
+            NodeError::Unavailable(_) => ErrorKind::Unavailable,
         }
     }
 }

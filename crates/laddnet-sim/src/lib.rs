@@ -9,7 +9,10 @@
 //!   target state of charge or when the driver leaves.
 //! - Every event waits in a queue until the node acknowledges it: a
 //!   dropped connection keeps queueing (flagged offline) and the queue is
-//!   replayed on reconnect, which uses jittered exponential backoff.
+//!   replayed on reconnect, which uses jittered exponential backoff and
+//!   moves to the next of the cluster's endpoints after each failure. A
+//!   message unanswered for [`ACK_TIMEOUT`] counts as a dead connection (a
+//!   frozen node keeps TCP open).
 //! - Commands are answered; remote start and stop act on sessions.
 //! - Charging limits (`SetChargingLimit`) cap a connector's power until
 //!   changed; each reading reports the limit applied and what the car takes.
@@ -35,10 +38,13 @@ use rand::Rng;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
-/// Where the node is and what to trust.
+/// Where the nodes are and what to trust.
 #[derive(Clone)]
 pub struct Endpoints {
-    pub mtls: String,
+    /// The mutual-TLS listeners of the cluster's nodes (`https://host:port`),
+    /// tried in turn: a charger that loses its node, or cannot reach it,
+    /// moves to the next one.
+    pub mtls: Vec<String>,
     pub enrollment: String,
     pub server_name: String,
     pub root_pem: String,
@@ -169,6 +175,12 @@ pub enum Fault {
     EnergyScale(u32),
 }
 
+/// How long a message may wait for its answer before the connection is
+/// taken for dead.
+pub const ACK_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest wait between connection attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(8);
+
 /// The most lines a diagnostics bundle keeps.
 const LOG_LINES: usize = 500;
 
@@ -221,6 +233,10 @@ struct Session {
 
 struct Sim {
     p: Profile,
+    /// Which of the endpoints to try next (wraps around).
+    endpoint: usize,
+    /// The endpoint of the live connection.
+    connected_to: String,
     register_wh: Vec<u64>,
     sessions: Vec<Session>,
     queue: VecDeque<v1::ChargerMessage>,
@@ -509,6 +525,8 @@ async fn run(
         firmware_fails: false,
         updating: false,
         log: VecDeque::new(),
+        endpoint: 0,
+        connected_to: String::new(),
         idle_until: (0..n)
             .map(|_| start + Duration::from_millis(rand::thread_rng().gen_range(0..4_000)))
             .collect(),
@@ -531,17 +549,24 @@ async fn run(
     let (fw_tx, mut fw_rx) = mpsc::channel::<v1::FirmwareStatus>(8);
     loop {
         // Offline: keep charging and queueing until a connection works.
-        let attempt = connect_once(&ep, tls.clone(), &sim).await;
+        if ep.mtls.is_empty() {
+            tracing::error!(charger_id = %sim.p.charger_id, "no endpoint to connect to");
+            return;
+        }
+        let endpoint = ep.mtls[sim.endpoint % ep.mtls.len()].clone();
+        let attempt = connect_once(&endpoint, &ep, tls.clone(), &sim).await;
         let (out_tx, mut inbound) = match attempt {
             Ok(pair) => {
                 backoff = Duration::from_millis(250);
+                sim.connected_to = endpoint;
                 pair
             }
             Err(e) => {
-                tracing::debug!(charger_id = %sim.p.charger_id, error = %e, "connect failed");
+                tracing::debug!(charger_id = %sim.p.charger_id, endpoint = %endpoint, error = %e, "connect failed");
+                sim.endpoint += 1;
                 let jitter = rand::thread_rng().gen_range(0.5..1.5);
                 let wait = backoff.mul_f64(jitter);
-                backoff = (backoff * 2).min(Duration::from_secs(30));
+                backoff = (backoff * 2).min(MAX_BACKOFF);
                 let deadline = tokio::time::Instant::now() + wait;
                 while tokio::time::Instant::now() < deadline {
                     tokio::select! {
@@ -558,6 +583,7 @@ async fn run(
         let _ = status.send(sim.status.clone());
         // Replay what the node has not acknowledged, oldest first.
         let mut in_flight = 0usize;
+        let mut sent_at = tokio::time::Instant::now();
         let mut heartbeat = tokio::time::interval(Duration::from_secs(30));
         let disconnected = loop {
             // One message in flight at a time: the node answers each.
@@ -577,8 +603,14 @@ async fn run(
                     continue;
                 }
                 in_flight = 1;
+                sent_at = tokio::time::Instant::now();
             }
+            let ack_deadline = sent_at + ACK_TIMEOUT;
             tokio::select! {
+                _ = tokio::time::sleep_until(ack_deadline), if in_flight > 0 => {
+                    tracing::debug!(charger_id = %sim.p.charger_id, "no answer in time; the connection is taken for dead");
+                    break true;
+                }
                 _ = ticker.tick() => {
                     if tokio::time::Instant::now() >= silent_until {
                         sim.tick(false);
@@ -661,6 +693,8 @@ async fn run(
             let _ = status.send(sim.status.clone());
         };
         if disconnected {
+            // The next attempt goes to the next node.
+            sim.endpoint += 1;
             sim.status.connected = false;
             sim.status.reconnects += 1;
             let _ = status.send(sim.status.clone());
@@ -751,7 +785,9 @@ fn handle_command(
             sim.updating = true;
             let (ep, tls, fw, u) = (ep.clone(), tls.clone(), fw.clone(), u.clone());
             let fails = sim.firmware_fails;
-            tokio::spawn(update_firmware(ep, tls, fw, u, fails));
+            // From the node the command came through.
+            let from = sim.connected_to.clone();
+            tokio::spawn(update_firmware(ep, from, tls, fw, u, fails));
             accepted("downloading")
         }
         None => rejected("empty command"),
@@ -761,6 +797,7 @@ fn handle_command(
 /// Downloads, verifies and "installs" an image, reporting each step.
 async fn update_firmware(
     ep: Endpoints,
+    from: String,
     tls: Arc<laddnet_client::ClientConfig>,
     fw: mpsc::Sender<v1::FirmwareStatus>,
     u: v1::UpdateFirmware,
@@ -774,7 +811,7 @@ async fn update_firmware(
     };
     let _ = fw.send(report(v1::FirmwareState::Downloading, String::new())).await;
     let image = async {
-        let ch = laddnet_client::connect(&ep.mtls, &ep.server_name, tls).await?;
+        let ch = laddnet_client::connect(&from, &ep.server_name, tls).await?;
         let mut s = v1::charger_service_client::ChargerServiceClient::new(ch)
             .download_firmware(v1::DownloadFirmwareRequest {
                 version: u.version.clone(),
@@ -827,11 +864,12 @@ async fn update_firmware(
 type Inbound = tonic::Streaming<v1::CentralMessage>;
 
 async fn connect_once(
+    endpoint: &str,
     ep: &Endpoints,
     tls: Arc<laddnet_client::ClientConfig>,
     sim: &Sim,
 ) -> anyhow::Result<(mpsc::Sender<v1::ChargerMessage>, Inbound)> {
-    let ch = laddnet_client::connect(&ep.mtls, &ep.server_name, tls).await?;
+    let ch = laddnet_client::connect(endpoint, &ep.server_name, tls).await?;
     let (tx, rx) = mpsc::channel(64);
     let boot = v1::ChargerMessage {
         msg_id: 0,

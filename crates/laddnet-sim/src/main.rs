@@ -37,7 +37,7 @@ async fn main() -> anyhow::Result<()> {
     let read = |p: &PathBuf| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
     let root_pem = read(&cfg.ca_cert)?;
     let ep = laddnet_sim::Endpoints {
-        mtls: cfg.endpoint.clone(),
+        mtls: vec![cfg.endpoint.clone()],
         enrollment: cli.enrollment.clone(),
         server_name: cfg.server_name.clone(),
         root_pem,

@@ -19,6 +19,10 @@ pub enum StoreError {
     /// [`crate::StoreExt`].
     #[error("transaction aborted")]
     Aborted,
+    /// The writer no longer owns what it writes for (a fencing epoch moved
+    /// on: another node took the charger over).
+    #[error("fenced: {0}")]
+    Fenced(String),
     #[error("store internal error: {0}")]
     Internal(String),
 }

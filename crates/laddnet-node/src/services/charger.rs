@@ -290,8 +290,39 @@ impl ChargerService for Charger {
                 .into());
             }
         };
-        let store = self.state.store.clone();
-        let stored = match tokio::task::spawn_blocking(move || repo::record_boot(store.as_ref(), record)).await {
+        // Ownership: taken in one transaction, or refused while a live
+        // member of the cluster holds the charger's other connection.
+        let Some(me) = self.state.cluster.me() else {
+            self.state.chargers.detach(&id, conn);
+            return Err(NodeError::Unavailable("this node has not joined the cluster yet".into()).into());
+        };
+        let (store, cid) = (self.state.store.clone(), id.to_string());
+        let now_ms = (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;
+        let taken =
+            tokio::task::spawn_blocking(move || laddnet_actors::cluster::take(store.as_ref(), &cid, &me, now_ms))
+                .await
+                .map_err(|e| NodeError::Internal(e.to_string()))
+                .and_then(|r| r.map_err(|e| NodeError::Unavailable(e.to_string())));
+        let fence = match taken {
+            Ok(laddnet_actors::cluster::Takeover::Taken(f)) => f,
+            Ok(laddnet_actors::cluster::Takeover::HeldBy { node, .. }) => {
+                self.state.chargers.detach(&id, conn);
+                return Err(NodeError::AlreadyExists(format!(
+                    "charger {id} is connected to node {node}; the live connection keeps its place"
+                ))
+                .into());
+            }
+            Err(e) => {
+                self.state.chargers.detach(&id, conn);
+                return Err(e.into());
+            }
+        };
+        let store: laddnet_store::SharedStore = Arc::new(laddnet_actors::cluster::FencedStore::new(
+            self.state.store.clone(),
+            fence.clone(),
+        ));
+        let boot_store = store.clone();
+        let stored = match tokio::task::spawn_blocking(move || repo::record_boot(boot_store.as_ref(), record)).await {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
                 self.state.chargers.detach(&id, conn);
@@ -303,7 +334,8 @@ impl ChargerService for Charger {
             }
         };
         let args = ChargerArgs {
-            store: self.state.store.clone(),
+            store,
+            fence: Some(fence),
             charger_id: id.to_string(),
             site_id: stored.site_id.clone(),
             connectors: stored.connectors.clone(),
@@ -369,10 +401,11 @@ impl ChargerService for Charger {
                     tokio::time::sleep(wait).await;
                 }
                 let reply = handle_message(&state, &ctx, &identity_actor(&id), &handle, &outbound, m).await;
-                if let Some(reply) = reply
-                    && tx.send(reply).await.is_err()
-                {
-                    break;
+                if let Some(reply) = reply {
+                    let ends = reply.is_err();
+                    if tx.send(reply).await.is_err() || ends {
+                        break;
+                    }
                 }
             }
             handle.detach().await;
@@ -466,6 +499,9 @@ async fn handle_message(
                         )
                         .await;
                         out(id, Out::StatusAck(v1::StatusAck {}))
+                    }
+                    Err(e) if laddnet_core::HasKind::kind(&e) == laddnet_core::ErrorKind::Unavailable => {
+                        Err(Status::unavailable(format!("status not stored, send it again: {e}")))
                     }
                     Err(e) => rejected(id, e.to_string()),
                 }
@@ -614,6 +650,14 @@ async fn handle_message(
                         tokio::task::spawn_blocking(move || ca.record(AuditKind::SecurityEvent, &actor, &t, &detail))
                             .await;
                     rejected(id, "this transaction belongs to another charger")
+                }
+                // The store or the session actor is unavailable, or another
+                // node owns the charger now: not the event's fault. End the
+                // stream; the charger keeps the event and sends it again
+                // after reconnecting (here or to another node).
+                Err(e) if laddnet_core::HasKind::kind(&e) == laddnet_core::ErrorKind::Unavailable => {
+                    tracing::warn!(charger_id = %ctx.charger_id, error = %e, "event not stored; closing the stream so the charger resends it");
+                    Err(Status::unavailable(format!("event not stored, send it again: {e}")))
                 }
                 Err(e) => {
                     state.metrics.events_rejected.fetch_add(1, Ordering::Relaxed);

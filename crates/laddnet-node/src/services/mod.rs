@@ -5,6 +5,7 @@
 
 pub mod billing;
 pub mod charger;
+pub mod cluster;
 pub mod drivers;
 pub mod enrollment;
 pub mod fleet;

@@ -13,7 +13,7 @@ use laddnet_core::charging::{ConnectorStatus, ConnectorType, SessionRecord, Sess
 use laddnet_core::{ChargerId, Role, SiteId};
 use laddnet_proto::v1;
 use laddnet_proto::v1::operator_service_server::OperatorService;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
@@ -195,55 +195,16 @@ impl OperatorService for Operator {
     }
 
     async fn send_command(&self, req: Request<v1::SendCommandRequest>) -> Result<Response<v1::CommandReply>, Status> {
-        require_role(&self.state, &req, "send commands to chargers", Role::can_operate)?;
+        let (identity, _) = require_role(&self.state, &req, "send commands to chargers", Role::can_operate)?;
         let r = req.into_inner();
         let id = ChargerId::new(r.charger_id).map_err(invalid)?;
         let mut command = r.command.ok_or_else(|| invalid("command is required"))?;
         if command.kind.is_none() {
             return Err(invalid("command has no kind"));
         }
-        let outbound = self
-            .state
-            .chargers
-            .outbound(id.as_str())
-            .ok_or_else(|| Status::from(NodeError::Precondition(format!("charger {id} is not connected"))))?;
         command.command_id = format!("cmd-{:x}", rand_id());
-        let (tx, rx) = oneshot::channel();
-        {
-            let mut pending = outbound.pending.lock().unwrap_or_else(|p| p.into_inner());
-            if pending.len() >= self.state.config.sessions.max_pending_commands {
-                self.state.metrics.commands_shed.fetch_add(1, Ordering::Relaxed);
-                return Err(
-                    NodeError::Exhausted(format!("charger {id} has too many commands waiting for a reply")).into(),
-                );
-            }
-            pending.insert(command.command_id.clone(), tx);
-        }
-        let cmd_id = command.command_id.clone();
-        let sent = outbound.send_command(command).await;
-        let forget = || {
-            outbound
-                .pending
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&cmd_id);
-        };
-        if !sent {
-            forget();
-            return Err(NodeError::Precondition(format!("charger {id} disconnected")).into());
-        }
-        let wait = Duration::from_millis(self.state.config.sessions.command_timeout_ms);
-        match tokio::time::timeout(wait, rx).await {
-            Ok(Ok(reply)) => Ok(Response::new(reply)),
-            Ok(Err(_)) => Err(NodeError::Precondition(format!("charger {id} disconnected before replying")).into()),
-            Err(_) => {
-                forget();
-                Err(Status::deadline_exceeded(format!(
-                    "charger {id} did not reply within {} s",
-                    wait.as_secs()
-                )))
-            }
-        }
+        let reply = crate::cluster::command(&self.state, id.as_str(), command, true, &identity.actor()).await?;
+        Ok(Response::new(reply))
     }
 
     async fn create_site(&self, req: Request<v1::CreateSiteRequest>) -> Result<Response<v1::Site>, Status> {
