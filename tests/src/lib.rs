@@ -2,6 +2,8 @@
 //! temporary data dir, with a clock the test can move, and helpers that act
 //! as chargers, operators and attackers with real certificates.
 
+pub mod cluster;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -616,16 +618,21 @@ pub struct NodeProcess {
 
 impl NodeProcess {
     pub fn start(dir: &std::path::Path, env: &[(&str, &str)]) -> NodeProcess {
+        Self::start_in(dir, "d/laddnet.toml", "node.log", env)
+    }
+
+    /// A node on the config `config` (relative to `dir`), logging to `log`.
+    pub fn start_in(dir: &std::path::Path, config: &str, log: &str, env: &[(&str, &str)]) -> NodeProcess {
         use std::io::BufRead;
         let mut cmd = std::process::Command::new(bin("laddnet"));
-        cmd.args(["node", "--config", "d/laddnet.toml"])
+        cmd.args(["node", "--config", config])
             .current_dir(dir)
             .env("LADDNET_LISTEN__MTLS", "127.0.0.1:0")
             .env("LADDNET_LISTEN__ENROLLMENT", "127.0.0.1:0")
             .env("LADDNET_LISTEN__METRICS", "127.0.0.1:0")
             .env_remove("LADDNET_CA_PASSPHRASE")
             .stdout(std::process::Stdio::piped());
-        let log = dir.join("node.log");
+        let log = dir.join(log);
         let log_file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)

@@ -86,6 +86,9 @@ pub fn init_data_dir(config: &NodeConfig, admin: &OperatorName) -> anyhow::Resul
     {
         laddnet_vault::create_key_file(path)?;
     }
+    // The master keys for personal data: created now, so a data dir is
+    // complete (the nodes of a cluster get copies of it).
+    laddnet_vault::LocalMasterKeys::load(&config.master_key_dir(), true)?;
     let store = open_store(config)?;
     let clock = laddnet_pki::system_clock();
     let report = laddnet_pki::init(&files, &policy, &source, &store, &clock)?;

@@ -251,7 +251,8 @@ async fn main() {
             }
             Cmd::Init { data_dir, admin } => {
                 let admin = OperatorName::new(admin).map_err(|e| anyhow::anyhow!(e))?;
-                let cfg = NodeConfig::for_data_dir(&data_dir);
+                // LADDNET_* overrides apply (a store.backend, for one).
+                let cfg = NodeConfig::parse(&NodeConfig::for_data_dir(&data_dir).to_toml(), std::env::vars())?;
                 let out = tokio::task::spawn_blocking(move || init_data_dir(&cfg, &admin)).await??;
                 println!("node config:    {}", out.config_path.display());
                 println!("laddctl config: {}", out.ctl_config_path.display());

@@ -199,6 +199,8 @@ pub struct SimStatus {
     pub queued: usize,
     pub reconnects: u64,
     pub acked: u64,
+    /// The highest sequence number the node acknowledged, per transaction.
+    pub acked_seq: std::collections::BTreeMap<String, u64>,
 }
 
 /// A running simulated charger.
@@ -528,7 +530,8 @@ async fn run(
         endpoint: 0,
         connected_to: String::new(),
         idle_until: (0..n)
-            .map(|_| start + Duration::from_millis(rand::thread_rng().gen_range(0..4_000)))
+            // The first cars within half the mean idle time.
+            .map(|_| start + p.mean_idle.mul_f64(rand::thread_rng().gen_range(0.0..0.5)))
             .collect(),
         status: SimStatus::default(),
         local_list: Default::default(),
@@ -678,7 +681,12 @@ async fn run(
                             Some(Out::LocalList(u)) if m.msg_id == 0 => sim.apply_list(&u),
                             Some(_) if m.msg_id != 0 => {
                                 if sim.queue.front().is_some_and(|q| q.msg_id == m.msg_id) {
-                                    sim.queue.pop_front();
+                                    if let Some(In::Transaction(t)) = sim.queue.pop_front().and_then(|q| q.payload)
+                                        && matches!(m.payload, Some(Out::TransactionAck(_)))
+                                    {
+                                        let e = sim.status.acked_seq.entry(t.transaction_id).or_insert(0);
+                                        *e = (*e).max(t.seq);
+                                    }
                                     sim.status.acked += 1;
                                 }
                                 in_flight = 0;

@@ -1,0 +1,397 @@
+//! Several `laddnet node` processes over one shared store (the harness in
+//! `laddnet_tests::cluster`): routing between nodes, fencing of a frozen
+//! node, and failover of a killed one.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use laddnet_proto::v1;
+use laddnet_proto::v1::TransactionEventType as T;
+use laddnet_proto::v1::billing_service_client::BillingServiceClient;
+use laddnet_proto::v1::charger_message::Payload as In;
+use laddnet_proto::v1::cluster_service_client::ClusterServiceClient;
+use laddnet_proto::v1::operator_service_client::OperatorServiceClient;
+use laddnet_sim::{Identity, Profile, SimHandle};
+use laddnet_tests::cluster::Cluster;
+use laddnet_tests::*;
+
+fn identity(c: Creds) -> Identity {
+    Identity {
+        chain_pem: c.chain_pem,
+        key_pem: c.key_pem,
+    }
+}
+
+async fn session(op: &mut OperatorServiceClient<tonic::transport::Channel>, tx: &str) -> Option<v1::Session> {
+    op.get_session(v1::GetSessionRequest {
+        transaction_id: tx.into(),
+    })
+    .await
+    .ok()
+    .map(|r| r.into_inner())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_sent_to_node_1_reaches_a_charger_on_node_3_and_the_reply_comes_back() {
+    let c = Cluster::start(3, 3_000);
+    let creds = c.node(2).enroll(&c.root_pem, &c.admin, "SIM-R").await;
+    let mut ep = c.sim_endpoints(2);
+    ep.mtls.truncate(1); // node 3 only
+    let mut p = Profile::fleet_member(0);
+    p.charger_id = "SIM-R".into();
+    p.connectors = 1;
+    p.mean_idle = Duration::from_secs(86_400); // no car of its own for hours
+    let sim = laddnet_sim::spawn(ep, identity(creds), p);
+    let mut status = sim.status.clone();
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            let s = status.borrow_and_update().clone();
+            async move { s.connected }
+        })
+        .await,
+        "the simulated charger connects to node 3"
+    );
+
+    // Node 1 has no connection to SIM-R: it forwards to node 3.
+    let mut op = OperatorServiceClient::new(c.admin_channel(0).await);
+    let reply = op
+        .send_command(v1::SendCommandRequest {
+            charger_id: "SIM-R".into(),
+            command: Some(v1::Command {
+                command_id: String::new(),
+                kind: Some(v1::command::Kind::RemoteStart(v1::RemoteStart {
+                    connector_id: 1,
+                    id_token: String::new(),
+                })),
+            }),
+        })
+        .await
+        .expect("node 1 routes the command")
+        .into_inner();
+    assert_eq!(reply.status, v1::CommandStatus::Accepted as i32, "{reply:?}");
+    assert_eq!(reply.detail, "started", "the charger's own reply comes back");
+    let mut status = sim.status.clone();
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let s = status.borrow_and_update().clone();
+            async move { s.sessions.iter().any(|(tx, _)| tx.starts_with("SIM-R-1-")) }
+        })
+        .await,
+        "the charger acted on the command: {:?}\n{}",
+        sim.status.borrow().clone(),
+        c.log(2)
+    );
+    // A second start on the busy connector: the charger's refusal comes back too.
+    let again = op
+        .send_command(v1::SendCommandRequest {
+            charger_id: "SIM-R".into(),
+            command: Some(v1::Command {
+                command_id: String::new(),
+                kind: Some(v1::command::Kind::RemoteStart(v1::RemoteStart {
+                    connector_id: 1,
+                    id_token: String::new(),
+                })),
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.status, v1::CommandStatus::Rejected as i32);
+    assert_eq!(again.detail, "connector busy or unknown");
+
+    // A charger connected nowhere is named as such, from any node.
+    let err = op
+        .send_command(v1::SendCommandRequest {
+            charger_id: "NOWHERE-1".into(),
+            command: Some(v1::Command {
+                command_id: String::new(),
+                kind: Some(v1::command::Kind::Reset(v1::Reset::default())),
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert!(err.message().contains("not connected"), "{}", err.message());
+
+    // Every node sees every member; an operator may list them.
+    let members = ClusterServiceClient::new(c.admin_channel(1).await)
+        .members(v1::MembersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .members;
+    assert_eq!(members.iter().filter(|m| m.alive).count(), 3, "{members:?}");
+    let node3 = members.iter().find(|m| m.node_id == "node-3").unwrap();
+    assert_eq!(node3.chargers, 1, "node 3 owns SIM-R");
+
+    // ClusterService is for nodes: a charger's certificate is refused.
+    let charger = c.node(0).enroll(&c.root_pem, &c.admin, "CP-X").await;
+    let ch = c.node(0).channel(&c.root_pem, &charger).await;
+    let denied = ClusterServiceClient::new(ch)
+        .forward_command(v1::ForwardCommandRequest {
+            charger_id: "SIM-R".into(),
+            command: None,
+            on_behalf_of: String::new(),
+            epoch: 0,
+            wait_reply: true,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+    sim.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_frozen_past_its_lease_cannot_write_for_a_charger_it_no_longer_owns() {
+    let mut c = Cluster::start(2, 2_000);
+    let creds = c.node(0).enroll(&c.root_pem, &c.admin, "CP-F").await;
+    // The charger on node 1: a session with acknowledged readings.
+    let mut on_a = attach(c.node(0).channel(&c.root_pem, &creds).await, "CP-F")
+        .await
+        .expect("attached to node 1");
+    for seq in 0..5u64 {
+        let kind = if seq == 0 { T::Started } else { T::Updated };
+        assert!(
+            on_a.event(tx_event("tx-f", seq, kind, 1_000 + seq * 100, seq as i64))
+                .await
+                .unwrap()
+        );
+    }
+
+    // Node 1 freezes. A reading it will find when it wakes is already in its socket.
+    c.freeze(0);
+    on_a.tx
+        .send(v1::ChargerMessage {
+            msg_id: 900,
+            payload: Some(In::Transaction(tx_event("tx-f", 99, T::Updated, 99_999, 99))),
+        })
+        .await
+        .unwrap();
+
+    // The charger gives up on node 1 and goes to node 2, which takes it
+    // over once node 1's lease has lapsed.
+    let started = Instant::now();
+    let mut on_b = loop {
+        match attach(c.node(1).channel(&c.root_pem, &creds).await, "CP-F").await {
+            Ok(a) => break a,
+            Err(s) if s.code() == tonic::Code::AlreadyExists && started.elapsed() < Duration::from_secs(30) => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(s) => panic!("node 2 never took the charger over: {s}"),
+        }
+    };
+    for seq in 5..10u64 {
+        let r = on_b
+            .event(tx_event("tx-f", seq, T::Updated, 1_000 + seq * 100, seq as i64))
+            .await;
+        assert!(matches!(r, Ok(true)), "node 2 stores the readings: {r:?}\n{}", c.log(1));
+    }
+
+    // Node 1 wakes up with the stale reading and its charger actor.
+    c.thaw(0);
+    let answer = tokio::time::timeout(Duration::from_secs(30), on_a.rx.message()).await;
+    match answer {
+        Ok(Ok(Some(m))) => panic!("node 1 answered as if it still owned CP-F: {m:?}"),
+        // Refused with a status (its write was fenced) or cut off (it found
+        // itself declared dead and dropped its chargers): either way, no ack.
+        Ok(Err(_)) | Ok(Ok(None)) => {}
+        Err(_) => panic!("node 1 neither refused nor closed the stream:\n{}", c.log(0)),
+    }
+
+    // Node 1 has let go of its side of the connection (its detach ran:
+    // without fencing it would have marked the session interrupted).
+    assert!(
+        eventually(Duration::from_secs(15), || {
+            let log = c.log(0);
+            async move { log.contains("charger detached") }
+        })
+        .await,
+        "node 1 detached CP-F:\n{}",
+        c.log(0)
+    );
+
+    // Nothing of node 1's is in the store: no seq 99, and the session
+    // node 2 runs was not marked interrupted by node 1's detach.
+    let mut op = OperatorServiceClient::new(c.admin_channel(1).await);
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let mut op = op.clone();
+            async move {
+                session(&mut op, "tx-f")
+                    .await
+                    .is_some_and(|s| s.last_seq == 9 && s.samples == 10)
+            }
+        })
+        .await,
+        "the session holds node 2's readings only: {:?}",
+        session(&mut op, "tx-f").await
+    );
+    let s = session(&mut op, "tx-f").await.unwrap();
+    assert_eq!(s.status, "active", "node 1 did not interrupt node 2's session");
+    assert!(on_b.event(tx_event("tx-f", 10, T::Updated, 2_000, 10)).await.unwrap());
+    let log = c.log(0);
+    assert!(
+        log.contains("declared dead") || log.contains("owned by node-2"),
+        "node 1 knows it lost the charger:\n{log}"
+    );
+    let _ = c.kill(0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_s_chargers_reconnect_and_their_sessions_continue() {
+    const CHARGERS: usize = 300;
+    let mut c = Cluster::start(3, 3_000);
+
+    // 300 simulated chargers, a third starting on each node; every one
+    // knows all three. Every other one has long sessions that span the
+    // kill; the rest have short ones, so sessions end and are billed.
+    let mut sims: Vec<SimHandle> = Vec::new();
+    for i in 0..CHARGERS {
+        let id = format!("SIM-{:04}", i + 1);
+        let creds = c.node(i % 3).enroll(&c.root_pem, &c.admin, &id).await;
+        let mut p = Profile::fleet_member(i);
+        p.charger_id = id;
+        p.sample_every = Duration::from_secs(2);
+        p.mean_idle = Duration::from_secs(2);
+        p.stay = Some(if i % 2 == 0 {
+            Duration::from_secs(600)
+        } else {
+            Duration::from_secs(6)
+        });
+        sims.push(laddnet_sim::spawn(c.sim_endpoints(i % 3), identity(creds), p));
+    }
+    let all_connected = |sims: &Vec<SimHandle>| sims.iter().all(|s| s.status.borrow().connected);
+    let t0 = Instant::now();
+    while !(all_connected(&sims) && sims.iter().all(|s| s.status.borrow().active_sessions > 0)) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "not every charger connected with a session"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Which chargers node 2 holds, and the sessions live now.
+    let mut op = OperatorServiceClient::new(c.admin_channel(0).await);
+    let before: BTreeMap<String, u64> = sims.iter().flat_map(|s| s.status.borrow().acked_seq.clone()).collect();
+    let live: Vec<String> = sims
+        .iter()
+        .flat_map(|s| {
+            s.status
+                .borrow()
+                .sessions
+                .iter()
+                .map(|x| x.0.clone())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let reconnects: Vec<u64> = sims.iter().map(|s| s.status.borrow().reconnects).collect();
+
+    c.kill(1);
+    let killed = Instant::now();
+    let moved: Vec<usize> = loop {
+        // Chargers that were on node 2 have reconnected (once more than before).
+        let waiting: Vec<usize> = (0..CHARGERS)
+            .filter(|&i| i % 3 == 1)
+            .filter(|&i| {
+                let s = sims[i].status.borrow();
+                !(s.connected && s.reconnects > reconnects[i])
+            })
+            .collect();
+        if waiting.is_empty() && all_connected(&sims) {
+            break (0..CHARGERS).filter(|&i| i % 3 == 1).collect();
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(30),
+            "{} chargers not back within 30 s, e.g. SIM-{:04}",
+            waiting.len(),
+            waiting.first().map_or(0, |i| i + 1)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let back_in = killed.elapsed();
+    assert_eq!(moved.len(), CHARGERS / 3);
+
+    // Every session live at the kill continues: new readings arrive.
+    let t1 = Instant::now();
+    let mut pending: Vec<String> = live.clone();
+    while !pending.is_empty() {
+        let mut still = Vec::new();
+        for tx in pending {
+            let s = session(&mut op, &tx).await;
+            let moved_on = s.as_ref().is_some_and(|s| {
+                s.missing_events == 0
+                    && (s.status == "ended"
+                        || (s.status == "active" && s.last_seq > before.get(&tx).copied().unwrap_or(0)))
+            });
+            if !moved_on {
+                still.push(tx);
+            }
+        }
+        pending = still;
+        assert!(
+            t1.elapsed() < Duration::from_secs(60),
+            "{} sessions did not continue, e.g. {:?}",
+            pending.len(),
+            session(&mut op, &pending[0]).await
+        );
+        if !pending.is_empty() {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    // No acknowledged reading is missing; no session is doubled.
+    for sim in &sims {
+        let acked = sim.status.borrow().acked_seq.clone();
+        for (tx, seq) in acked {
+            let s = session(&mut op, &tx)
+                .await
+                .expect("every acknowledged session is stored");
+            assert!(
+                s.last_seq >= seq,
+                "{tx}: acknowledged {seq}, stored up to {}",
+                s.last_seq
+            );
+            assert_eq!(s.missing_events, 0, "{tx}: a hole among acknowledged readings");
+        }
+    }
+    let active = op
+        .list_sessions(v1::ListSessionsRequest {
+            page: Some(v1::PageRequest {
+                page_size: 1_000,
+                page_token: String::new(),
+            }),
+            status: "active".into(),
+            charger_id: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .sessions;
+    let mut per_connector = BTreeMap::new();
+    for s in &active {
+        *per_connector.entry((s.charger_id.clone(), s.connector_id)).or_insert(0) += 1;
+    }
+    assert!(
+        per_connector.values().all(|&n| n == 1),
+        "one active session per connector at most"
+    );
+
+    // The ledger of everything billed across the failover verifies.
+    let v = BillingServiceClient::new(c.admin_channel(2).await)
+        .verify_ledger(v1::VerifyLedgerRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(v.ok, "ledger problems: {:?}", v.problems);
+    assert!(v.cdrs > 0, "sessions ended and were billed during the test");
+    eprintln!(
+        "{} chargers back within {:?}; {} sessions continued; {} CDRs",
+        moved.len(),
+        back_in,
+        live.len(),
+        v.cdrs
+    );
+    for s in &sims {
+        s.stop();
+    }
+}
