@@ -234,7 +234,7 @@ async fn a_node_frozen_past_its_lease_cannot_write_for_a_charger_it_no_longer_ow
         log.contains("declared dead") || log.contains("owned by node-2"),
         "node 1 knows it lost the charger:\n{log}"
     );
-    let _ = c.kill(0);
+    c.kill(0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
