@@ -71,7 +71,17 @@ impl Cluster {
     pub fn start(n: usize, lease_ms: u64) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let fdb = std::env::var("FDB_CLUSTER_FILE").ok();
-        let mut common: Vec<(String, String)> = vec![("LADDNET_CLUSTER__LEASE_MS".into(), lease_ms.to_string())];
+        // The shipped policy, except that a whole fleet enrolls from this
+        // one test process (loopback) at once.
+        let policy = include_str!("../../pki/policy.toml")
+            .replace("per_minute = 30", "per_minute = 60000")
+            .replace("burst = 10", "burst = 1000");
+        let policy_path = dir.path().join("policy.toml");
+        std::fs::write(&policy_path, policy).unwrap();
+        let mut common: Vec<(String, String)> = vec![
+            ("LADDNET_CLUSTER__LEASE_MS".into(), lease_ms.to_string()),
+            ("LADDNET_CA__POLICY".into(), policy_path.display().to_string()),
+        ];
         if let Some(f) = &fdb {
             common.push(("LADDNET_STORE__BACKEND".into(), "foundationdb".into()));
             common.push(("LADDNET_STORE__CLUSTER_FILE".into(), f.clone()));
