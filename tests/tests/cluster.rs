@@ -59,6 +59,19 @@ async fn all_sessions(
     }
 }
 
+fn remote_start(charger: &str) -> v1::SendCommandRequest {
+    v1::SendCommandRequest {
+        charger_id: charger.into(),
+        command: Some(v1::Command {
+            command_id: String::new(),
+            kind: Some(v1::command::Kind::RemoteStart(v1::RemoteStart {
+                connector_id: 1,
+                id_token: String::new(),
+            })),
+        }),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_sent_to_node_1_reaches_a_charger_on_node_3_and_the_reply_comes_back() {
     let c = Cluster::start(3, 3_000);
@@ -83,16 +96,7 @@ async fn a_command_sent_to_node_1_reaches_a_charger_on_node_3_and_the_reply_come
     // Node 1 has no connection to SIM-R: it forwards to node 3.
     let mut op = OperatorServiceClient::new(c.admin_channel(0).await);
     let reply = op
-        .send_command(v1::SendCommandRequest {
-            charger_id: "SIM-R".into(),
-            command: Some(v1::Command {
-                command_id: String::new(),
-                kind: Some(v1::command::Kind::RemoteStart(v1::RemoteStart {
-                    connector_id: 1,
-                    id_token: String::new(),
-                })),
-            }),
-        })
+        .send_command(remote_start("SIM-R"))
         .await
         .expect("node 1 routes the command")
         .into_inner();
@@ -110,20 +114,7 @@ async fn a_command_sent_to_node_1_reaches_a_charger_on_node_3_and_the_reply_come
         c.log(2)
     );
     // A second start on the busy connector: the charger's refusal comes back too.
-    let again = op
-        .send_command(v1::SendCommandRequest {
-            charger_id: "SIM-R".into(),
-            command: Some(v1::Command {
-                command_id: String::new(),
-                kind: Some(v1::command::Kind::RemoteStart(v1::RemoteStart {
-                    connector_id: 1,
-                    id_token: String::new(),
-                })),
-            }),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let again = op.send_command(remote_start("SIM-R")).await.unwrap().into_inner();
     assert_eq!(again.status, v1::CommandStatus::Rejected as i32);
     assert_eq!(again.detail, "connector busy or unknown");
 

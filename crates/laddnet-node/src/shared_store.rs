@@ -176,7 +176,7 @@ impl SharedStoreClient {
                 writes: BTreeMap::new(),
                 checks: Vec::new(),
                 failed: None,
-                budget: 0,
+                budget: Default::default(),
                 read_only,
             };
             let result = f(&mut tx);
@@ -221,7 +221,7 @@ struct ClientTx<'a> {
     writes: BTreeMap<Vec<u8>, Pending>,
     checks: Vec<v1::StoreCheck>,
     failed: Option<CallError>,
-    budget: usize,
+    budget: laddnet_store::WriteBudget,
     read_only: bool,
 }
 
@@ -281,22 +281,12 @@ impl ClientTx<'_> {
         if self.read_only {
             return Err(StoreError::ReadOnly);
         }
-        if key.len() > laddnet_store::MAX_KEY_BYTES {
-            return Err(StoreError::KeyTooLarge(key.len()));
-        }
-        if value_len > MAX_VALUE_BYTES {
-            return Err(StoreError::ValueTooLarge(value_len));
-        }
-        self.budget += key.len() + value_len;
-        if self.budget > laddnet_store::MAX_TRANSACTION_BYTES {
-            return Err(StoreError::TransactionTooLarge(self.budget));
-        }
-        Ok(())
+        self.budget.charge(key, value_len)
     }
 
     /// Ok(true): committed; Ok(false): conflict.
     fn commit(self) -> Result<bool, CallError> {
-        if self.writes.is_empty() && (self.read_only || self.checks.len() <= 1) && self.checks.len() <= 1 {
+        if self.writes.is_empty() && self.checks.len() <= 1 {
             // Nothing to write and at most one read: trivially consistent.
             return Ok(true);
         }
@@ -437,14 +427,13 @@ pub struct StoreServer {
 }
 
 impl StoreServer {
-    pub fn new(store: Arc<dyn Store>) -> Self {
+    pub fn new(store: Arc<dyn Store>) -> std::io::Result<Self> {
         let (jobs, rx) = std::sync::mpsc::channel::<Job>();
         let writer = store.clone();
         std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || group_commit_writer(writer, rx))
-            .expect("spawning the store writer thread");
-        Self { store, jobs }
+            .spawn(move || group_commit_writer(writer, rx))?;
+        Ok(Self { store, jobs })
     }
 }
 
@@ -754,7 +743,7 @@ pub async fn serve(
         },
         shutdown.clone(),
     );
-    let service = v1::store_service_server::StoreServiceServer::new(StoreServer::new(store))
+    let service = v1::store_service_server::StoreServiceServer::new(StoreServer::new(store)?)
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20);
     let stop = shutdown.clone();

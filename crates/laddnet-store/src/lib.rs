@@ -45,12 +45,12 @@ pub const MAX_TRANSACTION_BYTES: usize = 10_000_000;
 
 /// FoundationDB's limits, kept by every backend's write transaction.
 #[derive(Debug, Default)]
-pub(crate) struct WriteBudget {
+pub struct WriteBudget {
     written: usize,
 }
 
 impl WriteBudget {
-    pub(crate) fn check_key(key: &[u8]) -> Result<(), StoreError> {
+    pub fn check_key(key: &[u8]) -> Result<(), StoreError> {
         if key.len() > MAX_KEY_BYTES {
             return Err(StoreError::KeyTooLarge(key.len()));
         }
@@ -58,7 +58,7 @@ impl WriteBudget {
     }
 
     /// Checks a write of `key` with a value of `value_len` bytes and counts it.
-    pub(crate) fn charge(&mut self, key: &[u8], value_len: usize) -> Result<(), StoreError> {
+    pub fn charge(&mut self, key: &[u8], value_len: usize) -> Result<(), StoreError> {
         Self::check_key(key)?;
         if value_len > MAX_VALUE_BYTES {
             return Err(StoreError::ValueTooLarge(value_len));
