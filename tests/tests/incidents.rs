@@ -283,8 +283,9 @@ async fn the_metrics_endpoint_serves_the_fleet_series() {
     }))
     .await
     .unwrap();
-    let body = scrape(addr).await;
-    for series in [
+    // The fault reaches the alarm monitor asynchronously: scrape until the
+    // series settle (or the deadline passes and the asserts name what is off).
+    let expected = [
         "laddnet_chargers_connected 1",
         "laddnet_sessions_active 1",
         "laddnet_energy_delivered_wh_total 600",
@@ -294,7 +295,14 @@ async fn the_metrics_endpoint_serves_the_fleet_series() {
         "laddnet_certificates_expiring_30d ",
         "laddnet_rpc_duration_seconds_count{method=\"laddnet.v1.ChargerService/Attach\"} 1",
         "laddnet_rpc_duration_seconds_bucket{method=\"laddnet.v1.PkiService/CreateEnrollmentToken\",le=\"+Inf\"} 1",
-    ] {
+    ];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut body = scrape(addr).await;
+    while !expected.iter().all(|s| body.contains(s)) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        body = scrape(addr).await;
+    }
+    for series in expected {
         assert!(body.contains(series), "no {series:?} in\n{body}");
     }
     // Anything else is not served.
