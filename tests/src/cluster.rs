@@ -85,6 +85,13 @@ impl Cluster {
         if let Some(f) = &fdb {
             common.push(("LADDNET_STORE__BACKEND".into(), "foundationdb".into()));
             common.push(("LADDNET_STORE__CLUSTER_FILE".into(), f.clone()));
+            // Each cluster in its own subspace: tests run side by side.
+            let run = dir
+                .path()
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            common.push(("LADDNET_STORE__KEY_PREFIX".into(), format!("\"laddnet-test/{run}/\"")));
         }
         // One CA, one key-encryption key, one set of master keys for all
         // (init creates them; each node gets a copy of the data dir).
@@ -247,6 +254,13 @@ impl Drop for Cluster {
         // A frozen node cannot die of SIGKILL until it is continued.
         for p in self.nodes.iter().flatten() {
             let _ = Command::new("kill").args(["-CONT", &p.child.id().to_string()]).status();
+        }
+        // A failed test leaves the logs behind when asked to.
+        if std::thread::panicking() && std::env::var_os("CLUSTER_TEST_KEEP").is_some() {
+            let kept = std::env::temp_dir().join(format!("laddnet-cluster-{}", std::process::id()));
+            if std::fs::rename(self.dir.path(), &kept).is_ok() {
+                eprintln!("cluster data dirs and logs kept in {}", kept.display());
+            }
         }
     }
 }

@@ -563,11 +563,30 @@ pub fn bin(name: &str) -> std::path::PathBuf {
     static BUILT: std::sync::Once = std::sync::Once::new();
     BUILT.call_once(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let ok = std::process::Command::new(cargo)
-            .args(["build", "-q", "--workspace", "--bins"])
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
+        // Without the variables `cargo test` sets for this package: build
+        // scripts that watch them (ring's watches CARGO_MANIFEST_DIR) would
+        // otherwise rebuild half the tree, and again at the next plain build.
+        let mut cmd = std::process::Command::new(cargo);
+        for (k, _) in std::env::vars_os() {
+            let k = k.to_string_lossy();
+            if k == "OUT_DIR"
+                || k == "CARGO_MANIFEST_DIR"
+                || k == "CARGO_MANIFEST_PATH"
+                || k == "CARGO_CRATE_NAME"
+                || k == "CARGO_PRIMARY_PACKAGE"
+                || k == "CARGO_TARGET_TMPDIR"
+                || k.starts_with("CARGO_PKG_")
+                || k.starts_with("CARGO_BIN_")
+            {
+                cmd.env_remove(k.as_ref());
+            }
+        }
+        cmd.args(["build", "-q", "--workspace", "--bins"]);
+        // On a real FoundationDB (see docs/operations.md) the nodes need the backend.
+        if std::env::var_os("FDB_CLUSTER_FILE").is_some() {
+            cmd.args(["--features", "laddnet-node/fdb"]);
+        }
+        let ok = cmd.status().map(|s| s.success()).unwrap_or(false);
         assert!(ok, "building the binaries failed");
     });
     let dir = std::env::current_exe()

@@ -140,6 +140,26 @@ fn up_then_laddctl_from_the_same_directory() {
         .output()
         .unwrap();
     assert_eq!(json(&from_env)["name"], "admin");
+    // LADDCTL_ENDPOINT overrides the file's endpoint (a load balancer):
+    // a bad one is named, a wrong one fails to connect.
+    let with_endpoint = |e: &str| {
+        Command::new(bin("laddctl"))
+            .args(["whoami", "-o", "json"])
+            .current_dir(dir.path())
+            .env("LADDCTL_ENDPOINT", e)
+            .output()
+            .unwrap()
+    };
+    let bad = with_endpoint("http://127.0.0.1:1");
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("LADDCTL_ENDPOINT must be https://host:port"));
+    assert!(!with_endpoint("https://127.0.0.1:1").status.success());
+    // The node is a cluster of one: itself, alive.
+    let members = json(&ctl(dir.path(), &["cluster", "members", "-o", "json"]));
+    let members = members.as_array().expect("a list of members");
+    assert_eq!(members.len(), 1, "{members:?}");
+    assert_eq!(members[0]["alive"], true);
+    assert_eq!(members[0]["incarnation"], 1);
     let completions = ctl(dir.path(), &["completions", "bash"]);
     assert!(String::from_utf8_lossy(&completions.stdout).contains("laddctl"));
 

@@ -257,7 +257,12 @@ pub enum Takeover {
     /// This node owns the charger now, under this fence.
     Taken(Fence),
     /// A live member holds it (the charger's other connection is alive).
-    HeldBy { node: String, address: String },
+    /// A live member holds it; its lease runs until `until_ms` unless renewed.
+    HeldBy {
+        node: String,
+        address: String,
+        until_ms: i64,
+    },
 }
 
 /// Takes `charger` for `me` unless a live member holds it.
@@ -274,6 +279,7 @@ pub fn take(store: &dyn Store, charger: &str, me: &MemberRecord, now_ms: i64) ->
                 && h.alive(now_ms)
             {
                 return Ok::<_, StoreError>(Takeover::HeldBy {
+                    until_ms: h.lease_expires_ms,
                     node: h.node,
                     address: h.address,
                 });
@@ -444,7 +450,8 @@ mod tests {
             take(s.as_ref(), "CP-1", &b, 20).unwrap(),
             Takeover::HeldBy {
                 node: "a".into(),
-                address: "127.0.0.1:1".into()
+                address: "127.0.0.1:1".into(),
+                until_ms: 1_000,
             }
         );
         // a's lease runs out: b takes over, and a's writes are fenced.

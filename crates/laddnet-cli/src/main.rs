@@ -4,7 +4,9 @@
 //!
 //! Configuration: `--config FILE`, else `LADDCTL_CONFIG`, else
 //! `./laddctl.toml`, else `./laddnet-data/laddctl.toml` (what `laddnet up`
-//! writes). Every command prints a table, or JSON with `--output json`.
+//! writes). `LADDCTL_ENDPOINT` (`https://host:port`) overrides the file's
+//! endpoint, e.g. to reach a cluster through its load balancer from a
+//! container. Every command prints a table, or JSON with `--output json`.
 //! Errors go to stderr, naming the problem, with exit code 1 (2 for usage).
 
 mod drivers;
@@ -108,10 +110,19 @@ enum Cmd {
     /// The keys protecting personal data (security team).
     #[command(subcommand)]
     Vault(VaultCmd),
+    /// The nodes of the cluster: who is alive, until when, how many chargers each holds.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
     /// Who the node thinks you are.
     Whoami,
     /// Print shell completions.
     Completions { shell: clap_complete::Shell },
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Members in the store: node, incarnation, address, lease, chargers.
+    Members,
 }
 
 #[derive(Subcommand)]
@@ -463,6 +474,14 @@ fn find_config(explicit: Option<&Path>) -> anyhow::Result<(PathBuf, CtlConfig)> 
         if p.is_relative() {
             *p = base.join(&*p);
         }
+    }
+    if let Ok(e) = std::env::var("LADDCTL_ENDPOINT")
+        && !e.is_empty()
+    {
+        if !e.starts_with("https://") {
+            bail!("LADDCTL_ENDPOINT must be https://host:port, not {e:?}");
+        }
+        cfg.endpoint = e;
     }
     Ok((path, cfg))
 }
@@ -1266,6 +1285,43 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     if v.rewrap_finished { "finished" } else { "under way" }
                 );
             }
+        }
+        Cmd::Cluster(ClusterCmd::Members) => {
+            let mut c = v1::cluster_service_client::ClusterServiceClient::new(channel(cfg).await?);
+            let mut members = c.members(v1::MembersRequest {}).await?.into_inner().members;
+            members.sort_by(|a, b| (&a.node_id, a.incarnation).cmp(&(&b.node_id, b.incarnation)));
+            let lease = |m: &v1::Member| {
+                time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(m.lease_expires_ms) * 1_000_000)
+                    .ok()
+                    .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+                    .unwrap_or_default()
+            };
+            emit(
+                out,
+                Value::Array(
+                    members
+                        .iter()
+                        .map(|m| {
+                            json!({"node": m.node_id, "incarnation": m.incarnation, "address": m.address,
+                            "alive": m.alive, "lease_expires": lease(m), "chargers": m.chargers})
+                        })
+                        .collect(),
+                ),
+                &["NODE", "INCARNATION", "ADDRESS", "ALIVE", "LEASE EXPIRES", "CHARGERS"],
+                members
+                    .iter()
+                    .map(|m| {
+                        vec![
+                            m.node_id.clone(),
+                            m.incarnation.to_string(),
+                            m.address.clone(),
+                            if m.alive { "yes" } else { "no" }.into(),
+                            lease(m),
+                            m.chargers.to_string(),
+                        ]
+                    })
+                    .collect(),
+            );
         }
         Cmd::Whoami => {
             let mut c = OperatorServiceClient::new(channel(cfg).await?);

@@ -70,7 +70,7 @@ impl Cluster {
     }
 }
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
 }
 
@@ -114,21 +114,47 @@ async fn reap(state: &Arc<NodeState>) {
     }
 }
 
-/// Renews the lease every third of it and reaps dead members. A renewal
-/// that finds this node declared dead drops every charger (their ownership
-/// may have moved) and joins again as a new incarnation.
+/// Renews the lease every quarter of it; a renewal that finds this node
+/// declared dead drops every charger (their ownership may have moved) and
+/// joins again as a new incarnation. Reaping dead members runs in a task of
+/// its own, so releasing a dead node's chargers never delays a renewal.
 pub async fn heartbeat(state: Arc<NodeState>, shutdown: CancellationToken) {
     let lease = state.config.cluster.lease_ms as i64;
-    let every = Duration::from_millis((lease / 3) as u64);
+    let every = Duration::from_millis((lease / 4) as u64);
+    let reaper = tokio::spawn({
+        let (state, shutdown) = (state.clone(), shutdown.clone());
+        async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tick.tick() => reap(&state).await,
+                }
+            }
+        }
+    });
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(every) => {}
+            _ = shutdown.cancelled() => break,
+            _ = tick.tick() => {}
         }
         let Some(me) = state.cluster.me() else { continue };
         let store = state.store.clone();
         let m2 = me.clone();
-        match blocking(move || ownership::renew(store.as_ref(), &m2, lease, now_ms())).await {
+        let started = std::time::Instant::now();
+        let renewed = blocking(move || ownership::renew(store.as_ref(), &m2, lease, now_ms())).await;
+        let took = started.elapsed();
+        if took > every {
+            tracing::warn!(
+                ms = took.as_millis() as u64,
+                lease_ms = lease,
+                "lease renewal was slow: the store is overloaded or far away"
+            );
+        }
+        match renewed {
             Ok(true) => {}
             Ok(false) => {
                 tracing::error!(node = %me.node, incarnation = me.incarnation, "this node was declared dead (its lease lapsed); dropping its chargers and joining again");
@@ -140,8 +166,8 @@ pub async fn heartbeat(state: Arc<NodeState>, shutdown: CancellationToken) {
             }
             Err(e) => tracing::error!(error = %e, "lease renewal failed"),
         }
-        reap(&state).await;
     }
+    reaper.abort();
 }
 
 /// Leaves at shutdown, so the others release what is left at once.

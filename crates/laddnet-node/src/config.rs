@@ -77,6 +77,10 @@ pub struct StoreSection {
     pub key: Option<PathBuf>,
     /// foundationdb: the cluster file (default: FoundationDB's own default).
     pub cluster_file: Option<PathBuf>,
+    /// foundationdb: every key under this prefix (a subspace), so one
+    /// FoundationDB cluster can hold several installations. At most 64
+    /// characters; empty: the whole keyspace.
+    pub key_prefix: String,
 }
 
 /// Several nodes on one shared store.
@@ -577,6 +581,9 @@ impl NodeConfig {
         let bad = |m: &str| Err(ConfigError::Invalid(m.into()));
         if laddnet_core::ChargerId::new(self.node.name.clone()).is_err() {
             return bad("node.name must be 1 to 48 characters of A-Z a-z 0-9 . _ -");
+        }
+        if self.store.key_prefix.len() > 64 {
+            return bad("store.key_prefix must be at most 64 characters");
         }
         if self.tls.server_names.is_empty() {
             return bad("tls.server_names must name at least one DNS name or IP address");

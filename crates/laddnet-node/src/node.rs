@@ -88,7 +88,8 @@ pub fn open_store(config: &NodeConfig) -> anyhow::Result<SharedStore> {
         #[cfg(feature = "fdb")]
         StoreBackend::Foundationdb => {
             let file = s.cluster_file.as_ref().map(|p| p.display().to_string());
-            let store = laddnet_store::FdbStore::open(file.as_deref()).context("opening FoundationDB")?;
+            let store = laddnet_store::FdbStore::open_in(file.as_deref(), s.key_prefix.as_bytes())
+                .context("opening FoundationDB")?;
             Ok(Arc::new(store))
         }
         #[cfg(not(feature = "fdb"))]

@@ -8,30 +8,34 @@
 //! (`backend = "foundationdb"`), which has the same transaction semantics.
 //!
 //! Transactions are optimistic, like FoundationDB's:
-//! - reads go to the server one at a time and are remembered with a
-//!   SHA-256 digest of their answer; writes are buffered in the client
-//!   (reads see them: read-your-writes);
-//! - commit sends the checks and the writes together; the server, under
-//!   its single writer, re-runs every read and applies the writes only if
-//!   every digest still matches. Otherwise the commit is a conflict and the
-//!   client runs the closure again (at most [`RETRY_LIMIT`] times);
+//! - reads go to the server one at a time; each answers with the commit
+//!   version it reflects, and the client remembers the key or range and
+//!   that version. Writes are buffered in the client (reads see them:
+//!   read-your-writes);
+//! - commit sends the reads and the writes together. The server's single
+//!   writer keeps, for the last [`CONFLICT_WINDOW`], which version last
+//!   wrote each key; a commit any of whose reads was overtaken by a later
+//!   write (or is older than the window) is a conflict, and the client runs
+//!   the closure again (at most [`RETRY_LIMIT`] times). Checking costs no
+//!   disk read, so commits stay cheap however much a transaction read;
 //! - a commit whose answer is lost (connection dropped) may or may not have
 //!   happened: the closure runs again, and writes that must happen once
 //!   carry an idempotency key (`claim_once`), as on FoundationDB;
 //! - a read-only transaction with more than one read is validated the same
 //!   way, so it always sees one consistent state;
 //! - commits that arrive together are applied in one redb transaction with
-//!   one fsync (group commit), each validated after the ones before it.
+//!   one fsync (group commit); versions become visible to reads only once
+//!   that transaction is durable.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::ops::Bound;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use laddnet_proto::v1;
 use laddnet_proto::v1::store_service_client::StoreServiceClient;
 use laddnet_store::{KeyValue, MAX_VALUE_BYTES, Store, StoreError, StoreExt, Transaction};
-use sha2::{Digest, Sha256};
 use tonic::transport::Channel;
 
 /// Runs of one transaction's closure before giving up.
@@ -41,29 +45,10 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a transaction keeps retrying an unreachable server.
 const UNREACHABLE_FOR: Duration = Duration::from_secs(15);
 
-/// The digest a check carries: what a read answered.
-pub(crate) fn digest_get(value: Option<&[u8]>) -> Vec<u8> {
-    let mut h = Sha256::new();
-    match value {
-        None => h.update([0u8]),
-        Some(v) => {
-            h.update([1u8]);
-            h.update(v);
-        }
-    }
-    h.finalize().to_vec()
-}
-
-pub(crate) fn digest_rows(rows: &[KeyValue]) -> Vec<u8> {
-    let mut h = Sha256::new();
-    for (k, v) in rows {
-        h.update((k.len() as u64).to_le_bytes());
-        h.update(k);
-        h.update((v.len() as u64).to_le_bytes());
-        h.update(v);
-    }
-    h.finalize().to_vec()
-}
+/// How long the server remembers which keys commits wrote. A transaction
+/// that read before that is refused as a conflict and runs again
+/// (FoundationDB's limit is 5 s).
+pub const CONFLICT_WINDOW: Duration = Duration::from_secs(10);
 
 /// A write buffered in the client until commit.
 #[derive(Debug, Clone)]
@@ -242,16 +227,15 @@ impl ClientTx<'_> {
         let op = v1::store_read::Op::Get(key.to_vec());
         let r = self.store.read_op(op.clone());
         let reply = self.note(r)?;
-        let value = if reply.found {
+        self.checks.push(v1::StoreCheck {
+            read: Some(v1::StoreRead { op: Some(op) }),
+            version: reply.version,
+        });
+        Ok(if reply.found {
             Some(reply.rows.into_iter().next().map(|r| r.value).unwrap_or_default())
         } else {
             None
-        };
-        self.checks.push(v1::StoreCheck {
-            read: Some(v1::StoreRead { op: Some(op) }),
-            digest: digest_get(value.as_deref()),
-        });
-        Ok(value)
+        })
     }
 
     fn server_range(
@@ -261,18 +245,39 @@ impl ClientTx<'_> {
         limit: usize,
         reverse: bool,
     ) -> Result<Vec<KeyValue>, StoreError> {
+        let limit = u32::try_from(limit).unwrap_or(u32::MAX);
         let op = v1::store_read::Op::Range(v1::StoreRange {
             begin: begin.to_vec(),
             end: end.to_vec(),
-            limit: u32::try_from(limit).unwrap_or(u32::MAX),
+            limit,
             reverse,
         });
-        let r = self.store.read_op(op.clone());
+        let r = self.store.read_op(op);
         let reply = self.note(r)?;
         let rows: Vec<KeyValue> = reply.rows.into_iter().map(|r| (r.key, r.value)).collect();
+        // A read that stopped at its limit saw only part of the range: only
+        // writes to that part can make it stale.
+        let (mut b, mut e) = (begin.to_vec(), end.to_vec());
+        if limit > 0
+            && rows.len() >= limit as usize
+            && let Some((last, _)) = rows.last()
+        {
+            if reverse {
+                b = last.clone();
+            } else if last.len() < laddnet_store::MAX_KEY_BYTES {
+                e = last.iter().copied().chain([0u8]).collect();
+            }
+        }
         self.checks.push(v1::StoreCheck {
-            read: Some(v1::StoreRead { op: Some(op) }),
-            digest: digest_rows(&rows),
+            read: Some(v1::StoreRead {
+                op: Some(v1::store_read::Op::Range(v1::StoreRange {
+                    begin: b,
+                    end: e,
+                    limit: 0,
+                    reverse: false,
+                })),
+            }),
+            version: reply.version,
         });
         Ok(rows)
     }
@@ -419,72 +424,185 @@ struct Job {
     reply: tokio::sync::oneshot::Sender<Result<bool, String>>,
 }
 
+/// Which keys recent commits wrote, and at which version: what the commit
+/// check compares reads against.
+struct ConflictWindow {
+    /// The last version that wrote each key, for writes within the window.
+    written: BTreeMap<Vec<u8>, u64>,
+    /// The commits in the window, oldest first: (version, when, keys).
+    log: VecDeque<(u64, Instant, Vec<Vec<u8>>)>,
+    /// Reads at versions below this may have missed a write that is no
+    /// longer remembered: they conflict.
+    floor: u64,
+    /// The last version handed out.
+    last: u64,
+}
+
+impl ConflictWindow {
+    fn new(start: u64) -> Self {
+        Self {
+            written: BTreeMap::new(),
+            log: VecDeque::new(),
+            floor: start,
+            last: start,
+        }
+    }
+
+    /// Whether any of `checks` was overtaken by a later write.
+    fn conflicts(&self, checks: &[v1::StoreCheck]) -> bool {
+        checks.iter().any(|c| {
+            if c.version < self.floor {
+                return true;
+            }
+            match c.read.as_ref().and_then(|r| r.op.as_ref()) {
+                Some(v1::store_read::Op::Get(k)) => self.written.get(k).is_some_and(|&w| w > c.version),
+                Some(v1::store_read::Op::Range(r)) if r.begin < r.end => self
+                    .written
+                    .range::<[u8], _>((Bound::Included(&r.begin[..]), Bound::Excluded(&r.end[..])))
+                    .any(|(_, &w)| w > c.version),
+                Some(v1::store_read::Op::Range(_)) => false,
+                None => true,
+            }
+        })
+    }
+
+    /// Records a commit that writes `keys`; returns its version.
+    fn record(&mut self, keys: Vec<Vec<u8>>, now: Instant) -> u64 {
+        self.last += 1;
+        for k in &keys {
+            self.written.insert(k.clone(), self.last);
+        }
+        self.log.push_back((self.last, now, keys));
+        self.last
+    }
+
+    /// Forgets commits older than the window.
+    fn prune(&mut self, now: Instant) {
+        while self
+            .log
+            .front()
+            .is_some_and(|(_, at, _)| now.duration_since(*at) >= CONFLICT_WINDOW)
+        {
+            let Some((v, _, keys)) = self.log.pop_front() else {
+                break;
+            };
+            for k in keys {
+                if self.written.get(&k) == Some(&v) {
+                    self.written.remove(&k);
+                }
+            }
+            self.floor = v;
+        }
+    }
+}
+
+/// Load counters, logged by the server now and then.
+#[derive(Default)]
+struct Counters {
+    reads: AtomicU64,
+    commits: AtomicU64,
+    conflicts: AtomicU64,
+}
+
 /// `StoreService` over a local store: reads from snapshots, commits through
 /// one writer thread that applies what arrived together in one transaction.
 pub struct StoreServer {
     store: Arc<dyn Store>,
     jobs: std::sync::mpsc::Sender<Job>,
+    window: Arc<std::sync::Mutex<ConflictWindow>>,
+    /// The last version whose writes are durable and visible to reads.
+    published: Arc<AtomicU64>,
+    counters: Arc<Counters>,
 }
 
 impl StoreServer {
     pub fn new(store: Arc<dyn Store>) -> std::io::Result<Self> {
+        // Versions start above any an earlier run of the server handed out
+        // (one per commit, far fewer than one per nanosecond), so a
+        // transaction that read from an earlier run conflicts.
+        let start = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX / 2))
+            .unwrap_or(0);
+        let window = Arc::new(std::sync::Mutex::new(ConflictWindow::new(start)));
+        let published = Arc::new(AtomicU64::new(start));
+        let counters = Arc::new(Counters::default());
         let (jobs, rx) = std::sync::mpsc::channel::<Job>();
-        let writer = store.clone();
+        let writer = Writer {
+            store: store.clone(),
+            window: window.clone(),
+            published: published.clone(),
+            counters: counters.clone(),
+        };
         std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || group_commit_writer(writer, rx))?;
-        Ok(Self { store, jobs })
+            .spawn(move || writer.run(rx))?;
+        Ok(Self {
+            store,
+            jobs,
+            window,
+            published,
+            counters,
+        })
+    }
+
+    /// Logs the load since the last call (reads, commits, conflicts).
+    fn log_load(&self, every: Duration) {
+        let c = &self.counters;
+        let (r, w, x) = (
+            c.reads.swap(0, Ordering::Relaxed),
+            c.commits.swap(0, Ordering::Relaxed),
+            c.conflicts.swap(0, Ordering::Relaxed),
+        );
+        if r + w > 0 {
+            tracing::info!(
+                reads = r,
+                commits = w,
+                conflicts = x,
+                seconds = every.as_secs(),
+                "store load"
+            );
+        }
     }
 }
 
-/// What a read answers, in the form its check's digest covers.
-fn answer(tx: &mut dyn Transaction, op: &v1::store_read::Op) -> Result<(v1::StoreReadReply, Vec<u8>), StoreError> {
+fn lock(m: &std::sync::Mutex<ConflictWindow>) -> std::sync::MutexGuard<'_, ConflictWindow> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What a read answers.
+fn answer(tx: &mut dyn Transaction, op: &v1::store_read::Op) -> Result<v1::StoreReadReply, StoreError> {
     Ok(match op {
         v1::store_read::Op::Get(key) => {
             let v = tx.get(key)?;
-            let digest = digest_get(v.as_deref());
-            (
-                v1::StoreReadReply {
-                    found: v.is_some(),
-                    rows: v
-                        .map(|value| v1::StoreRow {
-                            key: key.clone(),
-                            value,
-                        })
-                        .into_iter()
-                        .collect(),
-                },
-                digest,
-            )
+            v1::StoreReadReply {
+                found: v.is_some(),
+                rows: v
+                    .map(|value| v1::StoreRow {
+                        key: key.clone(),
+                        value,
+                    })
+                    .into_iter()
+                    .collect(),
+                version: 0,
+            }
         }
         v1::store_read::Op::Range(r) => {
             let rows = tx.get_range(&r.begin, &r.end, r.limit as usize, r.reverse)?;
-            let digest = digest_rows(&rows);
-            (
-                v1::StoreReadReply {
-                    found: !rows.is_empty(),
-                    rows: rows
-                        .into_iter()
-                        .map(|(key, value)| v1::StoreRow { key, value })
-                        .collect(),
-                },
-                digest,
-            )
+            v1::StoreReadReply {
+                found: !rows.is_empty(),
+                rows: rows
+                    .into_iter()
+                    .map(|(key, value)| v1::StoreRow { key, value })
+                    .collect(),
+                version: 0,
+            }
         }
     })
 }
 
-/// Validates and applies one commit inside the writer's transaction.
-/// Ok(false): a check failed; nothing of this commit is written.
-fn apply_one(tx: &mut dyn Transaction, req: &v1::StoreCommit) -> Result<bool, StoreError> {
-    for check in &req.checks {
-        let Some(op) = check.read.as_ref().and_then(|r| r.op.as_ref()) else {
-            return Err(StoreError::Internal("a check without a read".into()));
-        };
-        if answer(tx, op)?.1 != check.digest {
-            return Ok(false);
-        }
-    }
+/// Applies one accepted commit's mutations inside the writer's transaction.
+fn apply_one(tx: &mut dyn Transaction, req: &v1::StoreCommit) -> Result<(), StoreError> {
     for m in &req.mutations {
         match &m.op {
             Some(v1::store_mutation::Op::Set(r)) => tx.set(&r.key, &r.value)?,
@@ -500,12 +618,20 @@ fn apply_one(tx: &mut dyn Transaction, req: &v1::StoreCommit) -> Result<bool, St
             None => return Err(StoreError::Internal("a mutation without an operation".into())),
         }
     }
-    Ok(true)
+    Ok(())
+}
+
+fn mutation_key(m: &v1::StoreMutation) -> Option<&Vec<u8>> {
+    match &m.op {
+        Some(v1::store_mutation::Op::Set(r)) | Some(v1::store_mutation::Op::Add(r)) => Some(&r.key),
+        Some(v1::store_mutation::Op::Clear(k)) => Some(k),
+        None => None,
+    }
 }
 
 /// Checks a commit's shape before it reaches the writer, so a malformed
 /// one is refused alone instead of failing the group it arrives with.
-fn well_formed(req: &v1::StoreCommit) -> Result<(), String> {
+pub fn well_formed(req: &v1::StoreCommit) -> Result<(), String> {
     let mut bytes = 0usize;
     for c in &req.checks {
         match c.read.as_ref().and_then(|r| r.op.as_ref()) {
@@ -537,33 +663,74 @@ fn well_formed(req: &v1::StoreCommit) -> Result<(), String> {
     Ok(())
 }
 
-fn group_commit_writer(store: Arc<dyn Store>, rx: std::sync::mpsc::Receiver<Job>) {
-    while let Ok(first) = rx.recv() {
-        let mut group = vec![first];
-        while group.len() < 256 {
-            match rx.try_recv() {
-                Ok(j) => group.push(j),
-                Err(_) => break,
-            }
-        }
-        let mut verdicts: Vec<bool> = Vec::new();
-        let r = store.transact(|tx| {
-            verdicts.clear();
-            for job in &group {
-                verdicts.push(apply_one(tx, &job.req)?);
-            }
-            Ok::<_, StoreError>(())
-        });
-        match r {
-            Ok(()) => {
-                for (job, ok) in group.into_iter().zip(verdicts) {
-                    let _ = job.reply.send(Ok(ok));
+/// The single writer: checks each commit against the conflict window and
+/// applies the accepted ones of a group in one store transaction.
+struct Writer {
+    store: Arc<dyn Store>,
+    window: Arc<std::sync::Mutex<ConflictWindow>>,
+    published: Arc<AtomicU64>,
+    counters: Arc<Counters>,
+}
+
+impl Writer {
+    fn run(self, rx: std::sync::mpsc::Receiver<Job>) {
+        while let Ok(first) = rx.recv() {
+            let mut group = vec![first];
+            while group.len() < 256 {
+                match rx.try_recv() {
+                    Ok(j) => group.push(j),
+                    Err(_) => break,
                 }
             }
-            Err(e) => {
-                tracing::error!(error = %e, commits = group.len(), "store commit failed");
-                for job in group {
-                    let _ = job.reply.send(Err(e.to_string()));
+            // Decide in arrival order, each commit against the ones before.
+            let now = Instant::now();
+            let (verdicts, last) = {
+                let mut w = lock(&self.window);
+                w.prune(now);
+                let verdicts: Vec<bool> = group
+                    .iter()
+                    .map(|job| {
+                        if w.conflicts(&job.req.checks) {
+                            return false;
+                        }
+                        let keys = job.req.mutations.iter().filter_map(mutation_key).cloned().collect();
+                        w.record(keys, now);
+                        true
+                    })
+                    .collect();
+                (verdicts, w.last)
+            };
+            let accepted = verdicts.iter().filter(|v| **v).count() as u64;
+            self.counters.commits.fetch_add(accepted, Ordering::Relaxed);
+            self.counters
+                .conflicts
+                .fetch_add(group.len() as u64 - accepted, Ordering::Relaxed);
+            let r = if accepted == 0 {
+                Ok(())
+            } else {
+                self.store.transact(|tx| {
+                    for (job, ok) in group.iter().zip(&verdicts) {
+                        if *ok {
+                            apply_one(tx, &job.req)?;
+                        }
+                    }
+                    Ok::<_, StoreError>(())
+                })
+            };
+            // Published even when the transaction failed: its versions
+            // then wrote nothing, and reads at them are right.
+            self.published.store(last, Ordering::Release);
+            match r {
+                Ok(()) => {
+                    for (job, ok) in group.into_iter().zip(verdicts) {
+                        let _ = job.reply.send(Ok(ok));
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, commits = group.len(), "store commit failed");
+                    for job in group {
+                        let _ = job.reply.send(Err(e.to_string()));
+                    }
                 }
             }
         }
@@ -581,12 +748,18 @@ impl v1::store_service_server::StoreService for StoreServer {
             .into_inner()
             .op
             .ok_or_else(|| tonic::Status::invalid_argument("a read needs get or range"))?;
+        self.counters.reads.fetch_add(1, Ordering::Relaxed);
+        // The version first: the snapshot then holds at least its writes.
+        let version = self.published.load(Ordering::Acquire);
         let store = self.store.clone();
         let r = tokio::task::spawn_blocking(move || store.snapshot(|tx| answer(tx, &op)))
             .await
             .map_err(|e| tonic::Status::internal(e.to_string()))?;
         match r {
-            Ok((reply, _)) => Ok(tonic::Response::new(reply)),
+            Ok(mut reply) => {
+                reply.version = version;
+                Ok(tonic::Response::new(reply))
+            }
             Err(e @ StoreError::KeyTooLarge(_)) => Err(tonic::Status::invalid_argument(e.to_string())),
             Err(e) => Err(tonic::Status::unavailable(e.to_string())),
         }
@@ -601,12 +774,15 @@ impl v1::store_service_server::StoreService for StoreServer {
         well_formed(&req).map_err(tonic::Status::invalid_argument)?;
         if req.mutations.is_empty() {
             // Validation of a read-only transaction: no writer needed.
-            let store = self.store.clone();
-            let ok = tokio::task::spawn_blocking(move || store.snapshot(|tx| apply_one(tx, &req)))
-                .await
-                .map_err(|e| tonic::Status::internal(e.to_string()))?
-                .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-            return Ok(tonic::Response::new(v1::StoreCommitReply { committed: ok }));
+            let conflict = {
+                let mut w = lock(&self.window);
+                w.prune(Instant::now());
+                w.conflicts(&req.checks)
+            };
+            if conflict {
+                self.counters.conflicts.fetch_add(1, Ordering::Relaxed);
+            }
+            return Ok(tonic::Response::new(v1::StoreCommitReply { committed: !conflict }));
         }
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.jobs
@@ -743,7 +919,20 @@ pub async fn serve(
         },
         shutdown.clone(),
     );
-    let service = v1::store_service_server::StoreServiceServer::new(StoreServer::new(store)?)
+    let server = Arc::new(StoreServer::new(store)?);
+    {
+        let (server, stop) = (server.clone(), shutdown.clone());
+        const EVERY: Duration = Duration::from_secs(30);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(EVERY) => server.log_load(EVERY),
+                }
+            }
+        });
+    }
+    let service = v1::store_service_server::StoreServiceServer::from_arc(server)
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20);
     let stop = shutdown.clone();
@@ -790,4 +979,76 @@ pub async fn serve(
         clients: written,
         task,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn get(key: &[u8], version: u64) -> v1::StoreCheck {
+        v1::StoreCheck {
+            read: Some(v1::StoreRead {
+                op: Some(v1::store_read::Op::Get(key.to_vec())),
+            }),
+            version,
+        }
+    }
+
+    fn range(begin: &[u8], end: &[u8], version: u64) -> v1::StoreCheck {
+        v1::StoreCheck {
+            read: Some(v1::StoreRead {
+                op: Some(v1::store_read::Op::Range(v1::StoreRange {
+                    begin: begin.to_vec(),
+                    end: end.to_vec(),
+                    limit: 0,
+                    reverse: false,
+                })),
+            }),
+            version,
+        }
+    }
+
+    #[test]
+    fn a_read_overtaken_by_a_later_write_conflicts_and_others_do_not() {
+        let now = Instant::now();
+        let mut w = ConflictWindow::new(100);
+        let v = w.record(vec![b"a".to_vec(), b"m".to_vec()], now);
+        assert_eq!(v, 101);
+        // Read before the write: stale.
+        assert!(w.conflicts(&[get(b"a", 100)]));
+        assert!(w.conflicts(&[range(b"k", b"n", 100)]));
+        // Read at or after it: current.
+        assert!(!w.conflicts(&[get(b"a", 101)]));
+        assert!(!w.conflicts(&[range(b"a", b"z", 101)]));
+        // Other keys and ranges that miss the write are untouched.
+        assert!(!w.conflicts(&[get(b"b", 100), range(b"n", b"z", 100), range(b"b", b"m", 100)]));
+        // An empty or inverted range never conflicts (and never panics).
+        assert!(!w.conflicts(&[range(b"z", b"a", 100), range(b"a", b"a", 100)]));
+        // Older than the server's start: conflicts.
+        assert!(w.conflicts(&[get(b"zz", 99)]));
+        // A check without a read is refused as a conflict, not a panic.
+        assert!(w.conflicts(&[v1::StoreCheck {
+            read: None,
+            version: 101
+        }]));
+    }
+
+    #[test]
+    fn forgotten_writes_raise_the_floor() {
+        let t0 = Instant::now();
+        let mut w = ConflictWindow::new(0);
+        w.record(vec![b"a".to_vec()], t0);
+        let v2 = w.record(vec![b"b".to_vec()], t0 + CONFLICT_WINDOW / 2);
+        w.prune(t0 + CONFLICT_WINDOW);
+        // The first write is forgotten: a read from before it cannot be
+        // checked any more, so it conflicts whatever key it read.
+        assert!(!w.written.contains_key(b"a".as_slice()));
+        assert!(w.conflicts(&[get(b"c", 0)]));
+        assert!(!w.conflicts(&[get(b"a", 1)]));
+        assert!(w.conflicts(&[get(b"b", 1)]));
+        assert!(!w.conflicts(&[get(b"b", v2)]));
+        w.prune(t0 + CONFLICT_WINDOW * 2);
+        assert!(w.written.is_empty() && w.log.is_empty());
+        assert_eq!(w.floor, v2);
+    }
 }

@@ -14,3 +14,8 @@ pub mod v1 {
 
 /// The encoded `FileDescriptorSet` of the whole contract, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("laddnet_descriptor");
+
+/// Response metadata on a refused charger attach: how many milliseconds to
+/// wait before connecting again (the charger's previous node still holds
+/// it until then).
+pub const RETRY_AFTER_MS: &str = "retry-after-ms";

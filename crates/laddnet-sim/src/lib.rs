@@ -180,6 +180,22 @@ pub enum Fault {
 pub const ACK_TIMEOUT: Duration = Duration::from_secs(10);
 /// The longest wait between connection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(8);
+/// The longest wait a node's retry-after hint is followed for.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+
+/// The node's hint of when to connect again, if the attach was refused
+/// with one.
+fn retry_after(e: &anyhow::Error) -> Option<Duration> {
+    let status = e.downcast_ref::<tonic::Status>()?;
+    let ms: u64 = status
+        .metadata()
+        .get(laddnet_proto::RETRY_AFTER_MS)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()?;
+    Some(Duration::from_millis(ms))
+}
 
 /// The most lines a diagnostics bundle keeps.
 const LOG_LINES: usize = 500;
@@ -566,10 +582,18 @@ async fn run(
             }
             Err(e) => {
                 tracing::debug!(charger_id = %sim.p.charger_id, endpoint = %endpoint, error = %e, "connect failed");
-                sim.endpoint += 1;
-                let jitter = rand::thread_rng().gen_range(0.5..1.5);
-                let wait = backoff.mul_f64(jitter);
-                backoff = (backoff * 2).min(MAX_BACKOFF);
+                let wait = match retry_after(&e) {
+                    // The node said when: its previous node's lease lapses
+                    // then. Come back to the same node, spread over a second.
+                    Some(after) => after.min(MAX_RETRY_AFTER) + backoff.mul_f64(rand::thread_rng().gen_range(0.0..4.0)),
+                    None => {
+                        sim.endpoint += 1;
+                        let jitter = rand::thread_rng().gen_range(0.5..1.5);
+                        let wait = backoff.mul_f64(jitter);
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                        wait
+                    }
+                };
                 let deadline = tokio::time::Instant::now() + wait;
                 while tokio::time::Instant::now() < deadline {
                     tokio::select! {

@@ -10,6 +10,12 @@
 //!   carries an idempotency key (`Transaction::claim_once`) in the same
 //!   transaction, and the retry finds it and writes nothing twice.
 //! - Atomic add is FoundationDB's own `ADD` mutation: no read, no conflict.
+//! - Keys are tuple-encoded (`keys::pack`), as FoundationDB's own layers
+//!   encode them, and live under an optional prefix (a subspace), so one
+//!   FoundationDB cluster can hold several installations (or test runs).
+//! - Values larger than FoundationDB's 100 kB limit are never written:
+//!   every backend keeps that limit, and large objects (firmware images,
+//!   diagnostics bundles) are stored in chunks by the node (`blobs.rs`).
 //!
 //! The trait is synchronous; this backend blocks on FoundationDB's futures,
 //! which its network thread completes. Callers already run transactions on
@@ -37,12 +43,18 @@ fn fdb_err(e: FdbError) -> StoreError {
 /// A FoundationDB cluster, through its cluster file.
 pub struct FdbStore {
     db: Database,
+    prefix: Vec<u8>,
 }
 
 impl FdbStore {
     /// Starts the client's network thread (once per process) and opens the
     /// database of `cluster_file` (None: the default cluster file).
     pub fn open(cluster_file: Option<&str>) -> Result<Self, StoreError> {
+        Self::open_in(cluster_file, &[])
+    }
+
+    /// As [`FdbStore::open`], with every key under `prefix`.
+    pub fn open_in(cluster_file: Option<&str>, prefix: &[u8]) -> Result<Self, StoreError> {
         NETWORK.get_or_init(|| {
             // SAFETY: boot is called once per process (OnceLock) and the
             // guard is kept for the life of the process, as the client
@@ -53,12 +65,16 @@ impl FdbStore {
             }
         });
         let db = Database::new(cluster_file).map_err(fdb_err)?;
-        Ok(Self { db })
+        Ok(Self {
+            db,
+            prefix: prefix.to_vec(),
+        })
     }
 }
 
 struct FdbTx<'a> {
     trx: &'a foundationdb::Transaction,
+    prefix: &'a [u8],
     /// The first FoundationDB error an operation hit: the closure's own
     /// result is then ignored and the transaction goes through on_error.
     failed: Option<FdbError>,
@@ -77,6 +93,13 @@ impl FdbTx<'_> {
         })
     }
 
+    fn key(&self, key: &[u8]) -> Vec<u8> {
+        let mut k = Vec::with_capacity(self.prefix.len() + key.len());
+        k.extend_from_slice(self.prefix);
+        k.extend_from_slice(key);
+        k
+    }
+
     fn check_write(&mut self, key: &[u8], value_len: usize) -> Result<(), StoreError> {
         if self.read_only {
             return Err(StoreError::ReadOnly);
@@ -88,19 +111,19 @@ impl FdbTx<'_> {
 impl Transaction for FdbTx<'_> {
     fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         WriteBudget::check_key(key)?;
-        let r = block_on(self.trx.get(key, false));
+        let r = block_on(self.trx.get(&self.key(key), false));
         Ok(self.note(r)?.map(|v| v.to_vec()))
     }
 
     fn set(&mut self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
         self.check_write(key, value.len())?;
-        self.trx.set(key, value);
+        self.trx.set(&self.key(key), value);
         Ok(())
     }
 
     fn clear(&mut self, key: &[u8]) -> Result<(), StoreError> {
         self.check_write(key, 0)?;
-        self.trx.clear(key);
+        self.trx.clear(&self.key(key));
         Ok(())
     }
 
@@ -118,14 +141,15 @@ impl Transaction for FdbTx<'_> {
             limit: (limit > 0).then_some(limit),
             reverse,
             mode: StreamingMode::WantAll,
-            ..RangeOption::from((begin.to_vec(), end.to_vec()))
+            ..RangeOption::from((self.key(begin), self.key(end)))
         };
         let mut out = Vec::new();
         let mut iteration = 1;
         loop {
             let r = block_on(self.trx.get_range(&opt, iteration, false));
             let values = self.note(r)?;
-            out.extend(values.iter().map(|kv| (kv.key().to_vec(), kv.value().to_vec())));
+            let n = self.prefix.len();
+            out.extend(values.iter().map(|kv| (kv.key()[n..].to_vec(), kv.value().to_vec())));
             match opt.next_range(&values) {
                 Some(next) => {
                     opt = next;
@@ -139,7 +163,8 @@ impl Transaction for FdbTx<'_> {
 
     fn atomic_add(&mut self, key: &[u8], delta: i64) -> Result<(), StoreError> {
         self.check_write(key, 8)?;
-        self.trx.atomic_op(key, &delta.to_le_bytes(), MutationType::Add);
+        self.trx
+            .atomic_op(&self.key(key), &delta.to_le_bytes(), MutationType::Add);
         Ok(())
     }
 }
@@ -159,6 +184,7 @@ impl FdbStore {
                 .map_err(fdb_err)?;
             let mut tx = FdbTx {
                 trx: &trx,
+                prefix: &self.prefix,
                 failed: None,
                 budget: WriteBudget::default(),
                 read_only,

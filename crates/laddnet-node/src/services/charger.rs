@@ -305,12 +305,21 @@ impl ChargerService for Charger {
                 .and_then(|r| r.map_err(|e| NodeError::Unavailable(e.to_string())));
         let fence = match taken {
             Ok(laddnet_actors::cluster::Takeover::Taken(f)) => f,
-            Ok(laddnet_actors::cluster::Takeover::HeldBy { node, .. }) => {
+            Ok(laddnet_actors::cluster::Takeover::HeldBy { node, until_ms, .. }) => {
                 self.state.chargers.detach(&id, conn);
-                return Err(NodeError::AlreadyExists(format!(
-                    "charger {id} is connected to node {node}; the live connection keeps its place"
+                // When to try again: once the holder's lease would lapse
+                // (if that node died, its charger is free then).
+                let wait_ms = (until_ms - crate::cluster::now_ms()).clamp(0, 600_000) + 250;
+                let mut status: Status = NodeError::AlreadyExists(format!(
+                    "charger {id} is connected to node {node}; the live connection keeps its place \
+                     (retry in {} s)",
+                    (wait_ms + 999) / 1000
                 ))
-                .into());
+                .into();
+                if let Ok(v) = wait_ms.to_string().parse() {
+                    status.metadata_mut().insert(laddnet_proto::RETRY_AFTER_MS, v);
+                }
+                return Err(status);
             }
             Err(e) => {
                 self.state.chargers.detach(&id, conn);

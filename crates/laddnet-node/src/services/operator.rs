@@ -274,14 +274,30 @@ impl OperatorService for Operator {
             Some(ChargerId::new(r.charger_id).map_err(invalid)?.to_string())
         };
         let store = self.state.store.clone();
-        let (last, more, sessions) = blocking(move || {
-            let (rows, more) =
-                repo::list_sessions(store.as_ref(), status, charger.as_deref(), after.as_deref(), limit)?;
-            let now = now_ms();
-            let sessions: Vec<v1::Session> = rows.iter().map(|s| with_cost(&store, session_proto(s, now))).collect();
-            Ok::<_, RepoError>((rows.last().map(|s| s.transaction_id.clone()), more, sessions))
-        })
-        .await?;
+        let (rows, more) = {
+            let store = store.clone();
+            blocking(move || repo::list_sessions(store.as_ref(), status, charger.as_deref(), after.as_deref(), limit))
+                .await?
+        };
+        let last = rows.last().map(|s| s.transaction_id.clone());
+        let now = now_ms();
+        // Each running cost is a few reads: over a networked store, a page
+        // of them concurrently rather than one round trip after another.
+        use futures::StreamExt;
+        let sessions: Vec<v1::Session> = futures::stream::iter(rows)
+            .map(|s| {
+                let store = store.clone();
+                async move {
+                    let view = session_proto(&s, now);
+                    let fallback = view.clone();
+                    tokio::task::spawn_blocking(move || with_cost(&store, view))
+                        .await
+                        .unwrap_or(fallback)
+                }
+            })
+            .buffered(16)
+            .collect()
+            .await;
         Ok(Response::new(v1::ListSessionsResponse {
             next_page_token: page_token(last.as_deref(), more),
             sessions,
