@@ -425,8 +425,8 @@ struct Job {
 }
 
 /// Which keys recent commits wrote, and at which version: what the commit
-/// check compares reads against.
-struct ConflictWindow {
+/// check compares reads against. (Public for the fuzz target.)
+pub struct ConflictWindow {
     /// The last version that wrote each key, for writes within the window.
     written: BTreeMap<Vec<u8>, u64>,
     /// The commits in the window, oldest first: (version, when, keys).
@@ -439,7 +439,7 @@ struct ConflictWindow {
 }
 
 impl ConflictWindow {
-    fn new(start: u64) -> Self {
+    pub fn new(start: u64) -> Self {
         Self {
             written: BTreeMap::new(),
             log: VecDeque::new(),
@@ -449,7 +449,7 @@ impl ConflictWindow {
     }
 
     /// Whether any of `checks` was overtaken by a later write.
-    fn conflicts(&self, checks: &[v1::StoreCheck]) -> bool {
+    pub fn conflicts(&self, checks: &[v1::StoreCheck]) -> bool {
         checks.iter().any(|c| {
             if c.version < self.floor {
                 return true;
@@ -467,7 +467,7 @@ impl ConflictWindow {
     }
 
     /// Records a commit that writes `keys`; returns its version.
-    fn record(&mut self, keys: Vec<Vec<u8>>, now: Instant) -> u64 {
+    pub fn record(&mut self, keys: Vec<Vec<u8>>, now: Instant) -> u64 {
         self.last += 1;
         for k in &keys {
             self.written.insert(k.clone(), self.last);
@@ -477,7 +477,7 @@ impl ConflictWindow {
     }
 
     /// Forgets commits older than the window.
-    fn prune(&mut self, now: Instant) {
+    pub fn prune(&mut self, now: Instant) {
         while self
             .log
             .front()
@@ -621,7 +621,7 @@ fn apply_one(tx: &mut dyn Transaction, req: &v1::StoreCommit) -> Result<(), Stor
     Ok(())
 }
 
-fn mutation_key(m: &v1::StoreMutation) -> Option<&Vec<u8>> {
+pub fn mutation_key(m: &v1::StoreMutation) -> Option<&Vec<u8>> {
     match &m.op {
         Some(v1::store_mutation::Op::Set(r)) | Some(v1::store_mutation::Op::Add(r)) => Some(&r.key),
         Some(v1::store_mutation::Op::Clear(k)) => Some(k),
