@@ -81,7 +81,9 @@ async fn a_command_sent_to_node_1_reaches_a_charger_on_node_3_and_the_reply_come
     let mut p = Profile::fleet_member(0);
     p.charger_id = "SIM-R".into();
     p.connectors = 1;
-    p.mean_idle = Duration::from_secs(86_400); // no car of its own for hours
+    // No car of its own for hours.
+    p.mean_idle = Duration::from_secs(86_400);
+    p.first_car_within = Duration::from_secs(86_400);
     let sim = laddnet_sim::spawn(ep, identity(creds), p);
     let mut status = sim.status.clone();
     assert!(

@@ -120,6 +120,8 @@ pub struct Profile {
     pub speed: u32,
     /// Mean real seconds between a connector freeing up and the next car.
     pub mean_idle: Duration,
+    /// The first car arrives at a random time within this (real time).
+    pub first_car_within: Duration,
     /// RFID UIDs of the drivers who come here (one at random per car, a
     /// card in use here is not picked); empty: the charger runs free
     /// (starts carry no token).
@@ -140,6 +142,7 @@ impl Profile {
             sample_every: Duration::from_secs(2),
             speed: 1,
             mean_idle: Duration::from_secs(8),
+            first_car_within: Duration::from_secs(4),
             tokens: Vec::new(),
             stay: None,
         }
@@ -546,8 +549,7 @@ async fn run(
         endpoint: 0,
         connected_to: String::new(),
         idle_until: (0..n)
-            // The first cars within half the mean idle time.
-            .map(|_| start + p.mean_idle.mul_f64(rand::thread_rng().gen_range(0.0..0.5)))
+            .map(|_| start + p.first_car_within.mul_f64(rand::thread_rng().gen_range(0.0..1.0)))
             .collect(),
         status: SimStatus::default(),
         local_list: Default::default(),
