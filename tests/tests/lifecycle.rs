@@ -344,6 +344,33 @@ async fn renewal_opens_in_the_window_overlaps_and_never_for_revoked() {
 }
 
 #[tokio::test]
+async fn a_revocation_written_by_another_node_applies_through_the_store_watch() {
+    // The safety-net re-read is an hour away: only the watch can deliver it.
+    let node = TestNode::start_with(|c| c.tls.crl_poll_ms = 3_600_000).await;
+    let creds = node.enroll("CP-W").await;
+    let mut live = attach(node.channel(&creds).await.unwrap(), "CP-W").await.unwrap();
+    live.heartbeat().await.unwrap();
+    let state = node.node().state.clone();
+    let before = state.crl_number();
+    // As another node sharing the store would: the revocation and the new
+    // CRL are written to the store, and this node's service is not told.
+    let (ca, serial) = (state.ca.clone(), creds.serial.clone());
+    tokio::task::spawn_blocking(move || {
+        ca.revoke(&serial, laddnet_pki::RevocationReason::KeyCompromise, "another-node")
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Ok(Some(_)) = live.rx.message().await {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the revoked charger's stream stayed open");
+    assert!(state.crl_number() > before, "the new CRL was not applied");
+    assert!(!served(&node, &creds).await, "the next handshake must fail");
+}
+
+#[tokio::test]
 async fn revocation_closes_the_live_stream_and_refuses_the_next_handshake() {
     let node = TestNode::start().await;
     let creds = node.enroll("CP-V").await;

@@ -152,6 +152,10 @@ impl Store for FencedStore {
         self.inner.read(f)
     }
 
+    fn watch(&self, key: &[u8], seen: Option<&[u8]>, timeout: std::time::Duration) -> Result<bool, StoreError> {
+        self.inner.watch(key, seen, timeout)
+    }
+
     fn backend(&self) -> &'static str {
         self.inner.backend()
     }

@@ -61,6 +61,10 @@ impl Store for Probe {
     fn read(&self, f: &mut dyn FnMut(&mut dyn Transaction) -> Result<(), StoreError>) -> Result<(), StoreError> {
         self.inner.read(f)
     }
+
+    fn watch(&self, key: &[u8], seen: Option<&[u8]>, timeout: std::time::Duration) -> Result<bool, StoreError> {
+        self.inner.watch(key, seen, timeout)
+    }
     fn backend(&self) -> &'static str {
         "probe"
     }

@@ -402,8 +402,10 @@ pub struct TlsSection {
     pub handshake_timeout_ms: u64,
     /// Handshakes in progress at once; more wait in the kernel's backlog.
     pub max_pending_handshakes: usize,
-    /// How often the CRL is re-read from the store (revocations made on
-    /// other nodes take at most this long to apply).
+    /// Revocations made on other nodes apply as soon as they commit (the
+    /// node watches the CRL in the store); this is the safety net: the CRL
+    /// and revocations are re-read this often even if no watch fired, and
+    /// the CRL is re-signed when half its validity has passed.
     pub crl_poll_ms: u64,
 }
 
@@ -413,7 +415,7 @@ impl Default for TlsSection {
             server_names: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
             handshake_timeout_ms: 5_000,
             max_pending_handshakes: 1_024,
-            crl_poll_ms: 2_000,
+            crl_poll_ms: 30_000,
         }
     }
 }

@@ -23,6 +23,7 @@ pub mod config;
 pub mod diagnostics;
 pub mod drivers;
 pub mod firmware;
+pub mod follow;
 pub mod identity;
 pub mod load;
 pub mod metrics;

@@ -472,27 +472,45 @@ impl RunningNode {
     }
 }
 
-/// Applies revocations made anywhere (another node, another process) and
-/// re-signs the CRL when half its validity has passed.
+/// Applies revocations made anywhere (another node, another process) as
+/// soon as they commit, by watching the CRL's key, and re-signs the CRL
+/// when half its validity has passed. `tls.crl_poll_ms` is the safety net:
+/// revocations are re-read that often even if no watch fired.
 async fn revocation_poller(state: Arc<NodeState>, shutdown: CancellationToken) {
     let every = Duration::from_millis(state.config.tls.crl_poll_ms);
+    let changed = Arc::new(tokio::sync::Notify::new());
+    if let Err(e) = crate::follow::follow_key(
+        state.store.clone(),
+        laddnet_pki::crl_key(),
+        "crl",
+        changed.clone(),
+        shutdown.clone(),
+    ) {
+        tracing::error!(error = %e, "cannot start the CRL watch; revocations from elsewhere wait for the poll");
+    }
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
     loop {
-        tokio::select! {
+        let ticked = tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(every) => {}
-        }
-        let ca = state.ca.clone();
-        let refreshed = tokio::task::spawn_blocking(move || -> Result<bool, laddnet_pki::PkiError> {
-            let Some(crl) = ca.crl_record()? else { return Ok(false) };
-            if ca.now() >= crl.this_update + (crl.next_update - crl.this_update) / 2 {
-                ca.refresh_crl("system")?;
-                return Ok(true);
+            _ = tick.tick() => true,
+            _ = changed.notified() => false,
+        };
+        if ticked {
+            let ca = state.ca.clone();
+            let refreshed = tokio::task::spawn_blocking(move || -> Result<bool, laddnet_pki::PkiError> {
+                let Some(crl) = ca.crl_record()? else { return Ok(false) };
+                if ca.now() >= crl.this_update + (crl.next_update - crl.this_update) / 2 {
+                    ca.refresh_crl("system")?;
+                    return Ok(true);
+                }
+                Ok(false)
+            })
+            .await;
+            if let Ok(Err(e)) = refreshed {
+                tracing::error!(error = %e, "CRL refresh failed");
             }
-            Ok(false)
-        })
-        .await;
-        if let Ok(Err(e)) = refreshed {
-            tracing::error!(error = %e, "CRL refresh failed");
         }
         state.apply_revocations().await;
     }

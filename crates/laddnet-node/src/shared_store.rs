@@ -42,6 +42,10 @@ use tonic::transport::Channel;
 pub const RETRY_LIMIT: u32 = 100;
 /// How long one call to the store server may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest the server holds one watch call.
+const MAX_WATCH: Duration = Duration::from_secs(60);
+/// Watch calls the server holds at once (each holds a blocking thread).
+const MAX_WATCHERS: usize = 256;
 /// How long a transaction keeps retrying an unreachable server.
 const UNREACHABLE_FOR: Duration = Duration::from_secs(15);
 
@@ -116,11 +120,19 @@ impl SharedStoreClient {
         &self,
         f: impl FnOnce(StoreServiceClient<Channel>) -> futures::future::BoxFuture<'static, Result<T, tonic::Status>>,
     ) -> Result<T, CallError> {
+        self.call_within(CALL_TIMEOUT, f)
+    }
+
+    fn call_within<T: Send + 'static>(
+        &self,
+        within: Duration,
+        f: impl FnOnce(StoreServiceClient<Channel>) -> futures::future::BoxFuture<'static, Result<T, tonic::Status>>,
+    ) -> Result<T, CallError> {
         let fut = f(self.client.clone());
         let Some(rt) = self.rt.as_ref() else {
             return Err(CallError::Unreachable("the store client is shutting down".into()));
         };
-        let handle = rt.spawn(async move { tokio::time::timeout(CALL_TIMEOUT, fut).await });
+        let handle = rt.spawn(async move { tokio::time::timeout(within, fut).await });
         match futures::executor::block_on(handle) {
             Ok(Ok(Ok(v))) => Ok(v),
             Ok(Ok(Err(status)))
@@ -136,7 +148,10 @@ impl SharedStoreClient {
                 status.code(),
                 status.message()
             ))),
-            Ok(Err(_)) => Err(CallError::Unreachable("store server did not answer within 5 s".into())),
+            Ok(Err(_)) => Err(CallError::Unreachable(format!(
+                "store server did not answer within {} s",
+                within.as_secs()
+            ))),
             Err(e) => Err(CallError::Unreachable(e.to_string())),
         }
     }
@@ -177,7 +192,9 @@ impl SharedStoreClient {
                 Ok(false) => "conflict".to_string(),
                 Err(CallError::Refused(m)) => return Err(StoreError::Internal(format!("store server refused: {m}"))),
                 Err(CallError::Unreachable(m)) => {
-                    if started.elapsed() > UNREACHABLE_FOR {
+                    // Not "conflicted": a refused or lost connection is
+                    // reported as what it is.
+                    if started.elapsed() > UNREACHABLE_FOR || runs >= RETRY_LIMIT {
                         return Err(StoreError::Io(format!("shared store unreachable: {m}")));
                     }
                     m
@@ -411,6 +428,36 @@ impl Store for SharedStoreClient {
         self.attempt(true, f)
     }
 
+    fn watch(&self, key: &[u8], seen: Option<&[u8]>, timeout: Duration) -> Result<bool, StoreError> {
+        laddnet_store::check_key(key)?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            // The server holds a watch at most MAX_WATCH; longer ones are
+            // several calls.
+            let left = deadline.saturating_duration_since(Instant::now()).min(MAX_WATCH);
+            let req = v1::StoreWatch {
+                key: key.to_vec(),
+                present: seen.is_some(),
+                seen: seen.unwrap_or_default().to_vec(),
+                timeout_ms: u32::try_from(left.as_millis()).unwrap_or(u32::MAX),
+            };
+            let reply = self
+                .call_within(left + CALL_TIMEOUT, move |mut c| {
+                    Box::pin(async move { c.watch(req).await.map(|r| r.into_inner()) })
+                })
+                .map_err(|e| match e {
+                    CallError::Refused(m) => StoreError::Internal(format!("store server refused a watch: {m}")),
+                    CallError::Unreachable(m) => StoreError::Io(format!("store server unreachable: {m}")),
+                })?;
+            if reply.changed {
+                return Ok(true);
+            }
+            if Instant::now() >= deadline {
+                return Ok(false);
+            }
+        }
+    }
+
     fn backend(&self) -> &'static str {
         "shared"
     }
@@ -513,6 +560,7 @@ pub struct StoreServer {
     /// The last version whose writes are durable and visible to reads.
     published: Arc<AtomicU64>,
     counters: Arc<Counters>,
+    watchers: Arc<tokio::sync::Semaphore>,
 }
 
 impl StoreServer {
@@ -543,6 +591,7 @@ impl StoreServer {
             window,
             published,
             counters,
+            watchers: Arc::new(tokio::sync::Semaphore::new(MAX_WATCHERS)),
         })
     }
 
@@ -794,6 +843,37 @@ impl v1::store_service_server::StoreService for StoreServer {
             Err(_) => Err(tonic::Status::unavailable("the store writer stopped")),
         }
     }
+
+    async fn watch(
+        &self,
+        req: tonic::Request<v1::StoreWatch>,
+    ) -> Result<tonic::Response<v1::StoreWatchReply>, tonic::Status> {
+        require_node(&req)?;
+        let req = req.into_inner();
+        laddnet_store::check_key(&req.key).map_err(|e| tonic::Status::invalid_argument(e.to_string()))?;
+        if req.seen.len() > MAX_VALUE_BYTES {
+            return Err(tonic::Status::invalid_argument(format!(
+                "a watched value is at most {MAX_VALUE_BYTES} bytes"
+            )));
+        }
+        if !req.present && !req.seen.is_empty() {
+            return Err(tonic::Status::invalid_argument("an absent key has no value"));
+        }
+        let permit = self.watchers.clone().try_acquire_owned().map_err(|_| {
+            tonic::Status::resource_exhausted(format!("the store holds {MAX_WATCHERS} watches already; poll instead"))
+        })?;
+        let timeout = Duration::from_millis(u64::from(req.timeout_ms)).min(MAX_WATCH);
+        let store = self.store.clone();
+        let changed = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let seen = req.present.then_some(req.seen.as_slice());
+            store.watch(&req.key, seen, timeout)
+        })
+        .await
+        .map_err(|e| tonic::Status::internal(e.to_string()))?
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        Ok(tonic::Response::new(v1::StoreWatchReply { changed }))
+    }
 }
 
 /// Only nodes of the cluster may use the store.
@@ -828,7 +908,8 @@ pub struct StoreServing {
 ///   (`NAME.crt`, `NAME.key` mode 0600): copy them to that node and point
 ///   its `store.cert` / `store.key` at them.
 /// - Only node certificates of this CA, recorded and not revoked, may
-///   connect; revocations are applied within 5 s.
+///   connect; a revocation ends the revoked node's connections as soon as
+///   it commits (the server watches the CRL).
 pub async fn serve(
     config: crate::NodeConfig,
     listen: std::net::SocketAddr,
@@ -919,6 +1000,7 @@ pub async fn serve(
         },
         shutdown.clone(),
     );
+    let watched = store.clone();
     let server = Arc::new(StoreServer::new(store)?);
     {
         let (server, stop) = (server.clone(), shutdown.clone());
@@ -937,13 +1019,23 @@ pub async fn serve(
         .max_encoding_message_size(64 << 20);
     let stop = shutdown.clone();
     let task = tokio::spawn(async move {
+        // Revocations (made by any node, through this store) end the
+        // revoked node's connections as soon as they commit: every one
+        // rewrites the CRL, which this server watches; a re-read every
+        // minute is the safety net.
+        let changed = Arc::new(tokio::sync::Notify::new());
+        if let Err(e) = crate::follow::follow_key(watched, laddnet_pki::crl_key(), "crl", changed.clone(), stop.clone())
+        {
+            tracing::error!(error = %e, "cannot start the CRL watch; revocations apply within a minute");
+        }
         let poll = tokio::spawn({
             let (ca, revoked, registry, stop) = (ca.clone(), revoked.clone(), registry.clone(), stop.clone());
             async move {
                 loop {
                     tokio::select! {
                         _ = stop.cancelled() => return,
-                        _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                        _ = changed.notified() => {}
+                        _ = tokio::time::sleep(Duration::from_secs(60)) => {}
                     }
                     let ca = ca.clone();
                     let Ok(Ok(serials)) = tokio::task::spawn_blocking(move || ca.revoked_serials()).await else {

@@ -9,6 +9,10 @@ use laddnet_node::NodeConfig;
 use laddnet_node::shared_store::{SharedStoreClient, serve};
 
 async fn server(dir: &std::path::Path) -> (laddnet_node::shared_store::StoreServing, NodeConfig) {
+    server_for(dir, &["node-a"]).await
+}
+
+async fn server_for(dir: &std::path::Path, nodes: &[&str]) -> (laddnet_node::shared_store::StoreServing, NodeConfig) {
     let cfg = NodeConfig::for_data_dir(dir.join("store"));
     let admin = OperatorName::new("admin").unwrap();
     let c2 = cfg.clone();
@@ -17,7 +21,8 @@ async fn server(dir: &std::path::Path) -> (laddnet_node::shared_store::StoreServ
         .unwrap()
         .unwrap();
     let stop = tokio_util::sync::CancellationToken::new();
-    let s = serve(cfg.clone(), "127.0.0.1:0".parse().unwrap(), vec!["node-a".into()], stop)
+    let clients = nodes.iter().map(|n| n.to_string()).collect();
+    let s = serve(cfg.clone(), "127.0.0.1:0".parse().unwrap(), clients, stop)
         .await
         .unwrap();
     (s, cfg)
@@ -65,4 +70,72 @@ async fn only_node_certificates_may_use_the_shared_store() {
     .unwrap();
     let err = r.expect_err("an operator certificate is refused");
     assert!(err.to_string().contains("only nodes"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_revoked_by_another_is_cut_off_from_the_store_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (s, cfg) = server_for(dir.path(), &["node-a", "node-b"]).await;
+    let root = std::fs::read_to_string(cfg.ca_dir().join("root.crt")).unwrap();
+    let endpoint = format!("https://{}", s.addr);
+    let connect = |i: usize| {
+        let (_, crt, key) = s.clients[i].clone();
+        let (endpoint, root) = (endpoint.clone(), root.clone());
+        move || {
+            let chain = std::fs::read_to_string(crt).unwrap();
+            let serial = laddnet_pki::summarize_certificate(&laddnet_pki::tls::certs_from_pem(&chain).unwrap()[0])
+                .unwrap()
+                .serial;
+            let client = SharedStoreClient::connect(
+                &endpoint,
+                "localhost",
+                &root,
+                &chain,
+                &std::fs::read_to_string(key).unwrap(),
+            )
+            .unwrap();
+            (Arc::new(client), serial)
+        }
+    };
+    let (_, a_serial) = tokio::task::spawn_blocking(connect(0)).await.unwrap();
+    let (b, _) = tokio::task::spawn_blocking(connect(1)).await.unwrap();
+    // node-a's connection, one call at a time (the store client's retries
+    // would hide when the refusal began).
+    let (_, crt, key) = s.clients[0].clone();
+    let tls = laddnet_pki::tls::client_config(
+        &root,
+        Some((
+            &std::fs::read_to_string(crt).unwrap(),
+            &std::fs::read_to_string(key).unwrap(),
+        )),
+    )
+    .unwrap();
+    let mut a = laddnet_proto::v1::store_service_client::StoreServiceClient::new(
+        laddnet_client::connect(&endpoint, "localhost", tls).await.unwrap(),
+    );
+    let get = || laddnet_proto::v1::StoreRead {
+        op: Some(laddnet_proto::v1::store_read::Op::Get(b"anything".to_vec())),
+    };
+    a.read(get()).await.expect("node-a reads before the revocation");
+    // node-b revokes node-a through the shared store. The server's re-read
+    // is a minute away, so only its watch on the CRL can cut node-a's live
+    // connection now.
+    let policy = laddnet_node::node::load_policy(&cfg).unwrap();
+    let source = laddnet_node::node::key_source(&cfg);
+    let files = laddnet_pki::CaFiles::new(cfg.ca_dir());
+    tokio::task::spawn_blocking(move || {
+        let ca = laddnet_pki::Ca::open(&files, policy, &source, b, laddnet_pki::system_clock()).unwrap();
+        ca.revoke(&a_serial, laddnet_pki::RevocationReason::KeyCompromise, "node-b")
+            .unwrap();
+    })
+    .await
+    .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while a.read(get()).await.is_ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node-a is still served 10 s after its revocation"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }

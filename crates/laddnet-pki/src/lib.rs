@@ -33,7 +33,7 @@ pub use inspect::{CertSummary, CheckedCsr, CrlSummary, check_csr, summarize_cert
 pub use policy::{
     CaPolicy, CsrPolicy, DEFAULT_POLICY_TOML, EnrollmentPolicy, KeyAlgorithm, Policy, Profile, ProfilePolicy,
 };
-pub use records::{CertRecord, CertStatus, CrlRecord, Revocation, RevocationReason, TokenRecord};
+pub use records::{CertRecord, CertStatus, CrlRecord, Revocation, RevocationReason, TokenRecord, crl_key};
 
 /// Makes a new key and a CSR for it, as a charger or `laddctl` does.
 /// Returns (key PEM, CSR PEM).

@@ -29,7 +29,9 @@ pub(crate) fn revoked_key(serial: &str) -> Vec<u8> {
 pub(crate) fn token_key(token_hash: &str) -> Vec<u8> {
     keys::pack(&("pki", "token", token_hash))
 }
-pub(crate) fn crl_key() -> Vec<u8> {
+/// Where the current CRL lives in the store: every revocation rewrites it,
+/// so a node follows revocations by watching this key.
+pub fn crl_key() -> Vec<u8> {
     keys::pack(&("pki", "crl"))
 }
 

@@ -1,7 +1,8 @@
 //! One conformance suite for every backend. [`run_all`] exercises what the
 //! rest of laddnet relies on: ordered range reads, read-your-writes,
 //! aborts that leave nothing behind, serializable read-modify-write under
-//! concurrency, atomic adds, idempotent retries, and FoundationDB's limits.
+//! concurrency, atomic adds, idempotent retries, watches, and
+//! FoundationDB's limits.
 //!
 //! Every key lives under `("conformance", <run id>)`, so the suite can run
 //! against a shared cluster; it clears its keys when done. Failures panic
@@ -29,6 +30,7 @@ pub fn run_all(store: Arc<dyn Store>) {
     read_modify_write(store.clone(), &ns("rmw"));
     idempotent_retry(store.as_ref(), &run);
     limits(store.as_ref(), &ns("limit"));
+    watches(store.clone(), &ns("watch"));
     tuple_order();
     let (b, e) = tuple_range(&("conformance", run.as_str()));
     store
@@ -241,4 +243,86 @@ fn tuple_order() {
     assert!(pack(&("a", 2i64)) < pack(&("a", 10i64)), "integers order numerically");
     assert!(pack(&("a", -1i64)) < pack(&("a", 0i64)), "negatives first");
     assert!(pack(&("a", "b")) < pack(&("a", "b", 0i64)), "a prefix sorts first");
+}
+
+fn watches(store: Arc<dyn Store>, base: &[u8]) {
+    use std::time::{Duration, Instant};
+    let key = |n: &str| {
+        let mut k = base.to_vec();
+        k.extend_from_slice(&pack(&(n,)));
+        k
+    };
+    let (k, other) = (key("k"), key("other"));
+    let s = store.as_ref();
+    // No change within the timeout.
+    assert!(
+        !s.watch(&k, None, Duration::from_millis(200)).unwrap(),
+        "a watch on an unchanged key times out"
+    );
+    // A change the caller has not seen yet is reported at once.
+    s.transact(|tx| tx.set(&k, b"one")).unwrap();
+    let t = Instant::now();
+    assert!(
+        s.watch(&k, None, Duration::from_secs(30)).unwrap(),
+        "a key written since the caller read it"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "reported without waiting out the timeout"
+    );
+    // A write from another thread wakes the watcher; writes to other keys do not.
+    let writer = {
+        let store = store.clone();
+        let (k, other) = (k.clone(), other.clone());
+        std::thread::spawn(move || {
+            for i in 0..5u8 {
+                store.transact(|tx| tx.set(&other, &[i])).unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(100));
+            store.transact(|tx| tx.set(&k, b"two")).unwrap();
+        })
+    };
+    let t = Instant::now();
+    assert!(
+        s.watch(&k, Some(b"one"), Duration::from_secs(30)).unwrap(),
+        "a write from elsewhere wakes the watcher"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "woken by the write, not the timeout"
+    );
+    assert_eq!(s.snapshot(|tx| tx.get(&k)).unwrap().as_deref(), Some(&b"two"[..]));
+    writer.join().expect("writer thread");
+    // Other keys' writes alone do not end a watch.
+    let noise = {
+        let store = store.clone();
+        std::thread::spawn(move || {
+            for i in 0..10u8 {
+                store.transact(|tx| tx.set(&other, &[i])).unwrap();
+            }
+        })
+    };
+    assert!(
+        !s.watch(&k, Some(b"two"), Duration::from_millis(300)).unwrap(),
+        "writes to other keys do not fire a watch"
+    );
+    noise.join().expect("noise thread");
+    // Clearing is a change.
+    let clearer = {
+        let store = store.clone();
+        let k = k.clone();
+        std::thread::spawn(move || store.transact(|tx| tx.clear(&k)).unwrap())
+    };
+    assert!(
+        s.watch(&k, Some(b"two"), Duration::from_secs(30)).unwrap(),
+        "clearing the key fires the watch"
+    );
+    clearer.join().expect("clearer thread");
+    assert!(
+        matches!(
+            s.watch(&vec![0u8; MAX_KEY_BYTES + 1], None, Duration::from_millis(10)),
+            Err(StoreError::KeyTooLarge(_))
+        ),
+        "a watch on an oversized key is refused"
+    );
 }

@@ -22,6 +22,7 @@
 //! blocking threads.
 
 use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use foundationdb::options::{MutationType, StreamingMode, TransactionOption};
 use foundationdb::{Database, FdbError, RangeOption};
@@ -225,6 +226,59 @@ impl Store for FdbStore {
 
     fn read(&self, f: &mut dyn FnMut(&mut dyn Transaction) -> Result<(), StoreError>) -> Result<(), StoreError> {
         self.attempt(true, f)
+    }
+
+    fn watch(&self, key: &[u8], seen: Option<&[u8]>, timeout: Duration) -> Result<bool, StoreError> {
+        WriteBudget::check_key(key)?;
+        let mut full = self.prefix.clone();
+        full.extend_from_slice(key);
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let trx = self.db.create_trx().map_err(fdb_err)?;
+            // Bounds the read and the watch alike: a partitioned cluster
+            // ends the wait instead of holding the thread forever.
+            let ms = i32::try_from(left.as_millis() + u128::from(TIMEOUT_MS as u32)).unwrap_or(i32::MAX);
+            trx.set_option(TransactionOption::Timeout(ms)).map_err(fdb_err)?;
+            let current = match block_on(trx.get(&full, false)) {
+                Ok(v) => v,
+                Err(e) if e.is_retryable() && !left.is_zero() => {
+                    std::thread::sleep(Duration::from_millis(100).min(left));
+                    continue;
+                }
+                Err(e) => return Err(fdb_err(e)),
+            };
+            if current.as_deref() != seen {
+                return Ok(true);
+            }
+            if left.is_zero() {
+                return Ok(false);
+            }
+            // FoundationDB fires the watch when the value differs from the
+            // one this transaction read; the commit arms it.
+            let watch = trx.watch(&full);
+            if let Err(e) = block_on(trx.commit()) {
+                if !e.is_retryable() {
+                    return Err(fdb_err(e.into()));
+                }
+                continue;
+            }
+            let (wake, timer) = futures::channel::oneshot::channel::<()>();
+            std::thread::spawn(move || {
+                std::thread::sleep(left);
+                let _ = wake.send(());
+            });
+            match block_on(futures::future::select(watch, timer)) {
+                // Fired: the next pass reads the value and compares.
+                futures::future::Either::Left((Ok(()), _)) => {}
+                // Cancelled or timed out by the cluster: read again (and
+                // give up at the deadline).
+                futures::future::Either::Left((Err(_), _)) => {
+                    std::thread::sleep(Duration::from_millis(100).min(left));
+                }
+                futures::future::Either::Right(_) => return Ok(false),
+            }
+        }
     }
 
     fn backend(&self) -> &'static str {

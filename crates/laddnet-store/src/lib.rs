@@ -30,6 +30,7 @@ pub mod keys;
 mod redb_store;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 pub use error::StoreError;
 #[cfg(feature = "fdb")]
@@ -113,6 +114,18 @@ pub trait Store: Send + Sync + 'static {
 
     /// Runs `f` in a read-only snapshot. Writes inside it are refused.
     fn read(&self, f: &mut dyn FnMut(&mut dyn Transaction) -> Result<(), StoreError>) -> Result<(), StoreError>;
+
+    /// Blocks until the value at `key` is other than `seen` (None: the key
+    /// is absent) or `timeout` has passed, and says whether it changed.
+    ///
+    /// This is FoundationDB's watch, for keys that other processes write
+    /// and this one must follow (the CRL): the embedded store wakes on its
+    /// own commits, FoundationDB and the shared store on theirs, so no
+    /// caller polls. A change is never missed, since the value is compared
+    /// with `seen`, not with whatever it is when the watch starts; `false`
+    /// only means "not within `timeout`". Run it on a thread of its own: it
+    /// holds the thread for up to `timeout`.
+    fn watch(&self, key: &[u8], seen: Option<&[u8]>, timeout: Duration) -> Result<bool, StoreError>;
 
     /// Which backend this is, for logs and `laddnet config validate`.
     fn backend(&self) -> &'static str;

@@ -1,4 +1,7 @@
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
@@ -13,6 +16,47 @@ const KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
 pub struct RedbStore {
     db: Database,
     durable: bool,
+    watches: Watches,
+}
+
+/// The keys being watched, each with a count of the commits that wrote it
+/// since the first watcher came. A commit bumps the count of every watched
+/// key it wrote and wakes the watchers, which then compare values.
+#[derive(Default)]
+struct Watches {
+    keys: Mutex<HashMap<Vec<u8>, Watched>>,
+    changed: Condvar,
+}
+
+struct Watched {
+    watchers: usize,
+    writes: u64,
+}
+
+impl Watches {
+    fn lock(&self) -> MutexGuard<'_, HashMap<Vec<u8>, Watched>> {
+        self.keys.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn committed(&self, written: &[Vec<u8>]) {
+        if written.is_empty() {
+            return;
+        }
+        let mut keys = self.lock();
+        if keys.is_empty() {
+            return;
+        }
+        let mut woke = false;
+        for key in written {
+            if let Some(w) = keys.get_mut(key) {
+                w.writes += 1;
+                woke = true;
+            }
+        }
+        if woke {
+            self.changed.notify_all();
+        }
+    }
 }
 
 impl RedbStore {
@@ -23,7 +67,11 @@ impl RedbStore {
         let tx = db.begin_write().map_err(StoreError::io)?;
         tx.open_table(KV).map_err(StoreError::io)?;
         tx.commit().map_err(StoreError::io)?;
-        Ok(Self { db, durable: true })
+        Ok(Self {
+            db,
+            durable: true,
+            watches: Watches::default(),
+        })
     }
 
     /// A store whose commits are not flushed to disk: a crash loses recent
@@ -42,6 +90,8 @@ fn check_key(key: &[u8]) -> Result<(), StoreError> {
 struct WriteTx<'a> {
     table: redb::Table<'a, &'static [u8], &'static [u8]>,
     budget: WriteBudget,
+    /// Keys this transaction wrote, for the watchers once it commits.
+    written: Vec<Vec<u8>>,
 }
 
 type RangeItem<'a> = Result<
@@ -91,12 +141,14 @@ impl Transaction for WriteTx<'_> {
     fn set(&mut self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
         self.budget.charge(key, value.len())?;
         self.table.insert(key, value).map_err(StoreError::io)?;
+        self.written.push(key.to_vec());
         Ok(())
     }
 
     fn clear(&mut self, key: &[u8]) -> Result<(), StoreError> {
         self.budget.charge(key, 0)?;
         self.table.remove(key).map_err(StoreError::io)?;
+        self.written.push(key.to_vec());
         Ok(())
     }
 
@@ -159,19 +211,23 @@ impl Store for RedbStore {
         if !self.durable {
             txn.set_durability(redb::Durability::None).map_err(StoreError::io)?;
         }
-        {
+        let written = {
             let table = txn.open_table(KV).map_err(StoreError::io)?;
             let mut tx = WriteTx {
                 table,
                 budget: WriteBudget::default(),
+                written: Vec::new(),
             };
             if let Err(e) = f(&mut tx) {
                 drop(tx);
                 txn.abort().map_err(StoreError::io)?;
                 return Err(e);
             }
-        }
-        txn.commit().map_err(StoreError::io)
+            tx.written
+        };
+        txn.commit().map_err(StoreError::io)?;
+        self.watches.committed(&written);
+        Ok(())
     }
 
     fn read(&self, f: &mut dyn FnMut(&mut dyn Transaction) -> Result<(), StoreError>) -> Result<(), StoreError> {
@@ -180,8 +236,59 @@ impl Store for RedbStore {
         f(&mut ReadTx { table })
     }
 
+    fn watch(&self, key: &[u8], seen: Option<&[u8]>, timeout: Duration) -> Result<bool, StoreError> {
+        check_key(key)?;
+        let deadline = Instant::now() + timeout;
+        // Registered before the first read, so a commit after that read
+        // bumps the count this watcher waits on.
+        self.watches
+            .lock()
+            .entry(key.to_vec())
+            .or_insert(Watched { watchers: 0, writes: 0 })
+            .watchers += 1;
+        let result = self.wait_for_change(key, seen, deadline);
+        let mut keys = self.watches.lock();
+        if let Some(w) = keys.get_mut(key) {
+            w.watchers -= 1;
+            if w.watchers == 0 {
+                keys.remove(key);
+            }
+        }
+        result
+    }
+
     fn backend(&self) -> &'static str {
         "redb"
+    }
+}
+
+impl RedbStore {
+    fn current(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let txn = self.db.begin_read().map_err(StoreError::io)?;
+        let table = txn.open_table(KV).map_err(StoreError::io)?;
+        Ok(table.get(key).map_err(StoreError::io)?.map(|v| v.value().to_vec()))
+    }
+
+    fn wait_for_change(&self, key: &[u8], seen: Option<&[u8]>, deadline: Instant) -> Result<bool, StoreError> {
+        loop {
+            let writes = self.watches.lock().get(key).map_or(0, |w| w.writes);
+            if self.current(key)?.as_deref() != seen {
+                return Ok(true);
+            }
+            let mut keys = self.watches.lock();
+            while keys.get(key).map_or(0, |w| w.writes) == writes {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Ok(false);
+                }
+                keys = self
+                    .watches
+                    .changed
+                    .wait_timeout(keys, left)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+        }
     }
 }
 

@@ -1,0 +1,105 @@
+//! `laddnet-bench`: laddnet measured against the transport's own limit.
+//!
+//! Every scenario runs a real `laddnet node` and, interleaved with it, a
+//! bare tonic mutual-TLS echo server (`laddnet-bench echo`) with the same
+//! CA, certificates and message shapes; each figure is reported with its
+//! baseline and the median of the per-pair ratios. Servers are pinned to
+//! core 0 (`taskset`), this process to core 1 (`scripts/bench.sh`), and
+//! server CPU and memory are read from `/proc`. Nothing here is a test:
+//! CI builds it but never times anything.
+
+mod echo;
+mod load;
+mod procfs;
+mod scenarios;
+mod servers;
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "laddnet-bench", about = "laddnet's benchmark suite")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// The baseline server (started by the scenarios).
+    Echo {
+        #[arg(long)]
+        root: PathBuf,
+        #[arg(long)]
+        cert: PathBuf,
+        #[arg(long)]
+        key: PathBuf,
+        #[arg(long)]
+        crl: PathBuf,
+        #[arg(long, default_value = "0.0.0.0:0")]
+        listen: std::net::SocketAddr,
+    },
+    /// Meter events acknowledged per server CPU-second.
+    Ingest {
+        #[arg(long, default_value_t = 50)]
+        chargers: usize,
+        #[arg(long, default_value_t = 16)]
+        window: usize,
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        #[arg(long, default_value_t = 5)]
+        pairs: usize,
+    },
+    /// Idle mutual-TLS chargers held, and server memory per charger.
+    Density {
+        #[arg(long, default_value_t = 15_000)]
+        chargers: usize,
+        #[arg(long, default_value_t = 5)]
+        pairs: usize,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let rows = match cli.cmd {
+        Cmd::Echo {
+            root,
+            cert,
+            key,
+            crl,
+            listen,
+        } => {
+            let read = |p: &PathBuf| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
+            let tls = laddnet_pki::tls::mtls_server_config(
+                &read(&root)?,
+                laddnet_pki::tls::crl_from_pem(&read(&crl)?)?,
+                laddnet_pki::tls::certs_from_pem(&read(&cert)?)?,
+                laddnet_pki::tls::key_from_pem(&read(&key)?)?,
+            )?;
+            return echo::serve(listen, tls).await;
+        }
+        Cmd::Ingest {
+            chargers,
+            window,
+            seconds,
+            pairs,
+        } => {
+            scenarios::ingest(scenarios::IngestOpts {
+                chargers,
+                window,
+                seconds,
+                pairs,
+            })
+            .await?
+        }
+        Cmd::Density { chargers, pairs } => scenarios::density(scenarios::DensityOpts { chargers, pairs }).await?,
+    };
+    if !servers::can_pin() {
+        eprintln!("note: not pinned (taskset or a second core is missing); ratios are noisier");
+    }
+    print!("{}", scenarios::table(&rows));
+    Ok(())
+}
