@@ -213,7 +213,7 @@ pub fn table(rows: &[Row]) -> String {
         String::from("| figure | laddnet | baseline (same run) | ratio | target | met |\n|---|---|---|---|---|---|\n");
     for r in rows {
         s.push_str(&format!(
-            "| {} | {} | {} | {:.2} | {} | {} |\n",
+            "| {} | {} | {} | {:.4} | {} | {} |\n",
             r.figure,
             r.laddnet,
             r.baseline,

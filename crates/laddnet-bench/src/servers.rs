@@ -116,9 +116,12 @@ impl Drop for Server {
 
 /// Whether `taskset` can pin to two cores here.
 pub fn can_pin() -> bool {
-    std::thread::available_parallelism()
-        .map(|n| n.get() >= 2)
-        .unwrap_or(false)
+    // The machine's cores, not this process's: the load itself runs
+    // pinned to one (available_parallelism would say 1).
+    let cores = std::fs::read_to_string("/proc/cpuinfo")
+        .map(|s| s.lines().filter(|l| l.starts_with("processor")).count())
+        .unwrap_or(1);
+    cores >= 2
         && Command::new("taskset")
             .arg("-V")
             .output()
