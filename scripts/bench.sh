@@ -45,6 +45,19 @@ load on core 1; server CPU and RSS come from `/proc/PID/stat` and
 - **Density**: chargers connect (TLS, Attach, Boot) over 127.0.0.x and stay
   idle; the server's RSS growth divided by the connections held.
 
+**Ingest against its target.** Profile (`perf record -g -p <node pid>`
+during the run, 2026-11-22): kernel context switches and the virtio disk's
+writes are over a quarter of the samples, then malloc/free and redb's
+page cache; laddnet's own code is under 1 %. Every event is one durable
+redb transaction (one fsync) behind a `spawn_blocking` hand-off. The next
+step is one writer that commits the events waiting together (group
+commit) and acknowledges each only after that commit.
+
+Not measured yet: reconnect storm, session end → CDR under load, cold
+start with 100,000 open sessions, panicked-actor replacement, and zero
+loss on SIGKILL inside the ingest scenario (a test covers the property:
+`tests/tests/crash.rs`).
+
 NOTES
   echo "## Money"
   echo

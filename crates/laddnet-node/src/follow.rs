@@ -31,6 +31,9 @@ pub fn follow_key(
     std::thread::Builder::new()
         .name(format!("watch-{what}"))
         .spawn(move || {
+            // The value the last slice watched from, kept across slices:
+            // re-reading it at each slice would miss a change made between
+            // two slices. None: read it afresh (after a change or error).
             let mut seen: Option<Option<Vec<u8>>> = None;
             let mut failing = false;
             while !stop.is_cancelled() {

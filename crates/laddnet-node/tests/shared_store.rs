@@ -78,38 +78,23 @@ async fn a_node_revoked_by_another_is_cut_off_from_the_store_at_once() {
     let (s, cfg) = server_for(dir.path(), &["node-a", "node-b"]).await;
     let root = std::fs::read_to_string(cfg.ca_dir().join("root.crt")).unwrap();
     let endpoint = format!("https://{}", s.addr);
-    let connect = |i: usize| {
-        let (_, crt, key) = s.clients[i].clone();
-        let (endpoint, root) = (endpoint.clone(), root.clone());
-        move || {
-            let chain = std::fs::read_to_string(crt).unwrap();
-            let serial = laddnet_pki::summarize_certificate(&laddnet_pki::tls::certs_from_pem(&chain).unwrap()[0])
-                .unwrap()
-                .serial;
-            let client = SharedStoreClient::connect(
-                &endpoint,
-                "localhost",
-                &root,
-                &chain,
-                &std::fs::read_to_string(key).unwrap(),
-            )
-            .unwrap();
-            (Arc::new(client), serial)
-        }
+    let read = |p: &std::path::Path| std::fs::read_to_string(p).unwrap();
+    let ((_, a_crt, a_key), (_, b_crt, b_key)) = (s.clients[0].clone(), s.clients[1].clone());
+    let a_chain = read(&a_crt);
+    let a_serial = laddnet_pki::summarize_certificate(&laddnet_pki::tls::certs_from_pem(&a_chain).unwrap()[0])
+        .unwrap()
+        .serial;
+    let b = {
+        let (endpoint, root, chain, key) = (endpoint.clone(), root.clone(), read(&b_crt), read(&b_key));
+        tokio::task::spawn_blocking(move || {
+            Arc::new(SharedStoreClient::connect(&endpoint, "localhost", &root, &chain, &key).unwrap())
+        })
+        .await
+        .unwrap()
     };
-    let (_, a_serial) = tokio::task::spawn_blocking(connect(0)).await.unwrap();
-    let (b, _) = tokio::task::spawn_blocking(connect(1)).await.unwrap();
     // node-a's connection, one call at a time (the store client's retries
     // would hide when the refusal began).
-    let (_, crt, key) = s.clients[0].clone();
-    let tls = laddnet_pki::tls::client_config(
-        &root,
-        Some((
-            &std::fs::read_to_string(crt).unwrap(),
-            &std::fs::read_to_string(key).unwrap(),
-        )),
-    )
-    .unwrap();
+    let tls = laddnet_pki::tls::client_config(&root, Some((&a_chain, &read(&a_key)))).unwrap();
     let mut a = laddnet_proto::v1::store_service_client::StoreServiceClient::new(
         laddnet_client::connect(&endpoint, "localhost", tls).await.unwrap(),
     );
