@@ -489,3 +489,28 @@ async fn crl_number_only_grows_and_next_update_is_refreshed() {
         "the CRL is served to whoever verifies"
     );
 }
+
+#[tokio::test]
+async fn a_stopped_node_has_closed_its_store_when_shutdown_returns() {
+    // The CRL watch thread, streams and actors all hold the store; the
+    // node's shutdown must not return before the last of them let go and
+    // the store is closed, or a restart on the same data dir finds it
+    // locked (the watch thread, letting go last, raced with the reopen).
+    let mut node = TestNode::start().await;
+    for round in 0..5 {
+        let creds = node.enroll(&format!("CP-R{round}")).await;
+        let mut live = attach(node.channel(&creds).await.unwrap(), &format!("CP-R{round}"))
+            .await
+            .unwrap();
+        live.heartbeat().await.unwrap();
+        node.stop().await;
+        let path = node.data_dir().join("store.redb");
+        let reopened = laddnet_store::RedbStore::open(&path);
+        assert!(
+            reopened.is_ok(),
+            "round {round}: the store is still open after shutdown returned"
+        );
+        drop(reopened);
+        node.restart().await;
+    }
+}

@@ -453,21 +453,24 @@ impl RunningNode {
             let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
         }
         crate::cluster::leave(&self.state).await;
-        // Streams, actors and connection tasks hold the store; wait for
-        // them to let go, so the data dir can be opened again as soon as
-        // this returns.
-        let store = Arc::downgrade(&self.state.store);
+        // Streams, actors, connection tasks and the CRL watch thread hold
+        // the store; wait for them to let go, then drop the last handle
+        // here, so the store is closed (its file lock released) when this
+        // returns. Waiting for the count to reach zero instead would race
+        // with the close still running on whichever thread let go last.
+        let store = self.state.store.clone();
         drop(self.state);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while store.strong_count() > 0 && tokio::time::Instant::now() < deadline {
+        while Arc::strong_count(&store) > 1 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        if store.strong_count() > 0 {
+        if Arc::strong_count(&store) > 1 {
             tracing::warn!(
-                holders = store.strong_count(),
+                holders = Arc::strong_count(&store) - 1,
                 "tasks still hold the store after shutdown"
             );
         }
+        let _ = tokio::task::spawn_blocking(move || drop(store)).await;
         tracing::info!("node stopped");
     }
 }

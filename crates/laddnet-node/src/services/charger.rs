@@ -398,6 +398,12 @@ impl ChargerService for Charger {
                         let _ = tx.send(out(0, Out::Closing(v1::Closing { reason: "connection closed by the node".into() }))).await;
                         break;
                     }
+                    // The stream ends with the node, so the graceful
+                    // shutdown is not held open by a charger that stays.
+                    _ = state.shutdown.cancelled() => {
+                        let _ = tx.send(out(0, Out::Closing(v1::Closing { reason: "node shutting down; reconnect".into() }))).await;
+                        break;
+                    }
                     msg = inbound.message() => msg,
                 };
                 let m = match msg {
