@@ -4,6 +4,7 @@
 
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
 use laddnet_proto::v1;
 use laddnet_proto::v1::TransactionEventType as T;
@@ -75,8 +76,15 @@ async fn sigkill_mid_session_loses_no_acknowledged_reading() {
     );
     assert!(s.last_seq >= *acked.last().unwrap());
     assert_eq!(s.missing_events, 0, "no hole among the acknowledged readings");
-    assert_eq!(
-        s.status, "interrupted",
-        "after a crash the session waits for its charger"
-    );
+    // Interrupting what the crash left active runs beside accepting.
+    let interrupted = eventually(Duration::from_secs(10), || async {
+        let mut c = v1::operator_service_client::OperatorServiceClient::new(node.channel(&root, &admin).await);
+        c.get_session(v1::GetSessionRequest {
+            transaction_id: "tx-crash".into(),
+        })
+        .await
+        .is_ok_and(|r| r.into_inner().status == "interrupted")
+    })
+    .await;
+    assert!(interrupted, "after a crash the session waits for its charger");
 }

@@ -250,6 +250,11 @@ pub fn set_authorization(
     })
 }
 
+/// Whether event `seq` of transaction `tx_id` is stored (accepted).
+pub fn event_stored(store: &dyn Store, tx_id: &str, seq: u64) -> Result<bool, RepoError> {
+    Ok(store.snapshot(|tx| tx.get(&event_key(tx_id, seq)))?.is_some())
+}
+
 pub fn get_session(store: &dyn Store, tx_id: &str) -> Result<Option<SessionRecord>, RepoError> {
     store.snapshot(|tx| get(tx, &session_key(tx_id)))
 }
@@ -308,9 +313,11 @@ pub fn interrupt_sessions_in(tx: &mut dyn Transaction, charger_id: &str, now: i6
     Ok(done)
 }
 
-/// At node start no charger is attached yet: every active session is
-/// interrupted until its charger comes back (or the timeout closes it).
-pub fn interrupt_all_active(store: &dyn Store, now: i64) -> Result<usize, RepoError> {
+/// After a node start, every active session whose charger is not
+/// `attached` (again) is interrupted until its charger comes back (or the
+/// timeout closes it). The node runs this beside accepting, so a large
+/// fleet's sessions do not hold up its start.
+pub fn interrupt_all_active(store: &dyn Store, now: i64, attached: &dyn Fn(&str) -> bool) -> Result<usize, RepoError> {
     let (b, e) = keys::tuple_range(&("session-open",));
     let chargers: std::collections::BTreeSet<String> = store.snapshot(|tx| {
         tx.get_range(&b, &e, 0, false)?
@@ -322,12 +329,29 @@ pub fn interrupt_all_active(store: &dyn Store, now: i64) -> Result<usize, RepoEr
             })
             .collect::<Result<_, RepoError>>()
     })?;
+    // A few large transactions, not one per charger: after a crash with a
+    // large fleet charging this is on the way to accepting connections.
+    let chargers: Vec<String> = chargers.into_iter().collect();
     let mut n = 0;
-    for c in chargers {
-        n += interrupt_sessions(store, &c, now)?.len();
+    for batch in chargers.chunks(INTERRUPT_BATCH) {
+        n += store.transact(|tx| {
+            let mut k = 0;
+            // Checked inside the write: a charger that attaches after
+            // this check commits its events after this transaction, and
+            // its next event makes the session active again.
+            for c in batch.iter().filter(|c| !attached(c)) {
+                k += interrupt_sessions_in(tx, c, now)?.len();
+            }
+            Ok::<_, RepoError>(k)
+        })?;
     }
     Ok(n)
 }
+
+/// Chargers whose sessions [`interrupt_all_active`] rewrites in one
+/// transaction (a session record is well under 1 KiB, so a batch stays far
+/// below the store's transaction limit).
+const INTERRUPT_BATCH: usize = 2_000;
 
 /// Closes sessions interrupted for longer than `timeout_s`.
 pub fn close_interrupted(store: &dyn Store, timeout_s: i64, now: i64) -> Result<Vec<String>, RepoError> {

@@ -105,6 +105,39 @@ pub async fn serve(listen: std::net::SocketAddr, tls: Arc<tokio_rustls::rustls::
     Ok(())
 }
 
+/// The reconnect storm's baseline: a raw rustls mutual-TLS handshake per
+/// connection (the same server configuration), no HTTP/2 and no service;
+/// one byte written once it is done, then the connection is held until the
+/// client closes it.
+pub async fn serve_handshakes(
+    listen: std::net::SocketAddr,
+    tls: Arc<tokio_rustls::rustls::ServerConfig>,
+) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    println!("echo serving on {}", listener.local_addr()?);
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        tokio::spawn(async move {
+            if let Ok(mut tls) = acceptor.accept(tcp).await {
+                // One byte says "admitted": the client knows the server
+                // has verified its certificate (in TLS 1.3 the client's
+                // handshake ends before that).
+                if tls.write_all(b"k").await.is_err() || tls.flush().await.is_err() {
+                    return;
+                }
+                let mut buf = [0u8; 64];
+                while matches!(tls.read(&mut buf).await, Ok(n) if n > 0) {}
+            }
+        });
+    }
+}
+
 /// A TLS connection as tonic's `serve_with_incoming` takes it.
 struct Conn(tokio_rustls::server::TlsStream<tokio::net::TcpStream>);
 

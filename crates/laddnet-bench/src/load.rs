@@ -46,7 +46,16 @@ impl Attached {
 /// Connects `c` to `addr` (any loopback address: the 4-tuples of many
 /// connections spread over 127.0.0.x), attaches and boots.
 pub async fn attach(fleet: &Fleet, c: &Creds, addr: std::net::SocketAddr) -> anyhow::Result<Attached> {
-    let channel = laddnet_client::connect(&format!("https://{addr}"), "localhost", fleet.client_tls(c)?).await?;
+    attach_with(fleet.client_tls(c)?, c, addr).await
+}
+
+/// [`attach`] with the charger's client configuration already built.
+pub async fn attach_with(
+    tls: Arc<tokio_rustls::rustls::ClientConfig>,
+    c: &Creds,
+    addr: std::net::SocketAddr,
+) -> anyhow::Result<Attached> {
+    let channel = laddnet_client::connect(&format!("https://{addr}"), "localhost", tls).await?;
     let mut client = ChargerServiceClient::new(channel);
     let (tx, rx) = mpsc::channel(256);
     // The boot goes first: the server answers the call only once it has
@@ -79,18 +88,39 @@ pub async fn attach(fleet: &Fleet, c: &Creds, addr: std::net::SocketAddr) -> any
     }
 }
 
+/// A raw mutual-TLS handshake (the reconnect storm's baseline): TCP, then
+/// rustls, then the server's one byte; nothing above it.
+pub async fn handshake(
+    tls: Arc<tokio_rustls::rustls::ClientConfig>,
+    addr: std::net::SocketAddr,
+) -> anyhow::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let name = tokio_rustls::rustls::pki_types::ServerName::try_from("localhost")?;
+    let mut stream = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await?;
+    // Admitted once the server, having checked this certificate, says so.
+    let mut byte = [0u8; 1];
+    tokio::io::AsyncReadExt::read_exact(&mut stream, &mut byte).await?;
+    Ok(stream)
+}
+
 fn now_ms() -> i64 {
     (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
 }
 
+/// Where acknowledged events are written down, for the loss check.
+pub type AckLog = Arc<std::sync::Mutex<Vec<(String, u64)>>>;
+
 /// A session's meter events on one stream: `window` events in flight,
-/// each acknowledged one counted in `acked`, until `stop`.
+/// each acknowledged one counted in `acked` (and written to `log`), until
+/// `stop`.
 pub async fn charge(
     mut a: Attached,
     transaction_id: String,
     window: usize,
     acked: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
+    log: Option<AckLog>,
 ) -> anyhow::Result<u64> {
     let start = now_ms();
     let event = |seq: u64| {
@@ -133,6 +163,11 @@ pub async fn charge(
                 in_flight -= 1;
                 last_acked = last_acked.max(ack.seq);
                 acked.fetch_add(1, Ordering::Relaxed);
+                if let Some(log) = &log {
+                    log.lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push((transaction_id.clone(), ack.seq));
+                }
             }
             Some(v1::central_message::Payload::Rejected(r)) => anyhow::bail!("event rejected: {}", r.reason),
             _ => {}

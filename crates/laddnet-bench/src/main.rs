@@ -40,6 +40,9 @@ enum Cmd {
         crl: PathBuf,
         #[arg(long, default_value = "0.0.0.0:0")]
         listen: std::net::SocketAddr,
+        /// Only the TLS handshake (the reconnect storm's baseline).
+        #[arg(long)]
+        handshake_only: bool,
     },
     /// Meter events acknowledged per server CPU-second.
     Ingest {
@@ -49,6 +52,32 @@ enum Cmd {
         window: usize,
         #[arg(long, default_value_t = 5)]
         seconds: u64,
+        #[arg(long, default_value_t = 5)]
+        pairs: usize,
+    },
+    /// Acknowledged meter events lost when the node is SIGKILLed under
+    /// ingest load (must be none).
+    Sigkill {
+        #[arg(long, default_value_t = 50)]
+        chargers: usize,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
+    /// Chargers re-admitted (TLS + boot accepted) per second, against a
+    /// raw rustls handshake loop.
+    Reconnect {
+        #[arg(long, default_value_t = 10_000)]
+        chargers: usize,
+        #[arg(long, default_value_t = 128)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 5)]
+        pairs: usize,
+    },
+    /// Start to accepting with a store holding many open sessions, against
+    /// the same node on an empty store.
+    ColdStart {
+        #[arg(long, default_value_t = 100_000)]
+        sessions: usize,
         #[arg(long, default_value_t = 5)]
         pairs: usize,
     },
@@ -71,6 +100,7 @@ async fn main() -> anyhow::Result<()> {
             key,
             crl,
             listen,
+            handshake_only,
         } => {
             let read = |p: &PathBuf| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
             let tls = laddnet_pki::tls::mtls_server_config(
@@ -79,6 +109,9 @@ async fn main() -> anyhow::Result<()> {
                 laddnet_pki::tls::certs_from_pem(&read(&cert)?)?,
                 laddnet_pki::tls::key_from_pem(&read(&key)?)?,
             )?;
+            if handshake_only {
+                return echo::serve_handshakes(listen, tls).await;
+            }
             return echo::serve(listen, tls).await;
         }
         Cmd::Ingest {
@@ -96,6 +129,13 @@ async fn main() -> anyhow::Result<()> {
             .await?
         }
         Cmd::Density { chargers, pairs } => scenarios::density(scenarios::DensityOpts { chargers, pairs }).await?,
+        Cmd::Sigkill { chargers, rounds } => scenarios::sigkill(chargers, rounds).await?,
+        Cmd::Reconnect {
+            chargers,
+            concurrency,
+            pairs,
+        } => scenarios::reconnect(chargers, concurrency, pairs).await?,
+        Cmd::ColdStart { sessions, pairs } => scenarios::cold_start(sessions, pairs).await?,
     };
     if !servers::can_pin() {
         eprintln!("note: not pinned (taskset or a second core is missing); ratios are noisier");

@@ -24,6 +24,7 @@ pub struct Creds {
 pub struct Fleet {
     pub dir: tempfile::TempDir,
     pub config_path: PathBuf,
+    pub store_path: PathBuf,
     pub root_pem: String,
     pub chargers: Vec<Creds>,
 }
@@ -76,6 +77,7 @@ impl Fleet {
         Ok(Self {
             dir,
             config_path: out.config_path,
+            store_path: config.store_path(),
             root_pem,
             chargers,
         })
@@ -186,6 +188,11 @@ pub fn start_node(fleet: &Fleet, env: &[(&str, String)]) -> anyhow::Result<Serve
 
 /// Starts the echo server with the fleet's CA and the echo certificate.
 pub fn start_echo(fleet: &Fleet) -> anyhow::Result<Server> {
+    start_echo_with(fleet, &[])
+}
+
+/// The echo server with extra arguments (`--handshake-only`).
+pub fn start_echo_with(fleet: &Fleet, args: &[&str]) -> anyhow::Result<Server> {
     let pin = can_pin();
     let d = fleet.dir.path();
     let ca = d.join("data").join("ca");
@@ -199,6 +206,7 @@ pub fn start_echo(fleet: &Fleet) -> anyhow::Result<Server> {
         .arg(d.join("echo.key"))
         .arg("--crl")
         .arg(d.join("crl.pem"))
+        .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::from(std::fs::File::create(d.join("echo.log"))?));
     let mut child = cmd.spawn().context("starting the echo server")?;

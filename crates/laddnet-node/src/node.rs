@@ -167,21 +167,6 @@ impl RunningNode {
         )?;
         let enroll_cfg = laddnet_pki::tls::server_only_config(chain.clone(), key.clone_key())?;
         let mtls_shared = Arc::new(RwLock::new(mtls_cfg));
-        if config.store.backend == StoreBackend::Embedded {
-            // A previous run may have stopped uncleanly: no charger is attached
-            // yet, so its active sessions wait for their chargers as interrupted.
-            let store = store.clone();
-            let now = time::OffsetDateTime::now_utc().unix_timestamp();
-            let n =
-                tokio::task::spawn_blocking(move || laddnet_actors::repo::interrupt_all_active(store.as_ref(), now))
-                    .await??;
-            if n > 0 {
-                tracing::info!(
-                    sessions = n,
-                    "sessions left active by the previous run are interrupted until their chargers return"
-                );
-            }
-        }
         let actors = laddnet_actors::SupervisorHandle::start(config.sessions.actor_config_with(&config.billing))
             .await
             .map_err(|e| anyhow::anyhow!("starting the actor tree: {e}"))?;
@@ -386,6 +371,9 @@ impl RunningNode {
                 tracing::error!(error = %e, "enrollment server stopped");
             }
         }));
+        if config.store.backend == StoreBackend::Embedded {
+            tasks.push(tokio::spawn(interrupt_left_active(state.clone())));
+        }
         tasks.push(tokio::spawn(revocation_poller(state.clone(), shutdown.clone())));
         tasks.push(tokio::spawn(crate::cluster::heartbeat(state.clone(), shutdown.clone())));
         tasks.push(tokio::spawn(interruption_sweeper(state.clone(), shutdown.clone())));
@@ -516,6 +504,28 @@ async fn revocation_poller(state: Arc<NodeState>, shutdown: CancellationToken) {
             }
         }
         state.apply_revocations().await;
+    }
+}
+
+/// A previous run may have stopped uncleanly and left sessions active:
+/// each is interrupted until its charger comes back. Run beside accepting
+/// (100,000 open sessions take about a second to rewrite); chargers that
+/// are already back are left alone.
+async fn interrupt_left_active(state: Arc<NodeState>) {
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let st = state.clone();
+    let done = tokio::task::spawn_blocking(move || {
+        laddnet_actors::repo::interrupt_all_active(st.store.as_ref(), now, &|c| st.chargers.connection(c).is_some())
+    })
+    .await;
+    match done {
+        Ok(Ok(0)) => {}
+        Ok(Ok(n)) => tracing::info!(
+            sessions = n,
+            "sessions left active by the previous run are interrupted until their chargers return"
+        ),
+        Ok(Err(e)) => tracing::error!(error = %e, "interrupting the sessions left active failed"),
+        Err(e) => tracing::error!(error = %e, "interrupting the sessions left active panicked"),
     }
 }
 

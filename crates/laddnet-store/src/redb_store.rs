@@ -9,14 +9,103 @@ use crate::{KeyValue, Store, StoreError, Transaction, WriteBudget};
 
 const KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
 
-/// The embedded default: one redb file, ACID, fsync on every commit.
+/// The embedded default: one redb file, ACID; a commit returns only once
+/// it is on disk.
 ///
 /// redb runs one write transaction at a time, so transactions never
 /// conflict here; reads run on snapshots beside the writer.
+///
+/// **Group commit.** Each transaction commits without an fsync, then waits
+/// for a durable commit that began after it: the first waiter runs one
+/// (an empty redb commit with `Durability::Immediate`, which makes every
+/// earlier commit durable), and the commits that arrive meanwhile share
+/// the next one. So `run` still returns only after its writes are on disk,
+/// and one fsync serves every transaction that was waiting. A transaction
+/// is visible to readers of this process from its own commit, a little
+/// before it is durable; a crash in between loses it, and its caller was
+/// never told it succeeded.
 pub struct RedbStore {
     db: Database,
     durable: bool,
     watches: Watches,
+    group: GroupCommit,
+}
+
+/// The state of group commit: tickets are taken after a commit, and a
+/// durable commit started after a ticket was taken covers it.
+#[derive(Default)]
+struct GroupCommit {
+    state: Mutex<GroupState>,
+    done: Condvar,
+}
+
+#[derive(Default)]
+struct GroupState {
+    /// The last ticket handed out.
+    taken: u64,
+    /// Every ticket up to this one is durable.
+    synced: u64,
+    /// A durable commit is running.
+    syncing: bool,
+    /// Tickets up to this one were in a durable commit that failed (and
+    /// are not covered by a later one that succeeded).
+    failed: u64,
+    failure: String,
+    /// Durable commits run so far.
+    flushes: u64,
+}
+
+impl GroupCommit {
+    fn lock(&self) -> MutexGuard<'_, GroupState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Returns once a durable commit that began after this call has
+    /// finished, running it if no other caller is.
+    fn durable(&self, db: &Database) -> Result<(), StoreError> {
+        let mut s = self.lock();
+        s.taken += 1;
+        let ticket = s.taken;
+        loop {
+            if s.synced >= ticket {
+                return Ok(());
+            }
+            if s.failed >= ticket {
+                return Err(StoreError::Io(format!(
+                    "the commit may not be on disk: the flush failed: {}",
+                    s.failure
+                )));
+            }
+            if s.syncing {
+                s = self.done.wait(s).unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
+            s.syncing = true;
+            let through = s.taken;
+            drop(s);
+            let flushed = flush(db);
+            s = self.lock();
+            s.syncing = false;
+            s.flushes += 1;
+            match flushed {
+                Ok(()) => s.synced = through,
+                Err(e) => {
+                    s.failed = through;
+                    s.failure = e.to_string();
+                }
+            }
+            self.done.notify_all();
+        }
+    }
+}
+
+/// An empty durable commit: redb writes and fsyncs every commit made
+/// without durability before it.
+fn flush(db: &Database) -> Result<(), StoreError> {
+    let mut txn = db.begin_write().map_err(StoreError::io)?;
+    txn.set_durability(redb::Durability::Immediate)
+        .map_err(StoreError::io)?;
+    txn.commit().map_err(StoreError::io)
 }
 
 /// The keys being watched, each with a count of the commits that wrote it
@@ -71,7 +160,14 @@ impl RedbStore {
             db,
             durable: true,
             watches: Watches::default(),
+            group: GroupCommit::default(),
         })
+    }
+
+    /// How many fsyncs (durable commits) group commit has run: fewer than
+    /// the transactions committed when they arrive together.
+    pub fn flushes(&self) -> u64 {
+        self.group.lock().flushes
     }
 
     /// A store whose commits are not flushed to disk: a crash loses recent
@@ -208,9 +304,8 @@ impl Transaction for ReadTx {
 impl Store for RedbStore {
     fn run(&self, f: &mut dyn FnMut(&mut dyn Transaction) -> Result<(), StoreError>) -> Result<(), StoreError> {
         let mut txn = self.db.begin_write().map_err(StoreError::io)?;
-        if !self.durable {
-            txn.set_durability(redb::Durability::None).map_err(StoreError::io)?;
-        }
+        // Durable stores flush in groups, after the commit (see the type).
+        txn.set_durability(redb::Durability::None).map_err(StoreError::io)?;
         let written = {
             let table = txn.open_table(KV).map_err(StoreError::io)?;
             let mut tx = WriteTx {
@@ -226,6 +321,9 @@ impl Store for RedbStore {
             tx.written
         };
         txn.commit().map_err(StoreError::io)?;
+        if self.durable {
+            self.group.durable(&self.db)?;
+        }
         self.watches.committed(&written);
         Ok(())
     }
@@ -338,6 +436,40 @@ mod tests {
         assert_eq!(i64::from_le_bytes(v.try_into().unwrap()), 21);
         assert!(s.transact(|tx| tx.claim_once(b"once")).unwrap());
         assert!(!s.transact(|tx| tx.claim_once(b"once")).unwrap());
+    }
+
+    #[test]
+    fn transactions_waiting_together_share_one_flush() {
+        let (_d, s) = store();
+        let s = std::sync::Arc::new(s);
+        // A flush is running (held here): five transactions commit
+        // meanwhile and wait, and the next flush covers all five.
+        s.group.lock().syncing = true;
+        let writers: Vec<_> = (0..5u8)
+            .map(|i| {
+                let s = s.clone();
+                std::thread::spawn(move || s.transact(|tx| tx.set(&[b'k', i], b"v")).unwrap())
+            })
+            .collect();
+        while s.group.lock().taken < 5 {
+            std::thread::yield_now();
+        }
+        {
+            let mut g = s.group.lock();
+            g.syncing = false;
+            g.synced = 0;
+        }
+        s.group.done.notify_all();
+        for w in writers {
+            w.join().unwrap();
+        }
+        assert_eq!(s.flushes(), 1, "one flush for the five waiting transactions");
+        for i in 0..5u8 {
+            assert_eq!(s.snapshot(|tx| tx.get(&[b'k', i])).unwrap().as_deref(), Some(&b"v"[..]));
+        }
+        // Alone, a transaction is flushed by itself before it returns.
+        s.transact(|tx| tx.set(b"alone", b"v")).unwrap();
+        assert_eq!(s.flushes(), 2);
     }
 
     #[test]
