@@ -617,6 +617,30 @@ impl TestNode {
             .map(|r| r.into_inner())
     }
 
+    /// A charger certificate issued by the CA directly (as for chargers
+    /// provisioned at the factory), without the enrollment listener and
+    /// its per-address rate limit: for benches that need many chargers.
+    pub async fn provisioned(&self, id: &str) -> Creds {
+        let (ca, id) = (self.node().state.ca.clone(), id.to_string());
+        let (issued, key) = tokio::task::spawn_blocking(move || {
+            ca.issue_with_new_key(
+                &laddnet_pki::Subject::Charger {
+                    id: laddnet_core::ChargerId::new(&id).unwrap(),
+                    site: None,
+                },
+                "test",
+            )
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        Creds {
+            chain_pem: issued.chain_pem,
+            key_pem: key.to_string(),
+            serial: issued.record.serial,
+        }
+    }
+
     /// Enrolls `id` and attaches it.
     pub async fn charger(&self, id: &str) -> (Creds, Attached) {
         let creds = self.enroll(id).await;

@@ -271,46 +271,75 @@ pub enum Takeover {
 
 /// Takes `charger` for `me` unless a live member holds it.
 pub fn take(store: &dyn Store, charger: &str, me: &MemberRecord, now_ms: i64) -> Result<Takeover, RepoError> {
-    Ok(store.transact(|tx| {
-        let prev: Option<OwnerRecord> = get_json(tx, &owner_key(charger))?;
-        if let Some(o) = &prev
-            && !o.released
-            && o.node != me.node
-        {
-            let holder: Option<MemberRecord> = get_json(tx, &member_key(&o.node))?;
-            if let Some(h) = holder
-                && h.incarnation == o.incarnation
-                && h.alive(now_ms)
-            {
-                return Ok::<_, StoreError>(Takeover::HeldBy {
-                    until_ms: h.lease_expires_ms,
-                    node: h.node,
-                    address: h.address,
-                });
-            }
-        }
-        if let Some(o) = &prev
-            && !o.released
-        {
-            tx.clear(&owned_key(&o.node, o.incarnation, charger))?;
-        }
-        let epoch = prev.map_or(0, |o| o.epoch) + 1;
-        let rec = OwnerRecord {
-            node: me.node.clone(),
-            incarnation: me.incarnation,
-            epoch,
-            since_ms: now_ms,
-            released: false,
+    Ok(store.transact(|tx| take_in(tx, charger, me, now_ms))?)
+}
+
+/// An attach's one durable write: takes `charger` for `me` and, if taken,
+/// records its boot (`rec`) in the same transaction. Returns the takeover
+/// and the stored record (None when a live member holds the charger).
+pub fn take_and_boot(
+    store: &dyn Store,
+    charger: &str,
+    me: &MemberRecord,
+    now_ms: i64,
+    rec: crate::repo::ChargerRecord,
+) -> Result<(Takeover, Option<crate::repo::ChargerRecord>), RepoError> {
+    store.transact(|tx| {
+        let taken = take_in(tx, charger, me, now_ms)?;
+        let stored = match &taken {
+            Takeover::Taken(_) => Some(crate::repo::record_boot_in(tx, rec.clone())?),
+            Takeover::HeldBy { .. } => None,
         };
-        put_json(tx, &owner_key(charger), &rec)?;
-        tx.set(&owned_key(&me.node, me.incarnation, charger), b"")?;
-        Ok(Takeover::Taken(Fence {
-            charger_id: charger.to_string(),
-            node: me.node.clone(),
-            incarnation: me.incarnation,
-            epoch,
-        }))
-    })?)
+        Ok((taken, stored))
+    })
+}
+
+/// [`take`] inside a caller's transaction (an attach takes the charger
+/// and records its boot in one).
+pub fn take_in(
+    tx: &mut dyn Transaction,
+    charger: &str,
+    me: &MemberRecord,
+    now_ms: i64,
+) -> Result<Takeover, StoreError> {
+    let prev: Option<OwnerRecord> = get_json(tx, &owner_key(charger))?;
+    if let Some(o) = &prev
+        && !o.released
+        && o.node != me.node
+    {
+        let holder: Option<MemberRecord> = get_json(tx, &member_key(&o.node))?;
+        if let Some(h) = holder
+            && h.incarnation == o.incarnation
+            && h.alive(now_ms)
+        {
+            return Ok(Takeover::HeldBy {
+                until_ms: h.lease_expires_ms,
+                node: h.node,
+                address: h.address,
+            });
+        }
+    }
+    if let Some(o) = &prev
+        && !o.released
+    {
+        tx.clear(&owned_key(&o.node, o.incarnation, charger))?;
+    }
+    let epoch = prev.map_or(0, |o| o.epoch) + 1;
+    let rec = OwnerRecord {
+        node: me.node.clone(),
+        incarnation: me.incarnation,
+        epoch,
+        since_ms: now_ms,
+        released: false,
+    };
+    put_json(tx, &owner_key(charger), &rec)?;
+    tx.set(&owned_key(&me.node, me.incarnation, charger), b"")?;
+    Ok(Takeover::Taken(Fence {
+        charger_id: charger.to_string(),
+        node: me.node.clone(),
+        incarnation: me.incarnation,
+        epoch,
+    }))
 }
 
 /// The charger's connection ended: its active sessions become interrupted

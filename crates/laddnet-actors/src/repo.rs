@@ -482,24 +482,27 @@ fn scan<T: DeserializeOwned>(
 }
 
 /// Records what a charger said at boot; keeps its site.
-pub fn record_boot(store: &dyn Store, mut rec: ChargerRecord) -> Result<ChargerRecord, RepoError> {
-    store.transact(|tx| {
-        let old: Option<ChargerRecord> = get(tx, &charger_key(&rec.charger_id))?;
-        if let Some(old) = old {
-            // The site an operator set wins over the one the enrollment
-            // token named: sites are changeable.
-            rec.site_id = old.site_id.or(rec.site_id.clone());
-            // Keep known statuses of connectors that still exist.
-            for c in &mut rec.connectors {
-                if let Some(o) = old.connectors.iter().find(|o| o.connector_id == c.connector_id) {
-                    c.status = o.status;
-                    c.error_code = o.error_code.clone();
-                }
+pub fn record_boot(store: &dyn Store, rec: ChargerRecord) -> Result<ChargerRecord, RepoError> {
+    store.transact(|tx| record_boot_in(tx, rec.clone()))
+}
+
+/// [`record_boot`] inside a caller's transaction.
+pub fn record_boot_in(tx: &mut dyn Transaction, mut rec: ChargerRecord) -> Result<ChargerRecord, RepoError> {
+    let old: Option<ChargerRecord> = get(tx, &charger_key(&rec.charger_id))?;
+    if let Some(old) = old {
+        // The site an operator set wins over the one the enrollment
+        // token named: sites are changeable.
+        rec.site_id = old.site_id.or(rec.site_id.clone());
+        // Keep known statuses of connectors that still exist.
+        for c in &mut rec.connectors {
+            if let Some(o) = old.connectors.iter().find(|o| o.connector_id == c.connector_id) {
+                c.status = o.status;
+                c.error_code = o.error_code.clone();
             }
         }
-        put(tx, &charger_key(&rec.charger_id), &rec)?;
-        Ok(rec.clone())
-    })
+    }
+    put(tx, &charger_key(&rec.charger_id), &rec)?;
+    Ok(rec)
 }
 
 /// Sets a connector's status and appends it to the status history at

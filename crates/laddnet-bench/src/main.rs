@@ -78,6 +78,20 @@ enum Cmd {
     ColdStart {
         #[arg(long, default_value_t = 100_000)]
         sessions: usize,
+        #[arg(long, default_value_t = 9)]
+        pairs: usize,
+    },
+    /// Authorize round trips at a fixed rate with meter traffic in the
+    /// background.
+    Authorize {
+        #[arg(long, default_value_t = 1_000)]
+        rate: u64,
+        #[arg(long, default_value_t = 50)]
+        background_chargers: usize,
+        #[arg(long, default_value_t = 20)]
+        background_rate: u64,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
         #[arg(long, default_value_t = 5)]
         pairs: usize,
     },
@@ -135,6 +149,22 @@ async fn main() -> anyhow::Result<()> {
             concurrency,
             pairs,
         } => scenarios::reconnect(chargers, concurrency, pairs).await?,
+        Cmd::Authorize {
+            rate,
+            background_chargers,
+            background_rate,
+            seconds,
+            pairs,
+        } => {
+            scenarios::authorize(scenarios::AuthorizeOpts {
+                rate,
+                background_chargers,
+                background_rate,
+                seconds,
+                pairs,
+            })
+            .await?
+        }
         Cmd::ColdStart { sessions, pairs } => scenarios::cold_start(sessions, pairs).await?,
     };
     if !servers::can_pin() {

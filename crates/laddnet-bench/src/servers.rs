@@ -25,6 +25,7 @@ pub struct Fleet {
     pub dir: tempfile::TempDir,
     pub config_path: PathBuf,
     pub store_path: PathBuf,
+    pub data_dir: PathBuf,
     pub root_pem: String,
     pub chargers: Vec<Creds>,
 }
@@ -78,9 +79,47 @@ impl Fleet {
             dir,
             config_path: out.config_path,
             store_path: config.store_path(),
+            data_dir: data.clone(),
             root_pem,
             chargers,
         })
+    }
+
+    /// Registers `cards` RFID cards, one driver each (a third pay from a
+    /// wallet holding 50 EUR, the rest by card), as `laddctl drivers`
+    /// would; the node must not be running.
+    pub fn provision_drivers(&self, cards: &[String]) -> anyhow::Result<()> {
+        use laddnet_drivers::accounts::NewDriver;
+        use laddnet_drivers::{PaymentKind, TokenKind};
+        let config = laddnet_node::NodeConfig::for_data_dir(&self.data_dir);
+        let hub = laddnet_node::drivers::open_hub(&config, laddnet_node::node::open_store(&config)?)?;
+        for (i, card) in cards.iter().enumerate() {
+            let d = hub.drivers.create(
+                NewDriver {
+                    name: Some(format!("Bench {i}")),
+                    payment: Some(if i % 3 == 0 {
+                        PaymentKind::Wallet
+                    } else {
+                        PaymentKind::Card
+                    }),
+                    currency: "EUR".into(),
+                    max_concurrent_sessions: 1,
+                    ..Default::default()
+                },
+                0,
+            )?;
+            if i % 3 == 0 {
+                hub.drivers
+                    .adjust_wallet(&d.driver_id, 50.into(), &format!("bench-{i}"), 0)?;
+            }
+            hub.drivers.add_token(&d.driver_id, TokenKind::Rfid, card, None, 0)?;
+        }
+        // A node in steady state has finished its start-up pass over the
+        // data keys (rewrap to the current master key); do it here, so
+        // the first measured starts do not spend their core on it.
+        let store = hub.drivers.store.clone();
+        while !hub.drivers.vault.rewrap(store.as_ref(), 1_000, None)?.finished {}
+        Ok(())
     }
 
     pub fn client_tls(&self, c: &Creds) -> anyhow::Result<Arc<tokio_rustls::rustls::ClientConfig>> {

@@ -296,16 +296,21 @@ impl ChargerService for Charger {
             self.state.chargers.detach(&id, conn);
             return Err(NodeError::Unavailable("this node has not joined the cluster yet".into()).into());
         };
+        // The ownership and the boot record: one durable transaction.
         let (store, cid) = (self.state.store.clone(), id.to_string());
         let now_ms = (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;
-        let taken =
-            tokio::task::spawn_blocking(move || laddnet_actors::cluster::take(store.as_ref(), &cid, &me, now_ms))
-                .await
-                .map_err(|e| NodeError::Internal(e.to_string()))
-                .and_then(|r| r.map_err(|e| NodeError::Unavailable(e.to_string())));
-        let fence = match taken {
-            Ok(laddnet_actors::cluster::Takeover::Taken(f)) => f,
-            Ok(laddnet_actors::cluster::Takeover::HeldBy { node, until_ms, .. }) => {
+        let taken = tokio::task::spawn_blocking(move || {
+            laddnet_actors::cluster::take_and_boot(store.as_ref(), &cid, &me, now_ms, record)
+        })
+        .await
+        .map_err(|e| NodeError::Internal(e.to_string()));
+        let (fence, stored) = match taken {
+            Ok(Ok((laddnet_actors::cluster::Takeover::Taken(f), Some(stored)))) => (f, stored),
+            Ok(Ok((laddnet_actors::cluster::Takeover::Taken(_), None))) => {
+                self.state.chargers.detach(&id, conn);
+                return Err(NodeError::Internal("the boot was not recorded".into()).into());
+            }
+            Ok(Ok((laddnet_actors::cluster::Takeover::HeldBy { node, until_ms, .. }, _))) => {
                 self.state.chargers.detach(&id, conn);
                 // When to try again: once the holder's lease would lapse
                 // (if that node died, its charger is free then).
@@ -321,6 +326,10 @@ impl ChargerService for Charger {
                 }
                 return Err(status);
             }
+            Ok(Err(e)) => {
+                self.state.chargers.detach(&id, conn);
+                return Err(crate::status::to_status(e));
+            }
             Err(e) => {
                 self.state.chargers.detach(&id, conn);
                 return Err(e.into());
@@ -330,18 +339,6 @@ impl ChargerService for Charger {
             self.state.store.clone(),
             fence.clone(),
         ));
-        let boot_store = store.clone();
-        let stored = match tokio::task::spawn_blocking(move || repo::record_boot(boot_store.as_ref(), record)).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => {
-                self.state.chargers.detach(&id, conn);
-                return Err(crate::status::to_status(e));
-            }
-            Err(e) => {
-                self.state.chargers.detach(&id, conn);
-                return Err(NodeError::Internal(e.to_string()).into());
-            }
-        };
         let args = ChargerArgs {
             store,
             fence: Some(fence),

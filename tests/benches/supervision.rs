@@ -1,0 +1,156 @@
+//! A panicked session actor replaced with its state reloaded, on a real
+//! node with chargers on mutual-TLS streams (issue 8).
+//!
+//! - **Replacement**: a panic is injected into one charger's session actor
+//!   and the charger actor is asked (`inspect`) until its restart count
+//!   moves: the replacement has then run `pre_start`, which reloads the
+//!   session from the store. p99 over many injections; the floor is the
+//!   same `inspect` round trip with no fault.
+//! - **The others**: background chargers send meter events on a fixed
+//!   schedule all along; their round-trip p99 in phases with injections is
+//!   compared with phases without (interleaved).
+//!
+//! Prints a Markdown table for docs/performance.md (`scripts/bench.sh`).
+//! Nothing here asserts a time.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use laddnet_actors::SessionFault;
+use laddnet_proto::v1::TransactionEventType as T;
+use laddnet_tests::*;
+use tokio::sync::Mutex;
+
+const BACKGROUND: usize = 20;
+const BACKGROUND_PER_S: u64 = 50;
+const PHASES: usize = 10;
+const INJECTIONS_PER_PHASE: usize = 200;
+
+type Samples = Arc<Mutex<(Vec<Duration>, Vec<Duration>)>>;
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+/// A charger charging on a schedule until `stop`; each round trip goes to
+/// `samples.1` while `faulting`, else to `samples.0`.
+async fn background(mut cp: Attached, tx: String, faulting: Arc<AtomicBool>, stop: Arc<AtomicBool>, samples: Samples) {
+    let every = Duration::from_micros(1_000_000 / BACKGROUND_PER_S);
+    let start = Instant::now();
+    for seq in 0u64.. {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        tokio::time::sleep_until((start + every * seq as u32).into()).await;
+        let kind = if seq == 0 { T::Started } else { T::Updated };
+        let during = faulting.load(Ordering::Relaxed);
+        let t = Instant::now();
+        assert!(
+            cp.event(tx_event(&tx, seq, kind, 1_000 + seq, seq as i64))
+                .await
+                .unwrap()
+        );
+        let took = t.elapsed();
+        let mut s = samples.lock().await;
+        if during { s.1.push(took) } else { s.0.push(took) }
+    }
+}
+
+fn main() {
+    // Injected panics print one line, as in production (no RUST_BACKTRACE
+    // capture, which costs milliseconds and is not laddnet's).
+    std::panic::set_hook(Box::new(|info| eprintln!("{info}")));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let node = TestNode::start_with(|c| {
+            c.sessions.max_messages_per_second = 100_000;
+            // Every injection is a restart: lift the budget that would
+            // otherwise (rightly) escalate a restart loop.
+            c.sessions.max_restarts = u32::MAX;
+        })
+        .await;
+        let (_, mut faulty) = node.charger("CP-FAULT").await;
+        assert!(faulty.event(tx_event("tx-fault", 0, T::Started, 1_000, 0)).await.unwrap());
+        let handle = node.node().state.chargers.handle("CP-FAULT").unwrap();
+
+        let faulting = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
+        let samples: Samples = Default::default();
+        let mut tasks = Vec::new();
+        for i in 0..BACKGROUND {
+            let id = format!("CP-BG{i}");
+            let creds = node.provisioned(&id).await;
+            let cp = attach(node.channel(&creds).await.unwrap(), &id).await.unwrap();
+            tasks.push(tokio::spawn(background(
+                cp,
+                format!("tx-bg{i}"),
+                faulting.clone(),
+                stop.clone(),
+                samples.clone(),
+            )));
+        }
+
+        let (mut replaced, mut floor) = (Vec::new(), Vec::new());
+        for phase in 0..PHASES {
+            let inject = phase % 2 == 1;
+            faulting.store(inject, Ordering::Relaxed);
+            for _ in 0..INJECTIONS_PER_PHASE {
+                let (_, before) = handle.inspect().await.unwrap();
+                let t = Instant::now();
+                if inject {
+                    assert!(handle.inject_fault("tx-fault", SessionFault::Panic).await);
+                    while handle.inspect().await.unwrap().1 == before {}
+                    replaced.push(t.elapsed());
+                } else {
+                    handle.inspect().await.unwrap();
+                    floor.push(t.elapsed());
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        for t in tasks {
+            t.await.unwrap();
+        }
+        // The faulted session still counts on from the store.
+        assert!(faulty.event(tx_event("tx-fault", 1, T::Updated, 1_100, 1)).await.unwrap());
+        assert_eq!(node.session("tx-fault").await.unwrap().samples, 2);
+
+        replaced.sort();
+        floor.sort();
+        let mut s = samples.lock().await;
+        s.0.sort();
+        s.1.sort();
+        let (calm, hit) = (pct(&s.0, 0.99), pct(&s.1, 0.99));
+        println!("| figure | laddnet | baseline (same run) | ratio | target |");
+        println!("|---|---|---|---|---|");
+        println!(
+            "| panicked session actor replaced, state reloaded: p99 ({} injections) | {:.0} µs | the same inspect round trip, no fault: {:.0} µs | {:.2} | ≤ 200 µs |",
+            replaced.len(),
+            us(pct(&replaced, 0.99)),
+            us(pct(&floor, 0.99)),
+            us(pct(&replaced, 0.99)) / us(pct(&floor, 0.99))
+        );
+        println!(
+            "| panicked session actor replaced: p50 | {:.0} µs | no fault: {:.0} µs | {:.2} | — |",
+            us(pct(&replaced, 0.5)),
+            us(pct(&floor, 0.5)),
+            us(pct(&replaced, 0.5)) / us(pct(&floor, 0.5))
+        );
+        println!(
+            "| other chargers' meter event round trip p99 during injections ({BACKGROUND} × {BACKGROUND_PER_S}/s) | {:.0} µs | phases without faults: {:.0} µs | {:.2} | ≤ 1.1× |",
+            us(hit),
+            us(calm),
+            us(hit) / us(calm)
+        );
+    });
+}
