@@ -24,9 +24,10 @@ echo "running: cargo bench -p laddnet-ledger --bench money" >&2
 money=$(cargo bench -q -p laddnet-ledger --bench money 2>/dev/null | grep '^|')
 echo "running: cargo bench -p laddnet-tests --bench supervision" >&2
 supervision=$(cargo bench -q -p laddnet-tests --bench supervision 2>/dev/null | grep '^|')
-# The ratio column of every row of a performance.md: figure <TAB> ratio.
+# The ratio column of every row of a performance.md (before its own
+# reproducibility table): figure <TAB> ratio.
 ratios() {
-  awk -F'|' '/^\| [^f-]/ {
+  awk -F'|' '/^## Reproducibility/ { exit } /^\| [^f-]/ {
     f = $2; gsub(/^ +| +$/, "", f)
     if (match($5, /[0-9]+(\.[0-9]+)?/)) print f "\t" substr($5, RSTART, RLENGTH)
   }' "$1"
