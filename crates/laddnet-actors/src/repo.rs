@@ -481,12 +481,8 @@ fn scan<T: DeserializeOwned>(
     }
 }
 
-/// Records what a charger said at boot; keeps its site.
-pub fn record_boot(store: &dyn Store, rec: ChargerRecord) -> Result<ChargerRecord, RepoError> {
-    store.transact(|tx| record_boot_in(tx, rec.clone()))
-}
-
-/// [`record_boot`] inside a caller's transaction.
+/// Records what a charger said at boot, inside the caller's transaction (an
+/// attach's, with the ownership claim); keeps its site.
 pub fn record_boot_in(tx: &mut dyn Transaction, mut rec: ChargerRecord) -> Result<ChargerRecord, RepoError> {
     let old: Option<ChargerRecord> = get(tx, &charger_key(&rec.charger_id))?;
     if let Some(old) = old {

@@ -104,7 +104,34 @@ pub async fn handshake(
     Ok(stream)
 }
 
-fn now_ms() -> i64 {
+/// Meter event `seq` of a session begun at `start_ms`: 11 kW, the energy
+/// register following the power, so the node's plausibility checks see a
+/// sound session.
+pub fn meter_event(transaction_id: &str, seq: u64, start_ms: i64) -> v1::charger_message::Payload {
+    let t = now_ms();
+    let energy_wh = ((t - start_ms).max(0) as u64) * 11_000 / 3_600_000;
+    v1::charger_message::Payload::Transaction(v1::TransactionEvent {
+        transaction_id: transaction_id.into(),
+        seq,
+        event_type: if seq == 0 {
+            v1::TransactionEventType::Started as i32
+        } else {
+            v1::TransactionEventType::Updated as i32
+        },
+        connector_id: 1,
+        timestamp_ms: t,
+        meter: Some(v1::MeterValue {
+            energy_wh,
+            power_w: 11_000,
+            current_ma: 16_000,
+            voltage_mv: 230_000,
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+}
+
+pub fn now_ms() -> i64 {
     (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
 }
 
@@ -123,31 +150,7 @@ pub async fn charge(
     log: Option<AckLog>,
 ) -> anyhow::Result<u64> {
     let start = now_ms();
-    let event = |seq: u64| {
-        let t = now_ms();
-        // 11 kW: the energy register follows the power, so the node's
-        // plausibility checks see a sound session.
-        let energy_wh = ((t - start).max(0) as u64) * 11_000 / 3_600_000;
-        v1::charger_message::Payload::Transaction(v1::TransactionEvent {
-            transaction_id: transaction_id.clone(),
-            seq,
-            event_type: if seq == 0 {
-                v1::TransactionEventType::Started as i32
-            } else {
-                v1::TransactionEventType::Updated as i32
-            },
-            connector_id: 1,
-            timestamp_ms: t,
-            meter: Some(v1::MeterValue {
-                energy_wh,
-                power_w: 11_000,
-                current_ma: 16_000,
-                voltage_mv: 230_000,
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
-    };
+    let event = |seq: u64| meter_event(&transaction_id, seq, start);
     a.send(event(0)).await?;
     let mut sent = 1u64;
     let mut in_flight = 1usize;

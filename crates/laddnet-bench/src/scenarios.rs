@@ -51,6 +51,46 @@ fn spread(server: &Server, i: usize) -> std::net::SocketAddr {
     std::net::SocketAddr::new(ip.into(), server.addr.port())
 }
 
+/// The first `n` chargers of the fleet, attached to `server` (spread over
+/// loopback addresses), `at_once` connecting at a time.
+async fn attach_all(fleet: &Fleet, server: &Server, n: usize, at_once: usize) -> Vec<anyhow::Result<load::Attached>> {
+    futures::stream::iter(fleet.chargers.iter().take(n).enumerate())
+        .map(|(i, c)| load::attach(fleet, c, spread(server, i)))
+        .buffer_unordered(at_once)
+        .collect()
+        .await
+}
+
+/// Every attached charger charging (`load::charge`, `window` in flight),
+/// its transaction named `{prefix}-{i}-{pid}`: the acknowledged count, the
+/// stop flag and the tasks.
+type Charging = (
+    Arc<AtomicU64>,
+    Arc<AtomicBool>,
+    Vec<tokio::task::JoinHandle<anyhow::Result<u64>>>,
+);
+
+fn charge_all(
+    attached: Vec<anyhow::Result<load::Attached>>,
+    prefix: &str,
+    window: usize,
+    log: Option<load::AckLog>,
+) -> anyhow::Result<Charging> {
+    let (acked, stop) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicBool::new(false)));
+    let mut tasks = Vec::new();
+    for (i, a) in attached.into_iter().enumerate() {
+        tasks.push(tokio::spawn(load::charge(
+            a?,
+            format!("{prefix}-{i}-{}", std::process::id()),
+            window,
+            acked.clone(),
+            stop.clone(),
+            log.clone(),
+        )));
+    }
+    Ok((acked, stop, tasks))
+}
+
 pub struct IngestOpts {
     pub chargers: usize,
     pub window: usize,
@@ -61,24 +101,8 @@ pub struct IngestOpts {
 /// Acknowledged meter events per second of the server's CPU, and per
 /// second of wall time.
 async fn ingest_once(fleet: &Fleet, server: &Server, round: usize, o: &IngestOpts) -> anyhow::Result<(f64, f64)> {
-    let attached: Vec<_> = futures::stream::iter(fleet.chargers.iter().take(o.chargers).enumerate())
-        .map(|(i, c)| load::attach(fleet, c, spread(server, i)))
-        .buffer_unordered(32)
-        .collect()
-        .await;
-    let (acked, stop) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicBool::new(false)));
-    let mut tasks = Vec::new();
-    for (i, a) in attached.into_iter().enumerate() {
-        let a = a?;
-        tasks.push(tokio::spawn(load::charge(
-            a,
-            format!("bench-{round}-{i}-{}", std::process::id()),
-            o.window,
-            acked.clone(),
-            stop.clone(),
-            None,
-        )));
-    }
+    let attached = attach_all(fleet, server, o.chargers, 32).await;
+    let (acked, stop, tasks) = charge_all(attached, &format!("bench-{round}"), o.window, None)?;
     // Warm up, then measure a window of steady state.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let tck = procfs::ticks_per_second();
@@ -159,11 +183,7 @@ async fn density_once(fleet: &Fleet, server: &Server, n: usize) -> anyhow::Resul
     // Let the server settle, then take its idle footprint.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let idle = procfs::rss_bytes(server.pid())?;
-    let attached: Vec<_> = futures::stream::iter(fleet.chargers.iter().take(n).enumerate())
-        .map(|(i, c)| load::attach(fleet, c, spread(server, i)))
-        .buffer_unordered(64)
-        .collect()
-        .await;
+    let attached = attach_all(fleet, server, n, 64).await;
     let held: Vec<_> = attached.into_iter().filter_map(Result::ok).collect();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let full = procfs::rss_bytes(server.pid())?;
@@ -218,24 +238,9 @@ pub async fn sigkill(chargers: usize, rounds: usize) -> anyhow::Result<Vec<Row>>
     let (mut acked_total, mut lost_total) = (0usize, 0usize);
     for round in 0..rounds {
         let node = servers::start_node(&fleet, &node_env())?;
-        let attached: Vec<_> = futures::stream::iter(fleet.chargers.iter().enumerate())
-            .map(|(i, c)| load::attach(&fleet, c, spread(&node, i)))
-            .buffer_unordered(32)
-            .collect()
-            .await;
-        let (acked, stop) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicBool::new(false)));
+        let attached = attach_all(&fleet, &node, chargers, 32).await;
         let log: load::AckLog = Default::default();
-        let mut tasks = Vec::new();
-        for (i, a) in attached.into_iter().enumerate() {
-            tasks.push(tokio::spawn(load::charge(
-                a?,
-                format!("kill-{round}-{i}-{}", std::process::id()),
-                16,
-                acked.clone(),
-                stop.clone(),
-                Some(log.clone()),
-            )));
-        }
+        let (acked, _stop, tasks) = charge_all(attached, &format!("kill-{round}"), 16, Some(log.clone()))?;
         // Well into steady state, with events in flight: SIGKILL.
         while acked.load(Ordering::Relaxed) < 2_000 {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -493,34 +498,14 @@ async fn wait_until(due: Instant) {
 /// before the next, until `stop`.
 async fn paced_meter(mut a: load::Attached, tx_id: String, per_s: u64, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     let every = Duration::from_micros(1_000_000 / per_s.max(1));
-    let start = Instant::now();
+    let (start, start_ms) = (Instant::now(), load::now_ms());
     for seq in 0u64.. {
         if stop.load(Ordering::Relaxed) {
             break;
         }
         let due = start + every * seq as u32;
         tokio::time::sleep_until(due.into()).await;
-        let energy_wh = start.elapsed().as_millis() as u64 * 11_000 / 3_600_000;
-        a.send(v1::charger_message::Payload::Transaction(v1::TransactionEvent {
-            transaction_id: tx_id.clone(),
-            seq,
-            event_type: if seq == 0 {
-                v1::TransactionEventType::Started as i32
-            } else {
-                v1::TransactionEventType::Updated as i32
-            },
-            connector_id: 1,
-            timestamp_ms: (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64,
-            meter: Some(v1::MeterValue {
-                energy_wh,
-                power_w: 11_000,
-                current_ma: 16_000,
-                voltage_mv: 230_000,
-                ..Default::default()
-            }),
-            ..Default::default()
-        }))
-        .await?;
+        a.send(load::meter_event(&tx_id, seq, start_ms)).await?;
         a.reply().await?;
     }
     Ok(())
@@ -536,11 +521,7 @@ async fn authorize_once(
     round: usize,
     o: &AuthorizeOpts,
 ) -> anyhow::Result<Vec<Duration>> {
-    let attached: Vec<_> = futures::stream::iter(fleet.chargers.iter().enumerate())
-        .map(|(i, c)| load::attach(fleet, c, spread(server, i)))
-        .buffer_unordered(32)
-        .collect()
-        .await;
+    let attached = attach_all(fleet, server, fleet.chargers.len(), 32).await;
     let mut attached = attached.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
     let mut fg = attached.pop().context("no charger")?;
     let stop = Arc::new(AtomicBool::new(false));
