@@ -159,6 +159,33 @@ impl Store for FencedStore {
     fn backend(&self) -> &'static str {
         self.inner.backend()
     }
+
+    fn queues(&self) -> bool {
+        self.inner.queues()
+    }
+
+    fn submit(&self, job: Box<dyn laddnet_store::Job>) {
+        self.inner.submit(Box::new(FencedJob {
+            fence: self.fence.clone(),
+            job,
+        }))
+    }
+}
+
+/// A queued job that first checks the fence, inside its transaction.
+struct FencedJob {
+    fence: Fence,
+    job: Box<dyn laddnet_store::Job>,
+}
+
+impl laddnet_store::Job for FencedJob {
+    fn run(&mut self, tx: &mut dyn Transaction) -> Result<(), StoreError> {
+        check_fence(tx, &self.fence)?;
+        self.job.run(tx)
+    }
+    fn done(self: Box<Self>, result: Result<(), StoreError>) {
+        self.job.done(result)
+    }
 }
 
 /// Registers `node` with the next incarnation and a fresh lease.

@@ -148,66 +148,102 @@ pub fn apply_event(
     e: &TxEvent,
 ) -> Result<Applied, RepoError> {
     validate_event(e)?;
-    store.transact(|tx| {
-        let existing: Option<SessionRecord> = get(tx, &session_key(&e.transaction_id))?;
-        if let Some(r) = &existing
-            && r.charger_id != charger_id
-        {
-            return Err(RepoError::ForeignTransaction(e.transaction_id.clone()));
-        }
-        let ek = event_key(&e.transaction_id, e.seq);
-        if tx.get(&ek)?.is_some() {
-            let record = existing.ok_or_else(|| RepoError::Corrupted("event without session".into()))?;
-            return Ok(Applied {
-                record,
-                duplicate: true,
-                running_cost: None,
-            });
-        }
-        put(tx, &ek, e)?;
-        let (begin, _) = keys::tuple_range(&("session-event", e.transaction_id.as_str()));
-        let (_, end) = keys::tuple_range(&("session-event", e.transaction_id.as_str()));
-        let prev = tx.get_range(&begin, &ek, 1, true)?;
-        let mut after = ek.clone();
-        after.push(0);
-        let next = tx.get_range(&after, &end, 1, false)?;
-        let point = |rows: Vec<(Vec<u8>, Vec<u8>)>| -> Result<Option<Point>, RepoError> {
-            match rows.into_iter().next() {
-                None => Ok(None),
-                Some((_, v)) => {
-                    let ev: TxEvent = serde_json::from_slice(&v).map_err(|e| RepoError::Corrupted(e.to_string()))?;
-                    Ok(Some(Point::from(&ev)))
-                }
-            }
-        };
-        let (prev, next) = (point(prev)?, point(next)?);
-        let mut record =
-            existing.unwrap_or_else(|| SessionRecord::open(charger_id, site_id.map(str::to_string), max_power_w, e));
-        if record.status == SessionStatus::Interrupted {
-            record.status = SessionStatus::Active;
-            record.interrupted_at = None;
-        }
-        record.apply(e, prev, next);
-        put_session(tx, &record)?;
-        if record.status == SessionStatus::Ended {
-            tx.clear(&open_key(charger_id, &e.transaction_id))?;
-            // Billed by whoever gets there first: the session actor now, or
-            // the billing sweeper after a crash. The CDR clears this.
-            if tx
-                .get(&keys::pack(&("cdr-written", e.transaction_id.as_str())))?
-                .is_none()
-            {
-                tx.set(&laddnet_ledger::cdr::unbilled_key(&e.transaction_id), b"")?;
-            }
-        } else {
-            tx.set(&open_key(charger_id, &e.transaction_id), b"")?;
-        }
-        Ok(Applied {
+    store.transact(|tx| apply_event_in(tx, charger_id, site_id, max_power_w, e))
+}
+
+/// [`apply_event`]'s transaction, for an event already validated.
+pub fn apply_event_in(
+    tx: &mut dyn Transaction,
+    charger_id: &str,
+    site_id: Option<&str>,
+    max_power_w: u32,
+    e: &TxEvent,
+) -> Result<Applied, RepoError> {
+    let existing: Option<SessionRecord> = get(tx, &session_key(&e.transaction_id))?;
+    if let Some(r) = &existing
+        && r.charger_id != charger_id
+    {
+        return Err(RepoError::ForeignTransaction(e.transaction_id.clone()));
+    }
+    let ek = event_key(&e.transaction_id, e.seq);
+    if tx.get(&ek)?.is_some() {
+        let record = existing.ok_or_else(|| RepoError::Corrupted("event without session".into()))?;
+        return Ok(Applied {
             record,
-            duplicate: false,
+            duplicate: true,
             running_cost: None,
-        })
+        });
+    }
+    put(tx, &ek, e)?;
+    let (begin, _) = keys::tuple_range(&("session-event", e.transaction_id.as_str()));
+    let (_, end) = keys::tuple_range(&("session-event", e.transaction_id.as_str()));
+    let prev = tx.get_range(&begin, &ek, 1, true)?;
+    let mut after = ek.clone();
+    after.push(0);
+    let next = tx.get_range(&after, &end, 1, false)?;
+    let point = |rows: Vec<(Vec<u8>, Vec<u8>)>| -> Result<Option<Point>, RepoError> {
+        match rows.into_iter().next() {
+            None => Ok(None),
+            Some((_, v)) => {
+                let ev: TxEvent = serde_json::from_slice(&v).map_err(|e| RepoError::Corrupted(e.to_string()))?;
+                Ok(Some(Point::from(&ev)))
+            }
+        }
+    };
+    let (prev, next) = (point(prev)?, point(next)?);
+    let mut record =
+        existing.unwrap_or_else(|| SessionRecord::open(charger_id, site_id.map(str::to_string), max_power_w, e));
+    if record.status == SessionStatus::Interrupted {
+        record.status = SessionStatus::Active;
+        record.interrupted_at = None;
+    }
+    record.apply(e, prev, next);
+    put_session(tx, &record)?;
+    if record.status == SessionStatus::Ended {
+        tx.clear(&open_key(charger_id, &e.transaction_id))?;
+        // Billed by whoever gets there first: the session actor now, or
+        // the billing sweeper after a crash. The CDR clears this.
+        if tx
+            .get(&keys::pack(&("cdr-written", e.transaction_id.as_str())))?
+            .is_none()
+        {
+            tx.set(&laddnet_ledger::cdr::unbilled_key(&e.transaction_id), b"")?;
+        }
+    } else {
+        tx.set(&open_key(charger_id, &e.transaction_id), b"")?;
+    }
+    Ok(Applied {
+        record,
+        duplicate: false,
+        running_cost: None,
     })
+}
+
+/// Runs a write transaction from async code: handed to the store's writer
+/// where the store queues (the embedded store: many transactions, one
+/// commit), otherwise on the blocking pool. Either way it returns once the
+/// transaction is durable.
+pub async fn write<T, F>(store: &laddnet_store::SharedStore, f: F) -> Result<T, RepoError>
+where
+    T: Send + 'static,
+    F: FnMut(&mut dyn Transaction) -> Result<T, RepoError> + Send + 'static,
+{
+    if store.queues() {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        laddnet_store::submit_with(store.as_ref(), f, move |r| {
+            let _ = tx.send(r);
+        });
+        rx.await.map_err(|_| {
+            RepoError::Store(StoreError::Internal(
+                "the store's writer dropped the transaction".into(),
+            ))
+        })?
+    } else {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || store.transact(f))
+            .await
+            .map_err(|e| RepoError::Gone(e.to_string()))?
+    }
 }
 
 /// Writes a session record, and keeps its driver's open sessions and

@@ -180,8 +180,15 @@ impl Actor for SessionActor {
                     energy_wh: event.meter.energy_wh,
                     current_ma: event.meter.current_ma,
                 };
-                let mut result =
-                    blocking(move || repo::apply_event(store.as_ref(), &charger, site.as_deref(), max, &event)).await;
+                let mut result = match repo::validate_event(&event) {
+                    Err(e) => Err(e),
+                    Ok(()) => {
+                        repo::write(&store, move |tx| {
+                            repo::apply_event_in(tx, &charger, site.as_deref(), max, &event)
+                        })
+                        .await
+                    }
+                };
                 if let Ok(applied) = &mut result {
                     state.record = Some(applied.record.clone());
                     state.last_event = Instant::now();

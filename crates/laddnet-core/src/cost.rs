@@ -130,14 +130,16 @@ struct Rule {
     end_date: Option<NaiveDate>,
     /// Bit n: weekday n (Monday = 0); 0 = every day.
     days: u8,
-    min_kwh: Option<Decimal>,
-    max_kwh: Option<Decimal>,
+    /// The numeric bounds, scaled once to what a period carries: energy in
+    /// Wh, power in kW, current in mA, duration in ms.
+    min_wh: Option<Decimal>,
+    max_wh: Option<Decimal>,
     min_power: Option<Decimal>,
     max_power: Option<Decimal>,
-    min_current: Option<Decimal>,
-    max_current: Option<Decimal>,
-    min_duration: Option<Decimal>,
-    max_duration: Option<Decimal>,
+    min_ma: Option<Decimal>,
+    max_ma: Option<Decimal>,
+    min_duration_ms: Option<Decimal>,
+    max_duration_ms: Option<Decimal>,
 }
 
 impl Compiled {
@@ -193,19 +195,20 @@ impl Rule {
             start_date: r.start_date.as_deref().and_then(parse_date),
             end_date: r.end_date.as_deref().and_then(parse_date),
             days,
-            min_kwh: r.min_kwh,
-            max_kwh: r.max_kwh,
+            min_wh: r.min_kwh.map(thousand),
+            max_wh: r.max_kwh.map(thousand),
             min_power: r.min_power,
             max_power: r.max_power,
-            min_current: r.min_current,
-            max_current: r.max_current,
-            min_duration: r.min_duration.map(Decimal::from),
-            max_duration: r.max_duration.map(Decimal::from),
+            min_ma: r.min_current.map(thousand),
+            max_ma: r.max_current.map(thousand),
+            min_duration_ms: r.min_duration.map(|d| thousand(Decimal::from(d))),
+            max_duration_ms: r.max_duration.map(|d| thousand(Decimal::from(d))),
         }
     }
 
-    fn matches(&self, s: &State) -> bool {
-        let t = s.local.time();
+    /// The time of day, date and weekday restrictions.
+    fn local_ok(&self, local: chrono::NaiveDateTime) -> bool {
+        let t = local.time();
         let in_time = match (self.start, self.end) {
             (Some(a), Some(b)) if a <= b => t >= a && t < b,
             (Some(a), Some(b)) => t >= a || t < b,
@@ -213,22 +216,65 @@ impl Rule {
             (None, Some(b)) => t < b,
             (None, None) => true,
         };
-        let d = s.local.date();
+        let d = local.date();
         let in_dates = self.start_date.is_none_or(|a| d >= a) && self.end_date.is_none_or(|b| d < b);
         let in_days = self.days == 0 || self.days & (1 << d.weekday().num_days_from_monday()) != 0;
-        let lo = |min: Option<Decimal>, v: Decimal| min.is_none_or(|m| v >= m);
-        let hi = |max: Option<Decimal>, v: Decimal| max.is_none_or(|m| v < m);
-        in_time
-            && in_dates
-            && in_days
-            && lo(self.min_kwh, s.energy_kwh)
-            && hi(self.max_kwh, s.energy_kwh)
+        in_time && in_dates && in_days
+    }
+
+    /// The energy, power, current and duration restrictions at the start
+    /// of a period (power only computed if asked for).
+    fn numbers_ok(&self, p: &Piece, seg: &mut Segment) -> bool {
+        let power_ok = if self.min_power.is_some() || self.max_power.is_some() {
+            let kw = seg.power_kw();
+            lo(self.min_power, kw) && hi(self.max_power, kw)
+        } else {
+            true
+        };
+        lo(self.min_wh, p.energy_wh)
+            && hi(self.max_wh, p.energy_wh)
+            && power_ok
+            && lo(self.min_ma, seg.current_ma)
+            && hi(self.max_ma, seg.current_ma)
+            && lo(self.min_duration_ms, p.since_start_ms)
+            && hi(self.max_duration_ms, p.since_start_ms)
+    }
+
+    fn matches(&self, s: &State) -> bool {
+        let thousand_of = |d: Decimal| d * Decimal::from(1000);
+        self.local_ok(s.local)
+            && lo(self.min_wh, thousand_of(s.energy_kwh))
+            && hi(self.max_wh, thousand_of(s.energy_kwh))
             && lo(self.min_power, s.power_kw)
             && hi(self.max_power, s.power_kw)
-            && lo(self.min_current, s.current_a)
-            && hi(self.max_current, s.current_a)
-            && lo(self.min_duration, s.duration_s)
-            && hi(self.max_duration, s.duration_s)
+            && lo(self.min_ma, thousand_of(s.current_a))
+            && hi(self.max_ma, thousand_of(s.current_a))
+            && lo(self.min_duration_ms, thousand_of(s.duration_s))
+            && hi(self.max_duration_ms, thousand_of(s.duration_s))
+    }
+}
+
+/// A lower bound holds (inclusive); none always holds.
+fn lo(min: Option<Decimal>, v: Decimal) -> bool {
+    min.is_none_or(|m| v >= m)
+}
+
+/// An upper bound holds (exclusive); none always holds.
+fn hi(max: Option<Decimal>, v: Decimal) -> bool {
+    max.is_none_or(|m| v < m)
+}
+
+fn thousand(d: Decimal) -> Decimal {
+    d.checked_mul(Decimal::from(1000)).unwrap_or(Decimal::MAX)
+}
+
+/// `d / 1000`, exact: the decimal point moves where the scale allows.
+fn milli(d: Decimal) -> Decimal {
+    let mut x = d;
+    if x.set_scale(d.scale() + 3).is_ok() {
+        x
+    } else {
+        d / Decimal::from(1000)
     }
 }
 
@@ -290,6 +336,15 @@ impl Boundaries {
 /// Prices a session's readings into periods (no step rounding, no totals).
 /// `start_ms` and `base_wh` are the session's start and first register
 /// value, so a session priced in pieces gives the same periods.
+///
+/// The hot loop stays in integers where it can: a segment that crosses no
+/// boundary is one period with whole-millisecond, whole-Wh ends; the
+/// restrictions are compared against thresholds scaled once (Wh, ms, mA)
+/// instead of dividing per period; the local-time part of every element is
+/// decided once per stretch between local boundaries ("slot"), not by a
+/// time-zone conversion per period. Only segments that are cut (a boundary
+/// inside) take the exact decimal path, and only slots that a DST change
+/// runs through convert each period's start.
 pub fn periods(
     t: &Tariff,
     readings: &[Reading],
@@ -300,58 +355,65 @@ pub fn periods(
     if readings.windows(2).any(|w| w[1].at_ms < w[0].at_ms) {
         return Err(CostError::Unordered);
     }
-    let b = Boundaries::of(t);
-    let compiled = Compiled::of(t);
-    let mut out = Vec::new();
-    // Every local time-of-day boundary (and midnight) over the session's
-    // span as UTC instants, DST applied, sorted: each segment takes its own
-    // by binary search instead of converting time zones again.
-    let mut instants: Vec<i64> = Vec::new();
-    if let (Some(first), Some(last)) = (readings.first(), readings.last()) {
-        let d0 = local(tz, Decimal::from(first.at_ms)).date() - Duration::days(1);
-        let d1 = local(tz, Decimal::from(last.at_ms)).date() + Duration::days(1);
-        let mut day = d0;
-        while day <= d1 {
-            for time in &b.times {
-                if let Some(ms) = utc_of(tz, day, *time) {
-                    instants.push(ms);
-                }
-            }
-            day += Duration::days(1);
-        }
-        instants.sort_unstable();
-        instants.dedup();
-    }
+    let mut plan = Plan::of(t, tz, readings);
+    let mut out = Vec::with_capacity(readings.len().saturating_sub(1));
+    let mut cuts: Vec<(Decimal, Decimal)> = Vec::new();
+    let start = Decimal::from(start_ms);
     for w in readings.windows(2) {
         let (a, z) = (w[0], w[1]);
         if z.at_ms == a.at_ms {
             continue;
         }
+        let de_wh = z.energy_wh.saturating_sub(a.energy_wh);
+        let e0_wh = a.energy_wh.saturating_sub(base_wh);
+        let mut seg = Segment {
+            charging: de_wh > 0,
+            dt: Decimal::from(z.at_ms - a.at_ms),
+            de: Decimal::from(de_wh),
+            current_ma: Decimal::from(z.current_ma),
+            power_kw: None,
+        };
+        let lo = plan.instants.partition_point(|x| *x <= a.at_ms);
+        let hi = plan.instants.partition_point(|x| *x < z.at_ms);
+        let duration_cut = plan
+            .b
+            .durations_ms
+            .iter()
+            .any(|d| start_ms.checked_add(*d).is_some_and(|ms| ms > a.at_ms && ms < z.at_ms));
+        let (e0d, e1d) = (Decimal::from(e0_wh), Decimal::from(e0_wh + de_wh));
+        let energy_cut = seg.charging && plan.b.energies_wh.iter().any(|e| *e > e0d && *e < e1d);
+        if lo == hi && !duration_cut && !energy_cut {
+            // The common case: one period, integer ends.
+            let s = Decimal::from(a.at_ms);
+            let piece = Piece {
+                floor_ms: a.at_ms,
+                s,
+                since_start_ms: Decimal::from(a.at_ms.saturating_sub(start_ms)),
+                energy_wh: e0d,
+            };
+            let de = seg.de;
+            out.push(plan.period(&piece, &mut seg, Decimal::from(z.at_ms), de));
+            continue;
+        }
+        // Cut: the exact decimal path (split points as (time, cumulative
+        // energy), both exact where they are the boundary).
         let (t0, t1) = (Decimal::from(a.at_ms), Decimal::from(z.at_ms));
-        let dt = t1 - t0;
-        let de = Decimal::from(z.energy_wh.saturating_sub(a.energy_wh));
-        let e0 = Decimal::from(a.energy_wh.saturating_sub(base_wh));
-        let charging = de > Decimal::ZERO;
-        // kW = Wh / h.
-        let power_kw = de * Decimal::from(3600) / dt;
-        let current_a = Decimal::from(z.current_ma) / Decimal::from(1000);
-        // Split points as (time, cumulative energy), both exact where they are the boundary.
-        let mut cuts: Vec<(Decimal, Decimal)> = vec![(t0, e0), (t1, e0 + de)];
+        let (dt, de, e0) = (seg.dt, seg.de, e0d);
         let energy_at = |t: Decimal| e0 + de * (t - t0) / dt;
-        // Local-time boundaries of the whole session, found once (above).
-        let lo = instants.partition_point(|x| *x <= a.at_ms);
-        let hi = instants.partition_point(|x| *x < z.at_ms);
-        for ms in &instants[lo..hi] {
+        cuts.clear();
+        cuts.push((t0, e0));
+        cuts.push((t1, e0 + de));
+        for ms in &plan.instants[lo..hi] {
             let ms = Decimal::from(*ms);
             cuts.push((ms, energy_at(ms)));
         }
-        for d in &b.durations_ms {
-            let ms = Decimal::from(start_ms) + Decimal::from(*d);
+        for d in &plan.b.durations_ms {
+            let ms = start + Decimal::from(*d);
             if ms > t0 && ms < t1 {
                 cuts.push((ms, energy_at(ms)));
             }
         }
-        for e in &b.energies_wh {
+        for e in &plan.b.energies_wh {
             if *e > e0 && *e < e0 + de {
                 cuts.push((t0 + dt * (*e - e0) / de, *e));
             }
@@ -360,37 +422,171 @@ pub fn periods(
         cuts.dedup_by(|x, y| x.0 == y.0);
         for c in cuts.windows(2) {
             let ((s, es), (e, ee)) = (c[0], c[1]);
-            let state = State {
-                local: local(tz, s),
-                energy_kwh: es / Decimal::from(1000),
-                duration_s: (s - Decimal::from(start_ms)) / Decimal::from(1000),
-                power_kw,
-                current_a,
+            let piece = Piece {
+                floor_ms: s.floor().try_into().unwrap_or(0i64),
+                s,
+                since_start_ms: s - start,
+                energy_wh: es,
             };
-            out.push(ChargingPeriod {
-                start_ms: s,
-                end_ms: e,
-                energy_wh: ee - es,
-                charging,
-                energy_element: if charging {
-                    compiled.element_for(Dimension::Energy, &state)
-                } else {
-                    None
-                },
-                time_element: if charging {
-                    compiled.element_for(Dimension::Time, &state)
-                } else {
-                    None
-                },
-                parking_element: if charging {
-                    None
-                } else {
-                    compiled.element_for(Dimension::ParkingTime, &state)
-                },
-            });
+            out.push(plan.period(&piece, &mut seg, e, ee - es));
         }
     }
     Ok(out)
+}
+
+/// One segment between two readings.
+struct Segment {
+    charging: bool,
+    dt: Decimal,
+    de: Decimal,
+    current_ma: Decimal,
+    /// kW = Wh / h, computed only if a restriction asks for it.
+    power_kw: Option<Decimal>,
+}
+
+impl Segment {
+    fn power_kw(&mut self) -> Decimal {
+        *self
+            .power_kw
+            .get_or_insert_with(|| self.de * Decimal::from(3600) / self.dt)
+    }
+}
+
+/// Where a period starts.
+struct Piece {
+    floor_ms: i64,
+    s: Decimal,
+    since_start_ms: Decimal,
+    /// Energy since the session's start, Wh.
+    energy_wh: Decimal,
+}
+
+/// A tariff prepared for pricing one stretch of readings.
+struct Plan<'a> {
+    tz: &'a Tz,
+    b: Boundaries,
+    compiled: Compiled,
+    /// Every local time-of-day boundary (and midnight) over the readings'
+    /// span as UTC instants, DST applied, sorted.
+    instants: Vec<i64>,
+    /// Per slot (from one instant to the next): the elements whose time,
+    /// date and day restrictions hold throughout it (bit n: element n), or
+    /// `None` where they may change inside it; filled on first use.
+    slots: Vec<Option<Option<u64>>>,
+}
+
+impl<'a> Plan<'a> {
+    fn of(t: &Tariff, tz: &'a Tz, readings: &[Reading]) -> Self {
+        let b = Boundaries::of(t);
+        let mut instants: Vec<i64> = Vec::new();
+        if let (Some(first), Some(last)) = (readings.first(), readings.last()) {
+            let d0 = local(tz, Decimal::from(first.at_ms)).date() - Duration::days(1);
+            let d1 = local(tz, Decimal::from(last.at_ms)).date() + Duration::days(1);
+            let mut day = d0;
+            while day <= d1 {
+                for time in &b.times {
+                    if let Some(ms) = utc_of(tz, day, *time) {
+                        instants.push(ms);
+                    }
+                }
+                day += Duration::days(1);
+            }
+            instants.sort_unstable();
+            instants.dedup();
+        }
+        Plan {
+            tz,
+            compiled: Compiled::of(t),
+            slots: vec![None; instants.len()],
+            instants,
+            b,
+        }
+    }
+
+    /// The elements whose local-time restrictions hold throughout the slot
+    /// holding `ms`, if that is decided by the slot alone.
+    fn slot_mask(&mut self, ms: i64) -> Option<u64> {
+        let slot = self.instants.partition_point(|x| *x <= ms).checked_sub(1)?;
+        if let Some(known) = self.slots[slot] {
+            return known;
+        }
+        let mask = self.uniform_slot(slot);
+        self.slots[slot] = Some(mask);
+        mask
+    }
+
+    fn uniform_slot(&self, slot: usize) -> Option<u64> {
+        if self.compiled.elements.len() > 64 {
+            return None;
+        }
+        let x0 = self.instants[slot];
+        let last = self.instants.get(slot + 1)? - 1;
+        let (l0, l1) = (local_ms(self.tz, x0), local_ms(self.tz, last));
+        // Local time runs on with UTC through the slot (no DST change in
+        // it), on one date, and passes no boundary: every local-time
+        // restriction reads the same anywhere in it.
+        if (l1 - l0).num_milliseconds() != last - x0 || l0.date() != l1.date() {
+            return None;
+        }
+        let (t0, t1) = (l0.time(), l1.time());
+        if self.b.times.iter().any(|t| *t > t0 && *t <= t1) {
+            return None;
+        }
+        let mut mask = 0u64;
+        for (i, e) in self.compiled.elements.iter().enumerate() {
+            if e.rule.as_ref().is_none_or(|r| r.local_ok(l0)) {
+                mask |= 1 << i;
+            }
+        }
+        Some(mask)
+    }
+
+    /// The period from `p` to `end`, with the elements pricing it.
+    fn period(&mut self, p: &Piece, seg: &mut Segment, end: Decimal, energy_wh: Decimal) -> ChargingPeriod {
+        let mask = self.slot_mask(p.floor_ms);
+        let mut local_at: Option<chrono::NaiveDateTime> = None;
+        let tz = self.tz;
+        let mut pick = |dim: Dimension, seg: &mut Segment| {
+            self.compiled.elements.iter().enumerate().position(|(i, e)| {
+                let has = match dim {
+                    Dimension::Energy => e.energy,
+                    Dimension::Time => e.time,
+                    Dimension::ParkingTime => e.parking,
+                    Dimension::Flat => e.flat,
+                };
+                if !has {
+                    return false;
+                }
+                let Some(r) = &e.rule else { return true };
+                let local_ok = match mask {
+                    Some(m) => m & (1 << i) != 0,
+                    None => r.local_ok(*local_at.get_or_insert_with(|| local(tz, p.s))),
+                };
+                local_ok && r.numbers_ok(p, seg)
+            })
+        };
+        let (energy_element, time_element, parking_element) = if seg.charging {
+            (pick(Dimension::Energy, seg), pick(Dimension::Time, seg), None)
+        } else {
+            (None, None, pick(Dimension::ParkingTime, seg))
+        };
+        ChargingPeriod {
+            start_ms: p.s,
+            end_ms: end,
+            energy_wh,
+            charging: seg.charging,
+            energy_element,
+            time_element,
+            parking_element,
+        }
+    }
+}
+
+fn local_ms(tz: &Tz, ms: i64) -> chrono::NaiveDateTime {
+    DateTime::<Utc>::from_timestamp_millis(ms)
+        .unwrap_or_default()
+        .with_timezone(tz)
+        .naive_local()
 }
 
 /// The final cost of a session that has ended: step sizes round each
@@ -446,10 +642,13 @@ impl Meter {
 
     /// Adds one priced period.
     pub fn add(&mut self, t: &Tariff, p: &ChargingPeriod) {
-        let secs = (p.end_ms - p.start_ms) / Decimal::from(1000);
         if let Some(i) = p.energy_element {
             push(&mut self.lines, t, Dimension::Energy, i, p.energy_wh);
         }
+        if p.time_element.is_none() && p.parking_element.is_none() {
+            return;
+        }
+        let secs = milli(p.end_ms - p.start_ms);
         if let Some(i) = p.time_element {
             push(&mut self.lines, t, Dimension::Time, i, secs);
         }
@@ -494,6 +693,9 @@ impl Meter {
                 Dimension::Time | Dimension::ParkingTime => l.billed_volume / Decimal::from(3600),
                 Dimension::Flat => l.billed_volume,
             };
+            // One canonical form for the volumes (periods add up in ms).
+            l.volume = l.volume.normalize();
+            l.billed_volume = l.billed_volume.normalize();
             l.excl_vat = units * l.price;
             l.incl_vat = match l.vat {
                 Some(v) => l.excl_vat * (Decimal::ONE + v / Decimal::from(100)),
@@ -575,4 +777,282 @@ fn push(lines: &mut Vec<CostLine>, t: &Tariff, dim: Dimension, element: usize, v
         excl_vat: Decimal::ZERO,
         incl_vat: Decimal::ZERO,
     });
+}
+
+#[cfg(test)]
+mod reference {
+    //! The engine as it was before the integer fast path: the property
+    //! test below holds the two to the same periods.
+    use super::*;
+
+    /// Prices a session's readings into periods (no step rounding, no totals).
+    /// `start_ms` and `base_wh` are the session's start and first register
+    /// value, so a session priced in pieces gives the same periods.
+    pub(super) fn periods(
+        t: &Tariff,
+        readings: &[Reading],
+        tz: &Tz,
+        start_ms: i64,
+        base_wh: u64,
+    ) -> Result<Vec<ChargingPeriod>, CostError> {
+        if readings.windows(2).any(|w| w[1].at_ms < w[0].at_ms) {
+            return Err(CostError::Unordered);
+        }
+        let b = Boundaries::of(t);
+        let compiled = Compiled::of(t);
+        let mut out = Vec::new();
+        // Every local time-of-day boundary (and midnight) over the session's
+        // span as UTC instants, DST applied, sorted: each segment takes its own
+        // by binary search instead of converting time zones again.
+        let mut instants: Vec<i64> = Vec::new();
+        if let (Some(first), Some(last)) = (readings.first(), readings.last()) {
+            let d0 = local(tz, Decimal::from(first.at_ms)).date() - Duration::days(1);
+            let d1 = local(tz, Decimal::from(last.at_ms)).date() + Duration::days(1);
+            let mut day = d0;
+            while day <= d1 {
+                for time in &b.times {
+                    if let Some(ms) = utc_of(tz, day, *time) {
+                        instants.push(ms);
+                    }
+                }
+                day += Duration::days(1);
+            }
+            instants.sort_unstable();
+            instants.dedup();
+        }
+        for w in readings.windows(2) {
+            let (a, z) = (w[0], w[1]);
+            if z.at_ms == a.at_ms {
+                continue;
+            }
+            let (t0, t1) = (Decimal::from(a.at_ms), Decimal::from(z.at_ms));
+            let dt = t1 - t0;
+            let de = Decimal::from(z.energy_wh.saturating_sub(a.energy_wh));
+            let e0 = Decimal::from(a.energy_wh.saturating_sub(base_wh));
+            let charging = de > Decimal::ZERO;
+            // kW = Wh / h.
+            let power_kw = de * Decimal::from(3600) / dt;
+            let current_a = Decimal::from(z.current_ma) / Decimal::from(1000);
+            // Split points as (time, cumulative energy), both exact where they are the boundary.
+            let mut cuts: Vec<(Decimal, Decimal)> = vec![(t0, e0), (t1, e0 + de)];
+            let energy_at = |t: Decimal| e0 + de * (t - t0) / dt;
+            // Local-time boundaries of the whole session, found once (above).
+            let lo = instants.partition_point(|x| *x <= a.at_ms);
+            let hi = instants.partition_point(|x| *x < z.at_ms);
+            for ms in &instants[lo..hi] {
+                let ms = Decimal::from(*ms);
+                cuts.push((ms, energy_at(ms)));
+            }
+            for d in &b.durations_ms {
+                let ms = Decimal::from(start_ms) + Decimal::from(*d);
+                if ms > t0 && ms < t1 {
+                    cuts.push((ms, energy_at(ms)));
+                }
+            }
+            for e in &b.energies_wh {
+                if *e > e0 && *e < e0 + de {
+                    cuts.push((t0 + dt * (*e - e0) / de, *e));
+                }
+            }
+            cuts.sort();
+            cuts.dedup_by(|x, y| x.0 == y.0);
+            for c in cuts.windows(2) {
+                let ((s, es), (e, ee)) = (c[0], c[1]);
+                let state = State {
+                    local: local(tz, s),
+                    energy_kwh: es / Decimal::from(1000),
+                    duration_s: (s - Decimal::from(start_ms)) / Decimal::from(1000),
+                    power_kw,
+                    current_a,
+                };
+                out.push(ChargingPeriod {
+                    start_ms: s,
+                    end_ms: e,
+                    energy_wh: ee - es,
+                    charging,
+                    energy_element: if charging {
+                        compiled.element_for(Dimension::Energy, &state)
+                    } else {
+                        None
+                    },
+                    time_element: if charging {
+                        compiled.element_for(Dimension::Time, &state)
+                    } else {
+                        None
+                    },
+                    parking_element: if charging {
+                        None
+                    } else {
+                        compiled.element_for(Dimension::ParkingTime, &state)
+                    },
+                });
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tariff::{PriceComponent, TariffElement};
+    use proptest::prelude::*;
+
+    fn restrictions() -> impl Strategy<Value = Option<Restrictions>> {
+        let time = prop::option::of((0u32..24, prop::sample::select(vec![0u32, 15, 30, 45])))
+            .prop_map(|t| t.map(|(h, m)| format!("{h:02}:{m:02}")));
+        let kwh = prop::option::of((1i64..60).prop_map(|x| Decimal::new(x, 1)));
+        let power = prop::option::of((1i64..200).prop_map(Decimal::from));
+        let current = prop::option::of((1i64..100).prop_map(Decimal::from));
+        let duration = prop::option::of(60u64..20_000);
+        let days = prop::collection::vec(0usize..7, 0..3);
+        prop::option::of((
+            (time.clone(), time),
+            (kwh.clone(), kwh),
+            (power, current, duration),
+            days,
+        ))
+        .prop_map(|r| {
+            r.map(|((start_time, end_time), (a, b), (power, current, duration), days)| {
+                const DAYS: [DayOfWeek; 7] = [
+                    DayOfWeek::Monday,
+                    DayOfWeek::Tuesday,
+                    DayOfWeek::Wednesday,
+                    DayOfWeek::Thursday,
+                    DayOfWeek::Friday,
+                    DayOfWeek::Saturday,
+                    DayOfWeek::Sunday,
+                ];
+                let mut days: Vec<DayOfWeek> = days.into_iter().map(|d| DAYS[d]).collect();
+                days.dedup();
+                let (min_kwh, max_kwh) = match (a, b) {
+                    (Some(a), Some(b)) if a < b => (Some(a), Some(b)),
+                    (Some(a), Some(_)) => (None, Some(a)),
+                    other => other,
+                };
+                Restrictions {
+                    start_time,
+                    end_time,
+                    min_kwh,
+                    max_kwh,
+                    max_power: power,
+                    min_current: current,
+                    min_duration: duration,
+                    day_of_week: days,
+                    ..Default::default()
+                }
+            })
+        })
+    }
+
+    fn tariff() -> impl Strategy<Value = Tariff> {
+        let dims = prop::sample::select(vec![Dimension::Energy, Dimension::Time, Dimension::ParkingTime]);
+        prop::collection::vec((dims, restrictions()), 1..6).prop_map(|els| Tariff {
+            elements: els
+                .into_iter()
+                .map(|(dim, restrictions)| TariffElement {
+                    price_components: vec![PriceComponent {
+                        dimension: dim,
+                        price: Decimal::new(37, 2),
+                        vat: None,
+                        step_size: 1,
+                    }],
+                    restrictions,
+                })
+                .collect(),
+            ..Tariff::parse_json(r#"{"id":"p","currency":"EUR","elements":[{"price_components":[{"type":"FLAT","price":1,"step_size":1}]}]}"#)
+                .expect("base tariff")
+        })
+    }
+
+    /// Sessions of up to 60 readings, 1 s to 3 h apart, starting around
+    /// the 2026 DST changes or anywhere in the year.
+    fn session() -> impl Strategy<Value = Vec<Reading>> {
+        let starts = prop::sample::select(vec![
+            1_774_742_400_000i64, // 2026-03-29 00:00 UTC (EU spring)
+            1_792_886_400_000,    // 2026-10-25 00:00 UTC (EU autumn)
+            1_772_928_000_000,    // 2026-03-08 00:00 UTC (US spring)
+            1_793_577_600_000,    // 2026-11-02 00:00 UTC (US autumn)
+            1_775_347_200_000,    // 2026-04-05 00:00 UTC (Lord Howe, half an hour)
+            1_767_225_600_000,    // 2026-01-01
+        ]);
+        (
+            starts,
+            -86_400i64..86_400,
+            prop::collection::vec((1i64..10_800, 0u64..150_000, any::<bool>(), 0u32..120_000), 1..60),
+        )
+            .prop_map(|(base, offset, steps)| {
+                let mut at = base + offset * 1000;
+                let mut wh = 5_000u64;
+                let mut out = vec![Reading {
+                    at_ms: at,
+                    energy_wh: wh,
+                    current_ma: 0,
+                }];
+                for (secs, power_w, charging, current_ma) in steps {
+                    at += secs * 1000 + (secs % 7) * 111;
+                    if charging {
+                        wh += power_w * secs as u64 / 3600;
+                    }
+                    out.push(Reading {
+                        at_ms: at,
+                        energy_wh: wh,
+                        current_ma,
+                    });
+                }
+                out
+            })
+    }
+
+    /// The hour repeated when clocks go back: a boundary inside it is
+    /// passed twice, and only its first instant is a cut, so the periods
+    /// after the second pass read local time period by period.
+    #[test]
+    fn a_boundary_in_the_repeated_hour_prices_as_the_reference() {
+        let t = Tariff::parse_json(
+            r#"{"id":"n","currency":"EUR","elements":[
+            {"price_components":[{"type":"ENERGY","price":0.20,"step_size":1}],"restrictions":{"start_time":"02:30","end_time":"05:00"}},
+            {"price_components":[{"type":"ENERGY","price":0.40,"step_size":1}]}]}"#,
+        )
+        .unwrap();
+        let tz: Tz = "Europe/Stockholm".parse().unwrap();
+        // 2026-10-25 00:00 → 03:00 UTC: 02:00 CEST → 02:00 CET → 04:00 CET.
+        let r: Vec<Reading> = (0..=36)
+            .map(|i| Reading {
+                at_ms: 1_792_886_400_000 + i * 300_000,
+                energy_wh: 1_000 + i as u64 * 900,
+                current_ma: 16_000,
+            })
+            .collect();
+        let fast = periods(&t, &r, &tz, r[0].at_ms, r[0].energy_wh).unwrap();
+        assert_eq!(
+            fast,
+            reference::periods(&t, &r, &tz, r[0].at_ms, r[0].energy_wh).unwrap()
+        );
+        // 01:10 UTC is 02:10 CET, in the second pass: not yet 02:30.
+        let at = |ms: i64| fast.iter().find(|p| p.start_ms == Decimal::from(ms)).unwrap();
+        assert_eq!(at(1_792_886_400_000 + 14 * 300_000).energy_element, Some(1));
+        assert_eq!(at(1_792_886_400_000 + 6 * 300_000).energy_element, Some(0));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// The fast path prices every period exactly as the decimal engine
+        /// did: same cuts, same elements, in every time zone and across DST.
+        #[test]
+        fn fast_periods_equal_the_reference(
+            t in tariff(),
+            r in session(),
+            tz in prop::sample::select(vec!["Europe/Stockholm", "America/New_York", "Australia/Lord_Howe", "Asia/Kolkata", "UTC"]),
+            piece in 0usize..60,
+        ) {
+            let tz: Tz = tz.parse().unwrap();
+            let (start, base) = (r[0].at_ms, r[0].energy_wh);
+            prop_assert_eq!(periods(&t, &r, &tz, start, base), reference::periods(&t, &r, &tz, start, base));
+            // Live, in pieces: from some reading on, against the session's start.
+            let k = piece.min(r.len() - 1);
+            prop_assert_eq!(periods(&t, &r[k..], &tz, start, base), reference::periods(&t, &r[k..], &tz, start, base));
+        }
+    }
 }

@@ -15,7 +15,9 @@
 //!
 //! The trait is synchronous: a transaction is a short burst of work, and
 //! async callers run it on `spawn_blocking` so no executor thread blocks on
-//! disk. FoundationDB's own limits (key 10 kB, value 100 kB, transaction
+//! disk — or, where the backend [queues](Store::queues) transactions (the
+//! embedded store's writer thread), hand it over with [`submit_with`] and
+//! await the answer, many transactions then sharing one commit. FoundationDB's own limits (key 10 kB, value 100 kB, transaction
 //! 10 MB) are enforced by every backend, so code that fits the embedded
 //! store fits FoundationDB too.
 
@@ -129,6 +131,31 @@ pub trait Store: Send + Sync + 'static {
 
     /// Which backend this is, for logs and `laddnet config validate`.
     fn backend(&self) -> &'static str;
+
+    /// Whether [`Store::submit`] queues a transaction and returns at once
+    /// (so an async caller may call it on an executor thread) rather than
+    /// running it on the calling thread.
+    fn queues(&self) -> bool {
+        false
+    }
+
+    /// Runs `job` as a read-write transaction and then calls its
+    /// [`Job::done`] with the result, once committed (durably) or failed.
+    /// A backend that queues runs queued jobs together in one commit, each
+    /// still all-or-nothing: a job that fails leaves nothing, and the
+    /// others commit. The default runs it here, on the calling thread.
+    fn submit(&self, mut job: Box<dyn Job>) {
+        let result = self.run(&mut |tx| job.run(tx));
+        job.done(result);
+    }
+}
+
+/// A transaction handed to [`Store::submit`]: its body (which may run more
+/// than once, like [`Store::run`]'s closure) and what to do with the result.
+pub trait Job: Send {
+    fn run(&mut self, tx: &mut dyn Transaction) -> Result<(), StoreError>;
+    /// Called once, after the commit (or the failure).
+    fn done(self: Box<Self>, result: Result<(), StoreError>);
 }
 
 /// A shared store handle.
@@ -153,22 +180,70 @@ fn adapt<T, E: From<StoreError>>(
     mut f: impl FnMut(&mut dyn Transaction) -> Result<T, E>,
 ) -> Result<T, E> {
     let mut out: Option<Result<T, E>> = None;
-    let result = run(&mut |tx| match f(tx) {
+    let result = run(&mut |tx| capture(&mut f, tx, &mut out));
+    settle(result, out)
+}
+
+/// Runs the typed closure, keeping its own result in `out`; an error aborts
+/// the transaction.
+fn capture<T, E>(
+    f: &mut impl FnMut(&mut dyn Transaction) -> Result<T, E>,
+    tx: &mut dyn Transaction,
+    out: &mut Option<Result<T, E>>,
+) -> Result<(), StoreError> {
+    match f(tx) {
         Ok(v) => {
-            out = Some(Ok(v));
+            *out = Some(Ok(v));
             Ok(())
         }
         Err(e) => {
-            out = Some(Err(e));
+            *out = Some(Err(e));
             Err(StoreError::Aborted)
         }
-    });
+    }
+}
+
+/// The caller's result from the store's and the closure's.
+fn settle<T, E: From<StoreError>>(result: Result<(), StoreError>, out: Option<Result<T, E>>) -> Result<T, E> {
     match (result, out) {
         (Ok(()), Some(out)) => out,
         (Err(StoreError::Aborted), Some(Err(e))) => Err(e),
         (Err(e), _) => Err(e.into()),
         (Ok(()), None) => Err(StoreError::Internal("transaction closure did not run".into()).into()),
     }
+}
+
+/// [`Store::submit`] with a typed closure, like [`StoreExt::transact`]:
+/// `done` gets the closure's result once the transaction is committed, or
+/// the error.
+pub fn submit_with<T, E, F, D>(store: &dyn Store, f: F, done: D)
+where
+    T: Send + 'static,
+    E: From<StoreError> + Send + 'static,
+    F: FnMut(&mut dyn Transaction) -> Result<T, E> + Send + 'static,
+    D: FnOnce(Result<T, E>) + Send + 'static,
+{
+    struct Typed<T, E, F, D> {
+        f: F,
+        out: Option<Result<T, E>>,
+        done: D,
+    }
+    impl<T, E, F, D> Job for Typed<T, E, F, D>
+    where
+        T: Send,
+        E: From<StoreError> + Send,
+        F: FnMut(&mut dyn Transaction) -> Result<T, E> + Send,
+        D: FnOnce(Result<T, E>) + Send,
+    {
+        fn run(&mut self, tx: &mut dyn Transaction) -> Result<(), StoreError> {
+            capture(&mut self.f, tx, &mut self.out)
+        }
+        fn done(self: Box<Self>, result: Result<(), StoreError>) {
+            let this = *self;
+            (this.done)(settle(result, this.out))
+        }
+    }
+    store.submit(Box::new(Typed { f, out: None, done }))
 }
 
 impl<S: Store + ?Sized> StoreExt for S {

@@ -1,11 +1,14 @@
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use crate::{KeyValue, Store, StoreError, Transaction, WriteBudget};
+use crate::{Job, KeyValue, Store, StoreError, Transaction, WriteBudget};
 
 const KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
 
@@ -24,12 +27,38 @@ const KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
 /// is visible to readers of this process from its own commit, a little
 /// before it is durable; a crash in between loses it, and its caller was
 /// never told it succeeded.
+///
+/// **The writer.** Transactions handed over with [`Store::submit`] go to
+/// one writer thread (started by the first), which runs every job waiting
+/// in one redb write transaction: each job writes into a layer of its own
+/// over the table, read back by its own reads, and folded into the table
+/// only if the job succeeds, so a failing job leaves nothing and the others
+/// still commit. One commit and one durable flush then answer the whole
+/// batch; no job is answered before it is durable. If the shared commit
+/// fails, each job that had succeeded runs again alone. This is the hot
+/// path's way in (every meter event): no blocking-pool thread per event,
+/// no contention for redb's write slot, one fsync per batch.
 pub struct RedbStore {
+    inner: Arc<Inner>,
+    writer: OnceLock<Writer>,
+}
+
+struct Inner {
     db: Database,
     durable: bool,
     watches: Watches,
     group: GroupCommit,
 }
+
+/// The writer thread and its queue. Dropping the store closes the queue;
+/// the thread finishes what was queued and ends.
+struct Writer {
+    queue: Sender<Box<dyn Job>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// The most jobs one writer commit takes.
+const MAX_BATCH: usize = 1024;
 
 /// The state of group commit: tickets are taken after a commit, and a
 /// durable commit started after a ticket was taken covers it.
@@ -151,31 +180,267 @@ impl Watches {
 impl RedbStore {
     /// Opens the store file, creating it if absent.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
+        Self::open_with(path, true)
+    }
+
+    /// A store whose commits are not flushed to disk: a crash loses recent
+    /// commits. Only for tests and benchmarks that measure something else.
+    pub fn open_volatile(path: impl AsRef<Path>) -> Result<Self, StoreError> {
+        Self::open_with(path, false)
+    }
+
+    fn open_with(path: impl AsRef<Path>, durable: bool) -> Result<Self, StoreError> {
         let db = Database::create(path.as_ref()).map_err(StoreError::io)?;
         // Make sure the table exists so read transactions can open it.
         let tx = db.begin_write().map_err(StoreError::io)?;
         tx.open_table(KV).map_err(StoreError::io)?;
         tx.commit().map_err(StoreError::io)?;
         Ok(Self {
-            db,
-            durable: true,
-            watches: Watches::default(),
-            group: GroupCommit::default(),
+            inner: Arc::new(Inner {
+                db,
+                durable,
+                watches: Watches::default(),
+                group: GroupCommit::default(),
+            }),
+            writer: OnceLock::new(),
         })
     }
 
     /// How many fsyncs (durable commits) group commit has run: fewer than
     /// the transactions committed when they arrive together.
     pub fn flushes(&self) -> u64 {
-        self.group.lock().flushes
+        self.inner.group.lock().flushes
     }
 
-    /// A store whose commits are not flushed to disk: a crash loses recent
-    /// commits. Only for tests and benchmarks that measure something else.
-    pub fn open_volatile(path: impl AsRef<Path>) -> Result<Self, StoreError> {
-        let mut s = Self::open(path)?;
-        s.durable = false;
-        Ok(s)
+    fn writer(&self) -> &Writer {
+        self.writer.get_or_init(|| {
+            let (queue, jobs) = std::sync::mpsc::channel();
+            let inner = self.inner.clone();
+            let thread = std::thread::Builder::new()
+                .name("store-writer".into())
+                .spawn(move || writer_loop(&inner, &jobs));
+            match thread {
+                Ok(t) => Writer {
+                    queue,
+                    thread: Mutex::new(Some(t)),
+                },
+                Err(e) => {
+                    // No thread: the queue's receiver is gone, so every
+                    // submit fails with this error rather than waiting.
+                    tracing::error!(error = %e, "the store's writer thread did not start");
+                    Writer {
+                        queue,
+                        thread: Mutex::new(None),
+                    }
+                }
+            }
+        })
+    }
+}
+
+impl Drop for RedbStore {
+    fn drop(&mut self) {
+        let Some(writer) = self.writer.take() else { return };
+        let Writer { queue, thread } = writer;
+        drop(queue);
+        let thread = thread.into_inner().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = thread
+            && t.thread().id() != std::thread::current().id()
+        {
+            // Waits for the queued jobs; the database closes with the last
+            // handle, which is then this store's.
+            let _ = t.join();
+        }
+    }
+}
+
+fn writer_loop(inner: &Inner, jobs: &Receiver<Box<dyn Job>>) {
+    while let Ok(first) = jobs.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        inner.run_batch(batch);
+    }
+}
+
+/// A job's transaction inside the writer's shared one: its writes stay in
+/// `writes` (read back by its own reads) until the job has succeeded.
+struct JobTx<'t, 'a> {
+    table: &'t redb::Table<'a, &'static [u8], &'static [u8]>,
+    writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    budget: WriteBudget,
+}
+
+impl Transaction for JobTx<'_, '_> {
+    fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        check_key(key)?;
+        if let Some(w) = self.writes.get(key) {
+            return Ok(w.clone());
+        }
+        Ok(self.table.get(key).map_err(StoreError::io)?.map(|v| v.value().to_vec()))
+    }
+
+    fn set(&mut self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        self.budget.charge(key, value.len())?;
+        self.writes.insert(key.to_vec(), Some(value.to_vec()));
+        Ok(())
+    }
+
+    fn clear(&mut self, key: &[u8]) -> Result<(), StoreError> {
+        self.budget.charge(key, 0)?;
+        self.writes.insert(key.to_vec(), None);
+        Ok(())
+    }
+
+    fn get_range(
+        &mut self,
+        begin: &[u8],
+        end: &[u8],
+        limit: usize,
+        reverse: bool,
+    ) -> Result<Vec<KeyValue>, StoreError> {
+        if begin >= end {
+            return Ok(Vec::new());
+        }
+        let mine: Vec<_> = self
+            .writes
+            .range::<[u8], _>((std::ops::Bound::Included(begin), std::ops::Bound::Excluded(end)))
+            .collect();
+        if mine.is_empty() {
+            return range_of(self.table, begin, end, limit, reverse);
+        }
+        // Each of this job's writes can hide at most one stored row, so
+        // `limit + writes` stored rows hold the first `limit` of the merge.
+        let fetch = if limit == 0 { 0 } else { limit + mine.len() };
+        let mut merged: BTreeMap<Vec<u8>, Vec<u8>> =
+            range_of(self.table, begin, end, fetch, reverse)?.into_iter().collect();
+        for (k, v) in mine {
+            match v {
+                Some(v) => merged.insert(k.clone(), v.clone()),
+                None => merged.remove(k),
+            };
+        }
+        let limit = if limit == 0 { usize::MAX } else { limit };
+        Ok(if reverse {
+            merged.into_iter().rev().take(limit).collect()
+        } else {
+            merged.into_iter().take(limit).collect()
+        })
+    }
+
+    fn atomic_add(&mut self, key: &[u8], delta: i64) -> Result<(), StoreError> {
+        let current = match self.get(key)? {
+            None => 0,
+            Some(v) => {
+                let mut buf = [0u8; 8];
+                let n = v.len().min(8);
+                buf[..n].copy_from_slice(&v[..n]);
+                i64::from_le_bytes(buf)
+            }
+        };
+        self.set(key, &current.wrapping_add(delta).to_le_bytes())
+    }
+}
+
+/// Runs a job's body, a panic becoming its error (the writer thread lives on).
+fn run_job(job: &mut Box<dyn Job>, tx: &mut dyn Transaction) -> Result<(), StoreError> {
+    catch_unwind(AssertUnwindSafe(|| job.run(tx)))
+        .unwrap_or_else(|_| Err(StoreError::Internal("the transaction panicked".into())))
+}
+
+fn finish(job: Box<dyn Job>, result: Result<(), StoreError>) {
+    if catch_unwind(AssertUnwindSafe(|| job.done(result))).is_err() {
+        tracing::error!("a store job's completion panicked");
+    }
+}
+
+/// The same error again, for every job of a batch it applies to.
+fn again(e: &StoreError) -> StoreError {
+    match e {
+        StoreError::Io(m) => StoreError::Io(m.clone()),
+        other => StoreError::Internal(other.to_string()),
+    }
+}
+
+impl Inner {
+    fn run_batch(&self, mut jobs: Vec<Box<dyn Job>>) {
+        let mut results = Vec::with_capacity(jobs.len());
+        let mut written = Vec::new();
+        match self.commit_batch(&mut jobs, &mut results, &mut written) {
+            Ok(()) => {
+                let durable = if self.durable {
+                    self.group.durable(&self.db)
+                } else {
+                    Ok(())
+                };
+                self.watches.committed(&written);
+                for (job, r) in jobs.into_iter().zip(results) {
+                    let r = match (&durable, r) {
+                        (Err(e), Ok(())) => Err(again(e)),
+                        (_, r) => r,
+                    };
+                    finish(job, r);
+                }
+            }
+            Err(e) => {
+                // The shared commit failed: every job that had not failed
+                // on its own runs again, alone.
+                tracing::warn!(error = %e, jobs = jobs.len(), "a batched commit failed; committing its jobs one by one");
+                results.resize_with(jobs.len(), || Ok(()));
+                for (mut job, r) in jobs.into_iter().zip(results) {
+                    let r = match r {
+                        Ok(()) => self.run(&mut |tx| run_job(&mut job, tx)),
+                        Err(e) => Err(e),
+                    };
+                    finish(job, r);
+                }
+            }
+        }
+    }
+
+    /// Runs the jobs in one write transaction and commits it (not yet
+    /// durable); `results` gets each job's own outcome.
+    fn commit_batch(
+        &self,
+        jobs: &mut [Box<dyn Job>],
+        results: &mut Vec<Result<(), StoreError>>,
+        written: &mut Vec<Vec<u8>>,
+    ) -> Result<(), StoreError> {
+        let mut txn = self.db.begin_write().map_err(StoreError::io)?;
+        txn.set_durability(redb::Durability::None).map_err(StoreError::io)?;
+        let applied = (|| {
+            let mut table = txn.open_table(KV).map_err(StoreError::io)?;
+            for job in jobs.iter_mut() {
+                let mut tx = JobTx {
+                    table: &table,
+                    writes: BTreeMap::new(),
+                    budget: WriteBudget::default(),
+                };
+                let r = run_job(job, &mut tx);
+                let writes = tx.writes;
+                if r.is_ok() {
+                    for (k, v) in writes {
+                        match v {
+                            Some(v) => table.insert(&k[..], &v[..]).map(drop),
+                            None => table.remove(&k[..]).map(drop),
+                        }
+                        .map_err(StoreError::io)?;
+                        written.push(k);
+                    }
+                }
+                results.push(r);
+            }
+            Ok::<_, StoreError>(())
+        })();
+        if let Err(e) = applied {
+            txn.abort().map_err(StoreError::io)?;
+            return Err(e);
+        }
+        txn.commit().map_err(StoreError::io)
     }
 }
 
@@ -301,7 +566,7 @@ impl Transaction for ReadTx {
     }
 }
 
-impl Store for RedbStore {
+impl Inner {
     fn run(&self, f: &mut dyn FnMut(&mut dyn Transaction) -> Result<(), StoreError>) -> Result<(), StoreError> {
         let mut txn = self.db.begin_write().map_err(StoreError::io)?;
         // Durable stores flush in groups, after the commit (see the type).
@@ -327,9 +592,15 @@ impl Store for RedbStore {
         self.watches.committed(&written);
         Ok(())
     }
+}
+
+impl Store for RedbStore {
+    fn run(&self, f: &mut dyn FnMut(&mut dyn Transaction) -> Result<(), StoreError>) -> Result<(), StoreError> {
+        self.inner.run(f)
+    }
 
     fn read(&self, f: &mut dyn FnMut(&mut dyn Transaction) -> Result<(), StoreError>) -> Result<(), StoreError> {
-        let txn = self.db.begin_read().map_err(StoreError::io)?;
+        let txn = self.inner.db.begin_read().map_err(StoreError::io)?;
         let table = txn.open_table(KV).map_err(StoreError::io)?;
         f(&mut ReadTx { table })
     }
@@ -337,15 +608,16 @@ impl Store for RedbStore {
     fn watch(&self, key: &[u8], seen: Option<&[u8]>, timeout: Duration) -> Result<bool, StoreError> {
         check_key(key)?;
         let deadline = Instant::now() + timeout;
+        let watches = &self.inner.watches;
         // Registered before the first read, so a commit after that read
         // bumps the count this watcher waits on.
-        self.watches
+        watches
             .lock()
             .entry(key.to_vec())
             .or_insert(Watched { watchers: 0, writes: 0 })
             .watchers += 1;
         let result = self.wait_for_change(key, seen, deadline);
-        let mut keys = self.watches.lock();
+        let mut keys = watches.lock();
         if let Some(w) = keys.get_mut(key) {
             w.watchers -= 1;
             if w.watchers == 0 {
@@ -358,29 +630,42 @@ impl Store for RedbStore {
     fn backend(&self) -> &'static str {
         "redb"
     }
+
+    fn queues(&self) -> bool {
+        true
+    }
+
+    fn submit(&self, job: Box<dyn Job>) {
+        if let Err(refused) = self.writer().queue.send(job) {
+            finish(
+                refused.0,
+                Err(StoreError::Internal("the store's writer thread is not running".into())),
+            );
+        }
+    }
 }
 
 impl RedbStore {
     fn current(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        let txn = self.db.begin_read().map_err(StoreError::io)?;
+        let txn = self.inner.db.begin_read().map_err(StoreError::io)?;
         let table = txn.open_table(KV).map_err(StoreError::io)?;
         Ok(table.get(key).map_err(StoreError::io)?.map(|v| v.value().to_vec()))
     }
 
     fn wait_for_change(&self, key: &[u8], seen: Option<&[u8]>, deadline: Instant) -> Result<bool, StoreError> {
         loop {
-            let writes = self.watches.lock().get(key).map_or(0, |w| w.writes);
+            let watches = &self.inner.watches;
+            let writes = watches.lock().get(key).map_or(0, |w| w.writes);
             if self.current(key)?.as_deref() != seen {
                 return Ok(true);
             }
-            let mut keys = self.watches.lock();
+            let mut keys = watches.lock();
             while keys.get(key).map_or(0, |w| w.writes) == writes {
                 let left = deadline.saturating_duration_since(Instant::now());
                 if left.is_zero() {
                     return Ok(false);
                 }
-                keys = self
-                    .watches
+                keys = watches
                     .changed
                     .wait_timeout(keys, left)
                     .unwrap_or_else(|p| p.into_inner())
@@ -444,22 +729,22 @@ mod tests {
         let s = std::sync::Arc::new(s);
         // A flush is running (held here): five transactions commit
         // meanwhile and wait, and the next flush covers all five.
-        s.group.lock().syncing = true;
+        s.inner.group.lock().syncing = true;
         let writers: Vec<_> = (0..5u8)
             .map(|i| {
                 let s = s.clone();
                 std::thread::spawn(move || s.transact(|tx| tx.set(&[b'k', i], b"v")).unwrap())
             })
             .collect();
-        while s.group.lock().taken < 5 {
+        while s.inner.group.lock().taken < 5 {
             std::thread::yield_now();
         }
         {
-            let mut g = s.group.lock();
+            let mut g = s.inner.group.lock();
             g.syncing = false;
             g.synced = 0;
         }
-        s.group.done.notify_all();
+        s.inner.group.done.notify_all();
         for w in writers {
             w.join().unwrap();
         }
@@ -470,6 +755,139 @@ mod tests {
         // Alone, a transaction is flushed by itself before it returns.
         s.transact(|tx| tx.set(b"alone", b"v")).unwrap();
         assert_eq!(s.flushes(), 2);
+    }
+
+    /// Submits `f` and waits for its result.
+    fn submitted<T: Send + 'static>(
+        s: &RedbStore,
+        f: impl FnMut(&mut dyn Transaction) -> Result<T, StoreError> + Send + 'static,
+    ) -> std::sync::mpsc::Receiver<Result<T, StoreError>> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        crate::submit_with(s, f, move |r| {
+            let _ = tx.send(r);
+        });
+        rx
+    }
+
+    #[test]
+    fn queued_jobs_commit_together_and_a_failing_one_leaves_nothing() {
+        let (_d, s) = store();
+        // The writer's first batch waits on a held flush; everything
+        // submitted meanwhile queues up for the second.
+        s.inner.group.lock().syncing = true;
+        let first = submitted(&s, |tx| tx.set(b"first", b"1"));
+        while s.inner.group.lock().taken < 1 {
+            std::thread::yield_now();
+        }
+        let ok: Vec<_> = (0..5u8)
+            .map(|i| submitted(&s, move |tx| tx.set(&[b'k', i], b"v")))
+            .collect();
+        let failing = submitted(&s, |tx| {
+            tx.set(b"half", b"written")?;
+            Err::<(), _>(StoreError::Internal("refused".into()))
+        });
+        let panicking = submitted(&s, |tx| -> Result<(), StoreError> {
+            tx.set(b"panicked", b"written")?;
+            panic!("a bug in a job")
+        });
+        // Reads see the earlier jobs of the batch, and the job's own writes.
+        let reader = submitted(&s, |tx| {
+            tx.set(&[b'k', 9], b"mine")?;
+            tx.clear(&[b'k', 0])?;
+            let rows = tx.get_range(b"k", b"l", 0, false)?;
+            Ok(rows.into_iter().map(|(k, _)| k[1]).collect::<Vec<_>>())
+        });
+        {
+            let mut g = s.inner.group.lock();
+            g.syncing = false;
+            g.synced = 0;
+        }
+        s.inner.group.done.notify_all();
+        first.recv().unwrap().unwrap();
+        for r in ok {
+            r.recv().unwrap().unwrap();
+        }
+        assert!(matches!(failing.recv().unwrap(), Err(StoreError::Internal(m)) if m == "refused"));
+        assert!(matches!(panicking.recv().unwrap(), Err(StoreError::Internal(m)) if m.contains("panicked")));
+        assert_eq!(reader.recv().unwrap().unwrap(), vec![1, 2, 3, 4, 9]);
+        assert_eq!(s.flushes(), 2, "the eight queued jobs shared one flush");
+        assert_eq!(s.snapshot(|tx| tx.get(b"half")).unwrap(), None);
+        assert_eq!(s.snapshot(|tx| tx.get(b"panicked")).unwrap(), None);
+        assert_eq!(s.snapshot(|tx| tx.get(&[b'k', 0])).unwrap(), None);
+        assert_eq!(
+            s.snapshot(|tx| tx.get(&[b'k', 9])).unwrap().as_deref(),
+            Some(&b"mine"[..])
+        );
+        // The writer lives on after the panic.
+        submitted(&s, |tx| tx.set(b"after", b"1")).recv().unwrap().unwrap();
+    }
+
+    #[test]
+    fn a_job_reads_exactly_what_a_plain_transaction_would() {
+        // The same random operations, in a queued job and in a plain
+        // transaction on a store with the same rows: every read agrees.
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let (_d1, plain) = store();
+        let (_d2, queued) = store();
+        for s in [&plain, &queued] {
+            s.transact(|tx| {
+                for i in 0..40u8 {
+                    if i % 3 != 0 {
+                        tx.set(&[b'r', i], &[i])?;
+                    }
+                }
+                Ok::<_, StoreError>(())
+            })
+            .unwrap();
+        }
+        for _round in 0..50 {
+            let ops: Vec<(u64, u8, u8, usize, bool)> = (0..30)
+                .map(|_| {
+                    let (a, b) = (next(42) as u8, next(42) as u8);
+                    (next(4), a.min(b), a.max(b), next(6) as usize, next(2) == 1)
+                })
+                .collect();
+            let run = move |tx: &mut dyn Transaction| {
+                let mut seen = Vec::new();
+                for &(op, a, b, limit, reverse) in &ops {
+                    match op {
+                        0 => tx.set(&[b'r', a], &[b])?,
+                        1 => tx.clear(&[b'r', a])?,
+                        2 => seen.push(tx.get(&[b'r', a])?.map(|v| vec![(vec![a], v)]).unwrap_or_default()),
+                        _ => seen.push(tx.get_range(&[b'r', a], &[b'r', b], limit, reverse)?),
+                    }
+                }
+                Ok::<_, StoreError>(seen)
+            };
+            let want = plain.transact(run.clone()).unwrap();
+            let got = submitted(&queued, run).recv().unwrap().unwrap();
+            assert_eq!(got, want);
+        }
+        let all = |s: &RedbStore| s.snapshot(|tx| tx.get_range(b"r", b"s", 0, false)).unwrap();
+        assert_eq!(all(&queued), all(&plain));
+    }
+
+    #[test]
+    fn dropping_the_store_finishes_queued_jobs_and_closes_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.redb");
+        let s = RedbStore::open(&path).unwrap();
+        let waits: Vec<_> = (0..100u8)
+            .map(|i| submitted(&s, move |tx| tx.set(&[b'd', i], b"v")))
+            .collect();
+        drop(s);
+        for w in waits {
+            w.recv().unwrap().unwrap();
+        }
+        // Reopening fails while any handle still holds the file.
+        let s = RedbStore::open(&path).unwrap();
+        assert_eq!(s.snapshot(|tx| tx.get_range(b"d", b"e", 0, false)).unwrap().len(), 100);
     }
 
     #[test]
