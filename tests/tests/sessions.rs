@@ -601,3 +601,67 @@ async fn the_site_an_operator_sets_survives_a_reboot() {
         .into_inner();
     assert_eq!((c.site_id.as_str(), c.connected), ("depot-1", true));
 }
+
+/// Meter updates a charger sends ahead (or flushes after an outage) are
+/// stored in runs, one store transaction each, and answered one by one in
+/// the order sent; an invalid event inside a run is refused alone, a
+/// replay inside it acknowledged once.
+#[tokio::test]
+async fn meter_updates_sent_ahead_are_stored_in_runs_and_answered_in_order() {
+    let node = TestNode::start().await;
+    let (_, mut cp) = node.charger("CP-RUN").await;
+    assert!(cp.event(tx_event("tx-run", 0, T::Started, 1_000, 0)).await.unwrap());
+    let msg = |id: u64, e: v1::TransactionEvent| v1::ChargerMessage {
+        msg_id: id,
+        payload: Some(v1::charger_message::Payload::Transaction(e)),
+    };
+    let mut sent = Vec::new();
+    for seq in 1..=150u64 {
+        let mut e = tx_event("tx-run", seq, T::Updated, 1_000 + seq * 100, seq as i64);
+        match seq {
+            // Refused when decoded, before the actor.
+            40 => e.meter.as_mut().unwrap().soc_percent = Some(150),
+            // Refused by the session actor, inside the run.
+            80 => e.seq = 1 << 41,
+            _ => {}
+        }
+        sent.push((10_000 + seq, seq));
+        cp.tx.send(msg(10_000 + seq, e)).await.unwrap();
+    }
+    // A replay of an event already in this burst.
+    cp.tx
+        .send(msg(20_000, tx_event("tx-run", 100, T::Updated, 11_000, 100)))
+        .await
+        .unwrap();
+    sent.push((20_000, 100));
+    for (id, seq) in sent {
+        let m = tokio::time::timeout(Duration::from_secs(15), cp.rx.message())
+            .await
+            .expect("a reply in time")
+            .unwrap()
+            .expect("the stream is open");
+        assert_eq!(m.msg_id, id, "replies come in the order sent");
+        match m.payload {
+            Some(v1::central_message::Payload::TransactionAck(a)) => {
+                assert!(seq != 40 && seq != 80, "event {seq} should have been refused");
+                assert_eq!(a.seq, seq);
+            }
+            Some(v1::central_message::Payload::Rejected(r)) => {
+                assert!(seq == 40 || seq == 80, "event {seq} refused: {}", r.reason)
+            }
+            other => panic!("unexpected reply {other:?}"),
+        }
+    }
+    let s = node.session("tx-run").await.unwrap();
+    assert_eq!(s.samples, 149, "the start and 148 valid updates, the replay once");
+    assert_eq!(
+        s.energy_wh, 15_000,
+        "from 1,000 Wh at the start to 16,000 Wh at seq 150"
+    );
+    let m = &node.node().state.metrics;
+    assert!(
+        m.events_in_runs.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "events sent ahead were stored in runs"
+    );
+    assert_eq!(m.events_duplicate.load(std::sync::atomic::Ordering::Relaxed), 1);
+}

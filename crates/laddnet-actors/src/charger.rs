@@ -43,10 +43,14 @@ pub struct ChargerState {
     by_actor: HashMap<ActorId, String>,
     failures: VecDeque<Instant>,
     restarts: u64,
+    /// The session watchdog's timer: runs only while sessions are open, so
+    /// an idle charger holds no timer task.
+    watchdog: Option<tokio::task::JoinHandle<()>>,
 }
 
 pub enum ChargerMsg {
-    Event(TxEvent, RpcReplyPort<Result<Applied, RepoError>>),
+    /// Transaction events in order; one result each.
+    Event(Vec<TxEvent>, RpcReplyPort<Vec<Result<Applied, RepoError>>>),
     Status {
         connector_id: u32,
         status: ConnectorStatus,
@@ -101,6 +105,9 @@ impl ChargerActor {
             bill_in: state.args.config.bill_on_end.clone(),
         };
         let (actor, _) = Actor::spawn_linked(None, SessionActor, args, myself.get_cell()).await?;
+        if state.watchdog.is_none() {
+            state.watchdog = Some(myself.send_interval(state.args.config.watchdog_interval, || ChargerMsg::Watchdog));
+        }
         state.by_actor.insert(actor.get_id(), tx_id.to_string());
         state.sessions.insert(
             tx_id.to_string(),
@@ -110,6 +117,48 @@ impl ChargerActor {
             },
         );
         Ok(actor)
+    }
+
+    /// Hands a run of one transaction's events to its session actor
+    /// (spawned if needed) and returns one result per event.
+    async fn session_run(
+        myself: &ActorRef<ChargerMsg>,
+        state: &mut ChargerState,
+        run: Vec<TxEvent>,
+    ) -> Result<Vec<Result<Applied, RepoError>>, ActorProcessingErr> {
+        let (tx_id, connector_id, n) = (run[0].transaction_id.clone(), run[0].connector_id, run.len());
+        let all = |e: &dyn Fn() -> RepoError| (0..n).map(|_| Err(e())).collect::<Vec<_>>();
+        let actor = match state.sessions.get(&tx_id) {
+            Some(live) => live.actor.clone(),
+            None => Self::spawn_session(myself, state, &tx_id, connector_id).await?,
+        };
+        let timeout = state.args.config.call_timeout;
+        let retry = run.clone();
+        Ok(match actor.call(|r| SessionMsg::Event(run, r), Some(timeout)).await {
+            Ok(CallResult::Success(r)) => r,
+            // The actor stopped under us (its session had just ended):
+            // a fresh one, from the store, takes the events.
+            Ok(CallResult::SenderError) | Err(_) if session_ended(&state.args.store, &tx_id).await => {
+                state.sessions.remove(&tx_id);
+                state.by_actor.remove(&actor.get_id());
+                let fresh = Self::spawn_session(myself, state, &tx_id, connector_id).await?;
+                match fresh.call(|r| SessionMsg::Event(retry, r), Some(timeout)).await {
+                    Ok(CallResult::Success(r)) => r,
+                    _ => all(&|| RepoError::Gone("session actor failed while handling the event".into())),
+                }
+            }
+            Ok(CallResult::Timeout) => {
+                // A hung handler: replace it; the charger resends the unacknowledged events.
+                actor.kill();
+                state.sessions.remove(&tx_id);
+                state.by_actor.remove(&actor.get_id());
+                Self::replace(myself, state, &tx_id, "event handler timed out").await?;
+                all(&|| RepoError::Timeout)
+            }
+            Ok(CallResult::SenderError) | Err(_) => {
+                all(&|| RepoError::Gone("session actor failed while handling the event".into()))
+            }
+        })
     }
 
     /// Counts a failure against the budget; Err escalates.
@@ -152,16 +201,16 @@ impl Actor for ChargerActor {
 
     async fn pre_start(
         &self,
-        myself: ActorRef<ChargerMsg>,
+        _myself: ActorRef<ChargerMsg>,
         args: ChargerArgs,
     ) -> Result<ChargerState, ActorProcessingErr> {
-        myself.send_interval(args.config.watchdog_interval, || ChargerMsg::Watchdog);
         Ok(ChargerState {
             args,
             sessions: HashMap::new(),
             by_actor: HashMap::new(),
             failures: VecDeque::new(),
             restarts: 0,
+            watchdog: None,
         })
     }
 
@@ -171,45 +220,147 @@ impl Actor for ChargerActor {
         msg: ChargerMsg,
         state: &mut ChargerState,
     ) -> Result<(), ActorProcessingErr> {
-        match msg {
-            ChargerMsg::Event(event, reply) => {
-                let actor = match state.sessions.get(&event.transaction_id) {
-                    Some(live) => live.actor.clone(),
-                    None => Self::spawn_session(&myself, state, &event.transaction_id, event.connector_id).await?,
-                };
-                let timeout = state.args.config.call_timeout;
-                let tx_id = event.transaction_id.clone();
-                let retry = event.clone();
-                match actor.call(|r| SessionMsg::Event(event, r), Some(timeout)).await {
-                    Ok(CallResult::Success(r)) => {
-                        let _ = reply.send(r);
-                    }
-                    // The actor stopped under us (its session had just ended):
-                    // a fresh one, from the store, takes the event.
-                    Ok(CallResult::SenderError) | Err(_) if session_ended(&state.args.store, &tx_id).await => {
-                        state.sessions.remove(&tx_id);
-                        state.by_actor.remove(&actor.get_id());
-                        let fresh = Self::spawn_session(&myself, state, &tx_id, retry.connector_id).await?;
-                        let r = match fresh.call(|r| SessionMsg::Event(retry, r), Some(timeout)).await {
-                            Ok(CallResult::Success(r)) => r,
-                            _ => Err(RepoError::Gone("session actor failed while handling the event".into())),
-                        };
-                        let _ = reply.send(r);
-                    }
-                    Ok(CallResult::Timeout) => {
-                        // A hung handler: replace it; the charger resends the unacknowledged event.
-                        actor.kill();
-                        state.sessions.remove(&tx_id);
-                        state.by_actor.remove(&actor.get_id());
-                        let _ = reply.send(Err(RepoError::Timeout));
-                        Self::replace(&myself, state, &tx_id, "event handler timed out").await?;
-                    }
-                    Ok(CallResult::SenderError) | Err(_) => {
-                        let _ = reply.send(Err(RepoError::Gone(
-                            "session actor failed while handling the event".into(),
-                        )));
-                    }
+        // Boxed: the large handling future exists only while a message is
+        // handled, not in every idle charger's actor task.
+        Box::pin(Self::handle_msg(myself, msg, state)).await
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<ChargerMsg>,
+        evt: SupervisionEvent,
+        state: &mut ChargerState,
+    ) -> Result<(), ActorProcessingErr> {
+        match evt {
+            SupervisionEvent::ActorTerminated(cell, _, _) => {
+                if let Some(tx_id) = state.by_actor.remove(&cell.get_id())
+                    && state
+                        .sessions
+                        .get(&tx_id)
+                        .is_some_and(|l| l.actor.get_id() == cell.get_id())
+                {
+                    state.sessions.remove(&tx_id);
                 }
+            }
+            SupervisionEvent::ActorFailed(cell, err) => {
+                let Some(tx_id) = state.by_actor.remove(&cell.get_id()) else {
+                    return Ok(());
+                };
+                if state
+                    .sessions
+                    .get(&tx_id)
+                    .is_some_and(|l| l.actor.get_id() == cell.get_id())
+                {
+                    state.sessions.remove(&tx_id);
+                }
+                tracing::warn!(charger_id = %state.args.charger_id, transaction_id = %tx_id, error = %err, "session actor failed");
+                Self::replace(&myself, state, &tx_id, "session actor panicked").await?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// Typed access to a charger actor.
+#[derive(Clone)]
+pub struct ChargerHandle {
+    pub(crate) actor: ActorRef<ChargerMsg>,
+    pub(crate) timeout: Duration,
+}
+
+impl ChargerHandle {
+    async fn ask<T: Send + 'static>(&self, f: impl FnOnce(RpcReplyPort<T>) -> ChargerMsg) -> Result<T, RepoError> {
+        // The charger actor may itself wait on a session (call_timeout) and
+        // then replace it: give it room for both.
+        match self.actor.call(f, Some(self.timeout * 3)).await {
+            Ok(CallResult::Success(v)) => Ok(v),
+            Ok(CallResult::Timeout) => Err(RepoError::Timeout),
+            Ok(CallResult::SenderError) | Err(_) => Err(RepoError::Gone("charger actor stopped".into())),
+        }
+    }
+
+    /// Accepts a transaction event; Ok means it is durably stored.
+    pub async fn event(&self, e: TxEvent) -> Result<Applied, RepoError> {
+        self.events(vec![e])
+            .await?
+            .pop()
+            .unwrap_or_else(|| Err(RepoError::Gone("no result for the event".into())))
+    }
+
+    /// Accepts a run of events in order (those of one transaction stored in
+    /// one transaction); one result each, Ok meaning durably stored.
+    pub async fn events(&self, events: Vec<TxEvent>) -> Result<Vec<Result<Applied, RepoError>>, RepoError> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.ask(|r| ChargerMsg::Event(events, r)).await
+    }
+
+    pub async fn status(
+        &self,
+        connector_id: u32,
+        status: ConnectorStatus,
+        error_code: String,
+        at_ms: i64,
+    ) -> Result<(), RepoError> {
+        self.ask(|reply| ChargerMsg::Status {
+            connector_id,
+            status,
+            error_code,
+            at_ms,
+            reply,
+        })
+        .await?
+    }
+
+    pub fn heartbeat(&self) {
+        let _ = self.actor.cast(ChargerMsg::Heartbeat);
+    }
+
+    /// The stream ended. Returns once sessions are marked interrupted.
+    pub async fn detach(&self) {
+        let _ = self.ask(ChargerMsg::Detach).await;
+    }
+
+    pub async fn inject_fault(&self, transaction_id: &str, fault: SessionFault) -> bool {
+        self.ask(|r| ChargerMsg::InjectFault(transaction_id.to_string(), fault, r))
+            .await
+            .unwrap_or(false)
+    }
+
+    /// Live session actors (transaction id, actor id) and restarts so far.
+    pub async fn inspect(&self) -> Result<(Vec<(String, ActorId)>, u64), RepoError> {
+        self.ask(ChargerMsg::Inspect).await
+    }
+
+    pub fn is_alive(&self) -> bool {
+        !matches!(
+            self.actor.get_status(),
+            ractor::ActorStatus::Stopped | ractor::ActorStatus::Stopping
+        )
+    }
+}
+
+impl ChargerActor {
+    async fn handle_msg(
+        myself: ActorRef<ChargerMsg>,
+        msg: ChargerMsg,
+        state: &mut ChargerState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            ChargerMsg::Event(events, reply) => {
+                // Runs of one transaction each, in order.
+                let mut results = Vec::with_capacity(events.len());
+                let mut rest = events.into_iter().peekable();
+                while let Some(first) = rest.next() {
+                    let mut run = vec![first];
+                    while let Some(e) = rest.next_if(|e| e.transaction_id == run[0].transaction_id) {
+                        run.push(e);
+                    }
+                    results.extend(Self::session_run(&myself, state, run).await?);
+                }
+                let _ = reply.send(results);
             }
             ChargerMsg::Status {
                 connector_id,
@@ -232,6 +383,12 @@ impl Actor for ChargerActor {
                 let _ = tokio::task::spawn_blocking(move || repo::touch_charger(store.as_ref(), &id, now())).await;
             }
             ChargerMsg::Watchdog => {
+                if state.sessions.is_empty() {
+                    if let Some(timer) = state.watchdog.take() {
+                        timer.abort();
+                    }
+                    return Ok(());
+                }
                 let cfg = state.args.config.clone();
                 let ids: Vec<String> = state.sessions.keys().cloned().collect();
                 for tx_id in ids {
@@ -308,109 +465,5 @@ impl Actor for ChargerActor {
             }
         }
         Ok(())
-    }
-
-    async fn handle_supervisor_evt(
-        &self,
-        myself: ActorRef<ChargerMsg>,
-        evt: SupervisionEvent,
-        state: &mut ChargerState,
-    ) -> Result<(), ActorProcessingErr> {
-        match evt {
-            SupervisionEvent::ActorTerminated(cell, _, _) => {
-                if let Some(tx_id) = state.by_actor.remove(&cell.get_id())
-                    && state
-                        .sessions
-                        .get(&tx_id)
-                        .is_some_and(|l| l.actor.get_id() == cell.get_id())
-                {
-                    state.sessions.remove(&tx_id);
-                }
-            }
-            SupervisionEvent::ActorFailed(cell, err) => {
-                let Some(tx_id) = state.by_actor.remove(&cell.get_id()) else {
-                    return Ok(());
-                };
-                if state
-                    .sessions
-                    .get(&tx_id)
-                    .is_some_and(|l| l.actor.get_id() == cell.get_id())
-                {
-                    state.sessions.remove(&tx_id);
-                }
-                tracing::warn!(charger_id = %state.args.charger_id, transaction_id = %tx_id, error = %err, "session actor failed");
-                Self::replace(&myself, state, &tx_id, "session actor panicked").await?;
-            }
-            _ => {}
-        }
-        Ok(())
-    }
-}
-
-/// Typed access to a charger actor.
-#[derive(Clone)]
-pub struct ChargerHandle {
-    pub(crate) actor: ActorRef<ChargerMsg>,
-    pub(crate) timeout: Duration,
-}
-
-impl ChargerHandle {
-    async fn ask<T: Send + 'static>(&self, f: impl FnOnce(RpcReplyPort<T>) -> ChargerMsg) -> Result<T, RepoError> {
-        // The charger actor may itself wait on a session (call_timeout) and
-        // then replace it: give it room for both.
-        match self.actor.call(f, Some(self.timeout * 3)).await {
-            Ok(CallResult::Success(v)) => Ok(v),
-            Ok(CallResult::Timeout) => Err(RepoError::Timeout),
-            Ok(CallResult::SenderError) | Err(_) => Err(RepoError::Gone("charger actor stopped".into())),
-        }
-    }
-
-    /// Accepts a transaction event; Ok means it is durably stored.
-    pub async fn event(&self, e: TxEvent) -> Result<Applied, RepoError> {
-        self.ask(|r| ChargerMsg::Event(e, r)).await?
-    }
-
-    pub async fn status(
-        &self,
-        connector_id: u32,
-        status: ConnectorStatus,
-        error_code: String,
-        at_ms: i64,
-    ) -> Result<(), RepoError> {
-        self.ask(|reply| ChargerMsg::Status {
-            connector_id,
-            status,
-            error_code,
-            at_ms,
-            reply,
-        })
-        .await?
-    }
-
-    pub fn heartbeat(&self) {
-        let _ = self.actor.cast(ChargerMsg::Heartbeat);
-    }
-
-    /// The stream ended. Returns once sessions are marked interrupted.
-    pub async fn detach(&self) {
-        let _ = self.ask(ChargerMsg::Detach).await;
-    }
-
-    pub async fn inject_fault(&self, transaction_id: &str, fault: SessionFault) -> bool {
-        self.ask(|r| ChargerMsg::InjectFault(transaction_id.to_string(), fault, r))
-            .await
-            .unwrap_or(false)
-    }
-
-    /// Live session actors (transaction id, actor id) and restarts so far.
-    pub async fn inspect(&self) -> Result<(Vec<(String, ActorId)>, u64), RepoError> {
-        self.ask(ChargerMsg::Inspect).await
-    }
-
-    pub fn is_alive(&self) -> bool {
-        !matches!(
-            self.actor.get_status(),
-            ractor::ActorStatus::Stopped | ractor::ActorStatus::Stopping
-        )
     }
 }

@@ -301,24 +301,23 @@ pub fn take(store: &dyn Store, charger: &str, me: &MemberRecord, now_ms: i64) ->
     Ok(store.transact(|tx| take_in(tx, charger, me, now_ms))?)
 }
 
-/// An attach's one durable write: takes `charger` for `me` and, if taken,
-/// records its boot (`rec`) in the same transaction. Returns the takeover
-/// and the stored record (None when a live member holds the charger).
-pub fn take_and_boot(
-    store: &dyn Store,
+/// An attach's one durable write, in the caller's transaction: takes
+/// `charger` for `me` and, if taken, records its boot (`rec`). Returns the
+/// takeover and the stored record (None when a live member holds the
+/// charger).
+pub fn take_and_boot_in(
+    tx: &mut dyn Transaction,
     charger: &str,
     me: &MemberRecord,
     now_ms: i64,
     rec: crate::repo::ChargerRecord,
 ) -> Result<(Takeover, Option<crate::repo::ChargerRecord>), RepoError> {
-    store.transact(|tx| {
-        let taken = take_in(tx, charger, me, now_ms)?;
-        let stored = match &taken {
-            Takeover::Taken(_) => Some(crate::repo::record_boot_in(tx, rec.clone())?),
-            Takeover::HeldBy { .. } => None,
-        };
-        Ok((taken, stored))
-    })
+    let taken = take_in(tx, charger, me, now_ms)?;
+    let stored = match &taken {
+        Takeover::Taken(_) => Some(crate::repo::record_boot_in(tx, rec)?),
+        Takeover::HeldBy { .. } => None,
+    };
+    Ok((taken, stored))
 }
 
 /// [`take`] inside a caller's transaction (an attach takes the charger

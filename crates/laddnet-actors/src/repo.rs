@@ -573,8 +573,14 @@ pub fn set_connector_status(
 }
 
 /// Records a charger's connection coming up or going down (node time).
-pub fn record_connection(store: &dyn Store, charger_id: &str, online: bool, at_ms: i64) -> Result<(), RepoError> {
-    store.transact(|tx| put(tx, &keys::pack(&("conn-history", charger_id, at_ms)), &online))
+/// Records a connection (or disconnection) in the charger's history.
+pub fn record_connection_in(
+    tx: &mut dyn Transaction,
+    charger_id: &str,
+    online: bool,
+    at_ms: i64,
+) -> Result<(), RepoError> {
+    put(tx, &keys::pack(&("conn-history", charger_id, at_ms)), &online)
 }
 
 pub fn touch_charger(store: &dyn Store, charger_id: &str, now: i64) -> Result<(), RepoError> {

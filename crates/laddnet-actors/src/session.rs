@@ -117,6 +117,136 @@ impl SessionState {
     }
 }
 
+impl SessionState {
+    /// What follows one applied event: the record and running cost kept,
+    /// a stuck incident cleared, the start or end logged. Returns whether
+    /// it ended the session, and whether it was another charger's.
+    async fn after_event(&mut self, result: &mut Result<Applied, RepoError>, reading: Reading) -> (bool, bool) {
+        if let Ok(applied) = result {
+            self.record = Some(applied.record.clone());
+            self.last_event = Instant::now();
+            if !applied.duplicate && applied.record.status != SessionStatus::Ended {
+                self.update_pricing(reading).await;
+            }
+            applied.running_cost = self.running.clone();
+        }
+        let ended = matches!(&result, Ok(a) if a.record.status == SessionStatus::Ended && !a.duplicate);
+        if self.stuck && matches!(&result, Ok(a) if !a.duplicate) {
+            // Meter data again: the stuck incident resolves.
+            self.stuck = false;
+            let (store, subject) = (self.args.store.clone(), format!("session:{}", self.args.transaction_id));
+            let cleared = tokio::task::spawn_blocking(move || {
+                laddnet_store::StoreExt::transact(store.as_ref(), |tx| {
+                    laddnet_incidents::clear(
+                        tx,
+                        laddnet_incidents::AlarmKind::StuckSession,
+                        &subject,
+                        now_ms(),
+                        "meter data again",
+                    )
+                })
+            })
+            .await;
+            if let Ok(Err(e)) = cleared {
+                tracing::warn!(error = %e, "clearing the stuck-session incident failed");
+            }
+        }
+        if let Ok(a) = &result
+            && !a.duplicate
+            && (ended || a.record.samples == 1)
+        {
+            let r = &a.record;
+            tracing::info!(
+                transaction_id = %r.transaction_id,
+                charger_id = %r.charger_id,
+                connector_id = r.connector_id,
+                driver_id = r.driver_id.as_deref().unwrap_or("-"),
+                energy_wh = r.last.energy_wh.saturating_sub(r.first.energy_wh),
+                "{}",
+                if ended { "session ended" } else { "session started" }
+            );
+        }
+        (ended, matches!(result, Err(RepoError::ForeignTransaction(_))))
+    }
+}
+
+/// Applies a run of events (in order, one store transaction for all that
+/// are valid) and returns each one's result with its reading. An event
+/// that fails on its own (invalid, another charger's) is refused alone,
+/// having written nothing; if the store itself fails, each event is tried
+/// again in a transaction of its own so every result is its own.
+async fn apply_run(args: &SessionArgs, events: Vec<TxEvent>) -> Vec<(Result<Applied, RepoError>, Reading)> {
+    let readings: Vec<Reading> = events
+        .iter()
+        .map(|e| Reading {
+            at_ms: e.at_ms,
+            energy_wh: e.meter.energy_wh,
+            current_ma: e.meter.current_ma,
+        })
+        .collect();
+    let checked: Vec<Result<(), RepoError>> = events.iter().map(repo::validate_event).collect();
+    let (charger, site, max) = (args.charger_id.clone(), args.site_id.clone(), args.max_power_w);
+    let valid: Vec<TxEvent> = events
+        .iter()
+        .zip(&checked)
+        .filter(|(_, c)| c.is_ok())
+        .map(|(e, _)| e.clone())
+        .collect();
+    let together = if valid.is_empty() {
+        Ok(Vec::new())
+    } else {
+        let (charger, site) = (charger.clone(), site.clone());
+        repo::write(&args.store, move |tx| {
+            let mut out = Vec::with_capacity(valid.len());
+            for e in &valid {
+                match repo::apply_event_in(tx, &charger, site.as_deref(), max, e) {
+                    // A store error may leave an event half-written: the
+                    // whole run is rolled back and retried one by one.
+                    Err(RepoError::Store(err)) => return Err(RepoError::Store(err)),
+                    r => out.push(r),
+                }
+            }
+            Ok(out)
+        })
+        .await
+    };
+    let mut applied = match together {
+        Ok(v) => v.into_iter(),
+        Err(_) if events.len() > 1 => {
+            let mut one_by_one = Vec::new();
+            for e in events
+                .iter()
+                .zip(&checked)
+                .filter(|(_, c)| c.is_ok())
+                .map(|(e, _)| e.clone())
+            {
+                let (charger, site) = (charger.clone(), site.clone());
+                one_by_one.push(
+                    repo::write(&args.store, move |tx| {
+                        repo::apply_event_in(tx, &charger, site.as_deref(), max, &e)
+                    })
+                    .await,
+                );
+            }
+            one_by_one.into_iter()
+        }
+        Err(e) => vec![Err(e)].into_iter(),
+    };
+    checked
+        .into_iter()
+        .zip(readings)
+        .map(|(c, reading)| {
+            let r = match c {
+                Err(e) => Err(e),
+                Ok(()) => applied
+                    .next()
+                    .unwrap_or_else(|| Err(RepoError::Gone("the event was not applied".into()))),
+            };
+            (r, reading)
+        })
+        .collect()
+}
+
 /// Faults a test can inject (feature `fault-injection`).
 #[derive(Debug, Clone, Copy)]
 pub enum SessionFault {
@@ -125,7 +255,9 @@ pub enum SessionFault {
 }
 
 pub enum SessionMsg {
-    Event(TxEvent, RpcReplyPort<Result<Applied, RepoError>>),
+    /// A run of events of this session, applied in order (one store
+    /// transaction for the run); one result each, in the same order.
+    Event(Vec<TxEvent>, RpcReplyPort<Vec<Result<Applied, RepoError>>>),
     /// Liveness: answered at once by a healthy actor.
     Ping(RpcReplyPort<Instant>),
     MarkStuck,
@@ -171,73 +303,15 @@ impl Actor for SessionActor {
         state: &mut SessionState,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            SessionMsg::Event(event, reply) => {
-                let a = &state.args;
-                let (store, charger, site, max) =
-                    (a.store.clone(), a.charger_id.clone(), a.site_id.clone(), a.max_power_w);
-                let reading = Reading {
-                    at_ms: event.at_ms,
-                    energy_wh: event.meter.energy_wh,
-                    current_ma: event.meter.current_ma,
-                };
-                let mut result = match repo::validate_event(&event) {
-                    Err(e) => Err(e),
-                    Ok(()) => {
-                        repo::write(&store, move |tx| {
-                            repo::apply_event_in(tx, &charger, site.as_deref(), max, &event)
-                        })
-                        .await
-                    }
-                };
-                if let Ok(applied) = &mut result {
-                    state.record = Some(applied.record.clone());
-                    state.last_event = Instant::now();
-                    if !applied.duplicate && applied.record.status != SessionStatus::Ended {
-                        state.update_pricing(reading).await;
-                    }
-                    applied.running_cost = state.running.clone();
+            SessionMsg::Event(events, reply) => {
+                let mut results = apply_run(&state.args, events).await;
+                let (mut ended, mut foreign) = (false, false);
+                for (result, reading) in &mut results {
+                    let (e, f) = state.after_event(result, *reading).await;
+                    ended |= e;
+                    foreign |= f;
                 }
-                let ended = matches!(&result, Ok(a) if a.record.status == SessionStatus::Ended && !a.duplicate);
-                if state.stuck && matches!(&result, Ok(a) if !a.duplicate) {
-                    // Meter data again: the stuck incident resolves.
-                    state.stuck = false;
-                    let (store, subject) = (
-                        state.args.store.clone(),
-                        format!("session:{}", state.args.transaction_id),
-                    );
-                    let cleared = tokio::task::spawn_blocking(move || {
-                        laddnet_store::StoreExt::transact(store.as_ref(), |tx| {
-                            laddnet_incidents::clear(
-                                tx,
-                                laddnet_incidents::AlarmKind::StuckSession,
-                                &subject,
-                                now_ms(),
-                                "meter data again",
-                            )
-                        })
-                    })
-                    .await;
-                    if let Ok(Err(e)) = cleared {
-                        tracing::warn!(error = %e, "clearing the stuck-session incident failed");
-                    }
-                }
-                if let Ok(a) = &result
-                    && !a.duplicate
-                    && (ended || a.record.samples == 1)
-                {
-                    let r = &a.record;
-                    tracing::info!(
-                        transaction_id = %r.transaction_id,
-                        charger_id = %r.charger_id,
-                        connector_id = r.connector_id,
-                        driver_id = r.driver_id.as_deref().unwrap_or("-"),
-                        energy_wh = r.last.energy_wh.saturating_sub(r.first.energy_wh),
-                        "{}",
-                        if ended { "session ended" } else { "session started" }
-                    );
-                }
-                let foreign = matches!(&result, Err(RepoError::ForeignTransaction(_)));
-                let _ = reply.send(result);
+                let _ = reply.send(results.into_iter().map(|(r, _)| r).collect());
                 if ended && let Some(currency) = state.args.bill_in.clone() {
                     // The charger has its ack; the CDR follows. If this fails or
                     // the node dies first, the billing sweeper does it.

@@ -294,15 +294,28 @@ async fn status_rule(state: &Arc<NodeState>, charger_id: &str, connector_id: u32
     }
 }
 
-/// Connection history, for availability.
+/// Connection history, for availability: handed to the store without
+/// waiting for it (where the store queues, in order, many in one commit),
+/// so a reconnect storm does not hold the alarm actor at one flush each.
 async fn record_connection(state: &Arc<NodeState>, charger_id: &str, online: bool) {
-    let (st, id) = (state.clone(), charger_id.to_string());
-    let r = tokio::task::spawn_blocking(move || {
-        laddnet_actors::repo::record_connection(st.store.as_ref(), &id, online, now_ms())
-    })
-    .await;
-    if let Ok(Err(e)) = r {
-        tracing::warn!(error = %e, "recording the connection history failed");
+    let (id, at_ms) = (charger_id.to_string(), now_ms());
+    let write = move |tx: &mut dyn laddnet_store::Transaction| {
+        laddnet_actors::repo::record_connection_in(tx, &id, online, at_ms)
+    };
+    let logged = |r: Result<(), laddnet_actors::repo::RepoError>| {
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "recording the connection history failed");
+        }
+    };
+    if state.store.queues() {
+        laddnet_store::submit_with(state.store.as_ref(), write, logged);
+    } else {
+        let store = state.store.clone();
+        if let Ok(r) =
+            tokio::task::spawn_blocking(move || laddnet_store::StoreExt::transact(store.as_ref(), write)).await
+        {
+            logged(r);
+        }
     }
 }
 

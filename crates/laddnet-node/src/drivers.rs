@@ -530,7 +530,7 @@ pub async fn push_local_lists(state: &Arc<NodeState>) {
                 msg_id: 0,
                 payload: Some(v1::central_message::Payload::LocalList(u)),
             };
-            if outbound.tx.send(Ok(msg)).await.is_ok() {
+            if outbound.tx.send(Box::new(Ok(msg))).await.is_ok() {
                 outbound
                     .list_version
                     .store(version, std::sync::atomic::Ordering::Release);

@@ -181,6 +181,11 @@ pub fn render(state: &NodeState) -> String {
             c.load(Ordering::Relaxed)
         );
     }
+    let _ = writeln!(
+        out,
+        "# HELP laddnet_charger_events_in_runs_total Events stored in runs (meter updates that arrived together, one store transaction per run).\n# TYPE laddnet_charger_events_in_runs_total counter\nladdnet_charger_events_in_runs_total {}",
+        m.events_in_runs.load(Ordering::Relaxed)
+    );
     out.push_str("# HELP laddnet_incidents_active Incidents whose condition holds now, by kind.\n# TYPE laddnet_incidents_active gauge\n");
     let counts = laddnet_incidents::active_counts(state.store.as_ref()).unwrap_or_default();
     for kind in laddnet_incidents::KINDS {

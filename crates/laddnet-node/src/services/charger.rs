@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use futures::Stream;
+use futures::{FutureExt, Stream};
 use laddnet_actors::charger::ChargerArgs;
 use laddnet_actors::repo::{self, ChargerRecord, RepoError};
 use laddnet_core::ChargerId;
@@ -39,6 +39,9 @@ pub struct Charger {
 }
 
 type AttachStream = Pin<Box<dyn Stream<Item = Result<v1::CentralMessage, Status>> + Send>>;
+
+/// The most meter updates stored as one run.
+const MAX_RUN: usize = 64;
 
 fn out(msg_id: u64, payload: Out) -> Result<v1::CentralMessage, Status> {
     Ok(v1::CentralMessage {
@@ -299,11 +302,10 @@ impl ChargerService for Charger {
         // The ownership and the boot record: one durable transaction.
         let (store, cid) = (self.state.store.clone(), id.to_string());
         let now_ms = (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64;
-        let taken = tokio::task::spawn_blocking(move || {
-            laddnet_actors::cluster::take_and_boot(store.as_ref(), &cid, &me, now_ms, record)
+        let taken: Result<_, NodeError> = Ok(laddnet_actors::repo::write(&store, move |tx| {
+            laddnet_actors::cluster::take_and_boot_in(tx, &cid, &me, now_ms, record.clone())
         })
-        .await
-        .map_err(|e| NodeError::Internal(e.to_string()));
+        .await);
         let (fence, stored) = match taken {
             Ok(Ok((laddnet_actors::cluster::Takeover::Taken(f), Some(stored)))) => (f, stored),
             Ok(Ok((laddnet_actors::cluster::Takeover::Taken(_), None))) => {
@@ -366,18 +368,18 @@ impl ChargerService for Charger {
         crate::alarms::on_attached(&self.state, id.as_str());
         let heartbeat_interval_s = self.state.config.node.heartbeat_interval_s;
         let _ = tx
-            .send(out(
+            .send(Box::new(out(
                 first.msg_id,
                 Out::BootAccepted(v1::BootAccepted {
                     server_time: rfc3339(self.state.ca.now()),
                     heartbeat_interval_s,
                 }),
-            ))
+            )))
             .await;
         // The offline list, or what changed since the version the charger holds.
         if let Some(u) = crate::drivers::list_update(&self.state, boot.local_list_version).await {
             let version = u.version;
-            if tx.send(out(0, Out::LocalList(u))).await.is_ok() {
+            if tx.send(Box::new(out(0, Out::LocalList(u)))).await.is_ok() {
                 outbound.list_version.store(version, Ordering::Release);
             }
         }
@@ -386,36 +388,83 @@ impl ChargerService for Charger {
             site_id: stored.site_id.clone(),
         };
         let state = self.state.clone();
-        tokio::spawn(async move {
+        let fut = async move {
             let se = &state.config.sessions;
             let mut pacer = Pacer::new(se.max_messages_per_second, se.burst);
-            loop {
-                let msg = tokio::select! {
-                    _ = closed.cancelled() => {
-                        let _ = tx.send(out(0, Out::Closing(v1::Closing { reason: "connection closed by the node".into() }))).await;
-                        break;
+            // A message read ahead while gathering a run, handled next.
+            let mut ahead: Option<v1::ChargerMessage> = None;
+            let mut ended = false;
+            while !ended {
+                let m = match ahead.take() {
+                    Some(m) => m,
+                    None => {
+                        let msg = tokio::select! {
+                            _ = closed.cancelled() => {
+                                let _ = tx.send(Box::new(out(0, Out::Closing(v1::Closing { reason: "connection closed by the node".into() })))).await;
+                                break;
+                            }
+                            // The stream ends with the node, so the graceful
+                            // shutdown is not held open by a charger that stays.
+                            _ = state.shutdown.cancelled() => {
+                                let _ = tx.send(Box::new(out(0, Out::Closing(v1::Closing { reason: "node shutting down; reconnect".into() })))).await;
+                                break;
+                            }
+                            msg = inbound.message() => msg,
+                        };
+                        match msg {
+                            Ok(Some(m)) => m,
+                            Ok(None) | Err(_) => break,
+                        }
                     }
-                    // The stream ends with the node, so the graceful
-                    // shutdown is not held open by a charger that stays.
-                    _ = state.shutdown.cancelled() => {
-                        let _ = tx.send(out(0, Out::Closing(v1::Closing { reason: "node shutting down; reconnect".into() }))).await;
-                        break;
-                    }
-                    msg = inbound.message() => msg,
-                };
-                let m = match msg {
-                    Ok(Some(m)) => m,
-                    Ok(None) | Err(_) => break,
                 };
                 state.chargers.heartbeat(&id, conn);
-                if let Some(wait) = pacer.take() {
-                    state.metrics.charger_backpressure.fetch_add(1, Ordering::Relaxed);
-                    tokio::time::sleep(wait).await;
+                // Meter updates of one transaction that have already
+                // arrived (a charger sending ahead, or flushing what it
+                // queued offline) are stored together: one store
+                // transaction, and the replies in order.
+                let mut run = vec![m];
+                if is_meter_update(&run[0]) {
+                    while run.len() < MAX_RUN {
+                        match inbound.message().now_or_never() {
+                            None => break,
+                            Some(Ok(Some(next))) => {
+                                if is_meter_update(&next) && transaction_of(&next) == transaction_of(&run[0]) {
+                                    run.push(next);
+                                } else {
+                                    ahead = Some(next);
+                                    break;
+                                }
+                            }
+                            Some(Ok(None) | Err(_)) => {
+                                ended = true;
+                                break;
+                            }
+                        }
+                    }
                 }
-                let reply = handle_message(&state, &ctx, &identity_actor(&id), &handle, &outbound, m).await;
-                if let Some(reply) = reply {
+                for _ in 0..run.len() {
+                    if let Some(wait) = pacer.take() {
+                        state.metrics.charger_backpressure.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(wait).await;
+                    }
+                }
+                // Boxed: the large handling futures exist only while a
+                // message is handled, not in every idle charger's task.
+                let who = identity_actor(&id);
+                let replies = match (run.len(), run.pop()) {
+                    (1, Some(m)) => Box::pin(handle_message(&state, &ctx, &who, &handle, &outbound, m))
+                        .await
+                        .into_iter()
+                        .collect(),
+                    (_, last) => {
+                        run.extend(last);
+                        Box::pin(handle_meter_run(&state, &ctx, &who, &handle, &outbound, run)).await
+                    }
+                };
+                for reply in replies {
                     let ends = reply.is_err();
-                    if tx.send(reply).await.is_err() || ends {
+                    if tx.send(Box::new(reply)).await.is_err() || ends {
+                        ended = true;
                         break;
                     }
                 }
@@ -424,8 +473,12 @@ impl ChargerService for Charger {
             state.chargers.detach(&id, conn);
             tracing::info!(charger_id = %id, "charger detached");
             crate::alarms::on_detached(&state, id.as_str());
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        };
+        tokio::spawn(fut);
+        Ok(Response::new(Box::pin(tokio_stream::StreamExt::map(
+            ReceiverStream::new(rx),
+            |reply| *reply,
+        ))))
     }
 
     async fn renew_certificate(
@@ -604,78 +657,15 @@ async fn handle_message(
                     }
                 }
             }
-            match handle.event(event).await {
-                Ok(applied) => {
-                    if let Some(why) = refusal
-                        && !applied.duplicate
-                    {
-                        let store = state.store.clone();
-                        let (t, w) = (tx_id.clone(), why.clone());
-                        let r = tokio::task::spawn_blocking(move || {
-                            laddnet_actors::repo::set_authorization(store.as_ref(), &t, None, Some(w))
-                        })
-                        .await;
-                        tracing::warn!(charger_id = %ctx.charger_id, transaction_id = %tx_id, reason = %why, "unauthorized start");
-                        let open = matches!(r, Ok(Ok(Some(ref rec))) if rec.status != laddnet_core::charging::SessionStatus::Ended);
-                        if open && state.config.drivers.stop_unauthorized_starts {
-                            remote_stop(outbound, &tx_id).await;
-                        }
-                    } else if !applied.duplicate {
-                        if applied.record.samples == 1
-                            && let Some(driver) = applied.record.driver_id.clone()
-                        {
-                            crate::drivers::hold_payment(state, driver, tx_id.clone()).await;
-                        }
-                        crate::drivers::on_event(state, &applied.record).await;
-                        crate::alarms::on_record(state, &applied.record, ev_max_w, limit_w);
-                        crate::load::on_reading(state, &applied.record, ev_max_w).await;
-                    }
-                    let counter = if applied.duplicate {
-                        &state.metrics.events_duplicate
-                    } else {
-                        &state.metrics.events_accepted
-                    };
-                    counter.fetch_add(1, Ordering::Relaxed);
-                    let (currency, excl, incl) = match &applied.running_cost {
-                        Some(c) => (c.currency.clone(), c.excl_vat.to_string(), c.incl_vat.to_string()),
-                        None => Default::default(),
-                    };
-                    out(
-                        id,
-                        Out::TransactionAck(v1::TransactionAck {
-                            transaction_id: tx_id,
-                            seq,
-                            currency,
-                            running_cost_excl_vat: excl,
-                            running_cost_incl_vat: incl,
-                        }),
-                    )
-                }
-                Err(RepoError::ForeignTransaction(t)) => {
-                    state.metrics.events_rejected.fetch_add(1, Ordering::Relaxed);
-                    let ca = state.ca.clone();
-                    let (actor, detail) = (
-                        actor.to_string(),
-                        format!("sent an event for transaction {t} of another charger"),
-                    );
-                    let _ =
-                        tokio::task::spawn_blocking(move || ca.record(AuditKind::SecurityEvent, &actor, &t, &detail))
-                            .await;
-                    rejected(id, "this transaction belongs to another charger")
-                }
-                // The store or the session actor is unavailable, or another
-                // node owns the charger now: not the event's fault. End the
-                // stream; the charger keeps the event and sends it again
-                // after reconnecting (here or to another node).
-                Err(e) if laddnet_core::HasKind::kind(&e) == laddnet_core::ErrorKind::Unavailable => {
-                    tracing::warn!(charger_id = %ctx.charger_id, error = %e, "event not stored; closing the stream so the charger resends it");
-                    Err(Status::unavailable(format!("event not stored, send it again: {e}")))
-                }
-                Err(e) => {
-                    state.metrics.events_rejected.fetch_add(1, Ordering::Relaxed);
-                    rejected(id, e.to_string())
-                }
-            }
+            let result = handle.event(event).await;
+            let meta = EventMeta {
+                msg_id: id,
+                transaction_id: tx_id,
+                seq,
+                ev_max_w,
+                limit_w,
+            };
+            return Some(event_reply(state, ctx, actor, outbound, meta, refusal, result).await);
         }
         Some(In::CommandReply(r)) => {
             let waiter = outbound
@@ -737,4 +727,182 @@ async fn handle_message(
         Some(In::Boot(_)) => rejected(id, "boot was already accepted on this stream"),
         None => rejected(id, "message without payload"),
     })
+}
+
+/// What an event's reply needs besides its result.
+struct EventMeta {
+    msg_id: u64,
+    transaction_id: String,
+    seq: u64,
+    ev_max_w: Option<u32>,
+    limit_w: Option<u32>,
+}
+
+/// The reply to one transaction event, and what follows it once stored:
+/// payment hold, notifications, alarms, load; a refused start is recorded
+/// (and stopped), another charger's transaction audited.
+async fn event_reply(
+    state: &Arc<NodeState>,
+    ctx: &Ctx,
+    actor: &str,
+    outbound: &Outbound,
+    meta: EventMeta,
+    refusal: Option<String>,
+    result: Result<laddnet_actors::repo::Applied, RepoError>,
+) -> Result<v1::CentralMessage, Status> {
+    let EventMeta {
+        msg_id: id,
+        transaction_id: tx_id,
+        seq,
+        ev_max_w,
+        limit_w,
+    } = meta;
+    match result {
+        Ok(applied) => {
+            if let Some(why) = refusal
+                && !applied.duplicate
+            {
+                let store = state.store.clone();
+                let (t, w) = (tx_id.clone(), why.clone());
+                let r = tokio::task::spawn_blocking(move || {
+                    laddnet_actors::repo::set_authorization(store.as_ref(), &t, None, Some(w))
+                })
+                .await;
+                tracing::warn!(charger_id = %ctx.charger_id, transaction_id = %tx_id, reason = %why, "unauthorized start");
+                let open =
+                    matches!(r, Ok(Ok(Some(ref rec))) if rec.status != laddnet_core::charging::SessionStatus::Ended);
+                if open && state.config.drivers.stop_unauthorized_starts {
+                    remote_stop(outbound, &tx_id).await;
+                }
+            } else if !applied.duplicate {
+                if applied.record.samples == 1
+                    && let Some(driver) = applied.record.driver_id.clone()
+                {
+                    crate::drivers::hold_payment(state, driver, tx_id.clone()).await;
+                }
+                crate::drivers::on_event(state, &applied.record).await;
+                crate::alarms::on_record(state, &applied.record, ev_max_w, limit_w);
+                crate::load::on_reading(state, &applied.record, ev_max_w).await;
+            }
+            let counter = if applied.duplicate {
+                &state.metrics.events_duplicate
+            } else {
+                &state.metrics.events_accepted
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+            let (currency, excl, incl) = match &applied.running_cost {
+                Some(c) => (c.currency.clone(), c.excl_vat.to_string(), c.incl_vat.to_string()),
+                None => Default::default(),
+            };
+            out(
+                id,
+                Out::TransactionAck(v1::TransactionAck {
+                    transaction_id: tx_id,
+                    seq,
+                    currency,
+                    running_cost_excl_vat: excl,
+                    running_cost_incl_vat: incl,
+                }),
+            )
+        }
+        Err(RepoError::ForeignTransaction(t)) => {
+            state.metrics.events_rejected.fetch_add(1, Ordering::Relaxed);
+            let ca = state.ca.clone();
+            let (actor, detail) = (
+                actor.to_string(),
+                format!("sent an event for transaction {t} of another charger"),
+            );
+            let _ = tokio::task::spawn_blocking(move || ca.record(AuditKind::SecurityEvent, &actor, &t, &detail)).await;
+            rejected(id, "this transaction belongs to another charger")
+        }
+        // The store or the session actor is unavailable, or another
+        // node owns the charger now: not the event's fault. End the
+        // stream; the charger keeps the event and sends it again
+        // after reconnecting (here or to another node).
+        Err(e) if laddnet_core::HasKind::kind(&e) == laddnet_core::ErrorKind::Unavailable => {
+            tracing::warn!(charger_id = %ctx.charger_id, error = %e, "event not stored; closing the stream so the charger resends it");
+            Err(Status::unavailable(format!("event not stored, send it again: {e}")))
+        }
+        Err(e) => {
+            state.metrics.events_rejected.fetch_add(1, Ordering::Relaxed);
+            rejected(id, e.to_string())
+        }
+    }
+}
+
+/// A meter update that may join a run: no token, nothing to authorize.
+fn is_meter_update(m: &v1::ChargerMessage) -> bool {
+    matches!(&m.payload, Some(In::Transaction(t))
+        if t.event_type == v1::TransactionEventType::Updated as i32 && t.id_token.is_empty())
+}
+
+fn transaction_of(m: &v1::ChargerMessage) -> Option<&str> {
+    match &m.payload {
+        Some(In::Transaction(t)) => Some(&t.transaction_id),
+        _ => None,
+    }
+}
+
+/// A run of meter updates of one transaction, already received: stored in
+/// one transaction by the session actor, then answered one by one, in order.
+async fn handle_meter_run(
+    state: &Arc<NodeState>,
+    ctx: &Ctx,
+    actor: &str,
+    handle: &laddnet_actors::ChargerHandle,
+    outbound: &Outbound,
+    run: Vec<v1::ChargerMessage>,
+) -> Vec<Result<v1::CentralMessage, Status>> {
+    let mut replies: Vec<Option<Result<v1::CentralMessage, Status>>> = Vec::with_capacity(run.len());
+    let (mut events, mut metas) = (Vec::new(), Vec::new());
+    for m in run {
+        let Some(In::Transaction(t)) = m.payload else {
+            replies.push(Some(rejected(m.msg_id, "message without payload")));
+            continue;
+        };
+        let (ev_max_w, limit_w) = (
+            t.meter.as_ref().and_then(|m| m.ev_max_power_w),
+            t.meter.as_ref().and_then(|m| m.limit_w),
+        );
+        match tx_event(t) {
+            Ok(e) => {
+                metas.push((
+                    replies.len(),
+                    EventMeta {
+                        msg_id: m.msg_id,
+                        transaction_id: e.transaction_id.clone(),
+                        seq: e.seq,
+                        ev_max_w,
+                        limit_w,
+                    },
+                ));
+                events.push(e);
+                replies.push(None);
+            }
+            Err(reason) => {
+                state.metrics.events_rejected.fetch_add(1, Ordering::Relaxed);
+                replies.push(Some(rejected(m.msg_id, reason)));
+            }
+        }
+    }
+    state
+        .metrics
+        .events_in_runs
+        .fetch_add(events.len() as u64, Ordering::Relaxed);
+    let results: Vec<Result<laddnet_actors::repo::Applied, RepoError>> = match handle.events(events).await {
+        Ok(r) => r,
+        Err(e) => {
+            let text = e.to_string();
+            let mut all = vec![Err(e)];
+            all.extend((1..metas.len()).map(|_| Err(RepoError::Gone(text.clone()))));
+            all
+        }
+    };
+    for ((at, meta), result) in metas.into_iter().zip(results) {
+        replies[at] = Some(event_reply(state, ctx, actor, outbound, meta, None, result).await);
+    }
+    replies
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|| Err(Status::internal("an event of the run was not answered"))))
+        .collect()
 }
