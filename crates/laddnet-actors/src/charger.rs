@@ -34,6 +34,7 @@ pub struct ChargerArgs {
 
 struct Live {
     actor: ActorRef<SessionMsg>,
+    connector_id: u32,
     flagged_stuck: bool,
 }
 
@@ -113,6 +114,7 @@ impl ChargerActor {
             tx_id.to_string(),
             Live {
                 actor: actor.clone(),
+                connector_id,
                 flagged_stuck: false,
             },
         );
@@ -152,7 +154,7 @@ impl ChargerActor {
                 actor.kill();
                 state.sessions.remove(&tx_id);
                 state.by_actor.remove(&actor.get_id());
-                Self::replace(myself, state, &tx_id, "event handler timed out").await?;
+                Self::replace(myself, state, &tx_id, connector_id, "event handler timed out").await?;
                 all(&|| RepoError::Timeout)
             }
             Ok(CallResult::SenderError) | Err(_) => {
@@ -177,17 +179,16 @@ impl ChargerActor {
         Ok(())
     }
 
+    /// Starts a fresh actor for a session whose actor failed. It reads
+    /// nothing now: its first event reloads what it needs from the store.
     async fn replace(
         myself: &ActorRef<ChargerMsg>,
         state: &mut ChargerState,
         tx_id: &str,
+        connector_id: u32,
         why: &str,
     ) -> Result<(), ActorProcessingErr> {
         Self::charge_budget(state, why)?;
-        let connector_id = repo::get_session(state.args.store.as_ref(), tx_id)
-            .ok()
-            .flatten()
-            .map_or(1, |r| r.connector_id);
         Self::spawn_session(myself, state, tx_id, connector_id).await?;
         tracing::info!(charger_id = %state.args.charger_id, transaction_id = %tx_id, reason = why, "session actor restarted from the store");
         Ok(())
@@ -246,15 +247,15 @@ impl Actor for ChargerActor {
                 let Some(tx_id) = state.by_actor.remove(&cell.get_id()) else {
                     return Ok(());
                 };
-                if state
-                    .sessions
-                    .get(&tx_id)
-                    .is_some_and(|l| l.actor.get_id() == cell.get_id())
+                let mut connector_id = 1;
+                if let Some(l) = state.sessions.get(&tx_id)
+                    && l.actor.get_id() == cell.get_id()
                 {
+                    connector_id = l.connector_id;
                     state.sessions.remove(&tx_id);
                 }
                 tracing::warn!(charger_id = %state.args.charger_id, transaction_id = %tx_id, error = %err, "session actor failed");
-                Self::replace(&myself, state, &tx_id, "session actor panicked").await?;
+                Self::replace(&myself, state, &tx_id, connector_id, "session actor panicked").await?;
             }
             _ => {}
         }
@@ -395,7 +396,7 @@ impl ChargerActor {
                     let Some(live) = state.sessions.get(&tx_id) else {
                         continue;
                     };
-                    let actor = live.actor.clone();
+                    let (actor, connector_id) = (live.actor.clone(), live.connector_id);
                     match actor.call(SessionMsg::Ping, Some(cfg.ping_timeout)).await {
                         Ok(CallResult::Success(last_event)) => {
                             let live = state.sessions.get_mut(&tx_id);
@@ -412,7 +413,7 @@ impl ChargerActor {
                             actor.kill();
                             state.sessions.remove(&tx_id);
                             state.by_actor.remove(&actor.get_id());
-                            Self::replace(&myself, state, &tx_id, "watchdog ping timed out").await?;
+                            Self::replace(&myself, state, &tx_id, connector_id, "watchdog ping timed out").await?;
                         }
                         _ => {}
                     }

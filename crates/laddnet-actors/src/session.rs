@@ -1,11 +1,13 @@
 //! One actor per charging session, alive while the session is open. It
-//! holds the session's record in memory, applies events one at a time
-//! (each persisted before it is acknowledged) and rebuilds itself from the
-//! store when restarted.
+//! applies the session's events in order (each persisted before it is
+//! acknowledged; a run of them in one store transaction) and keeps the
+//! running cost. The store holds the session: a replacement actor starts
+//! without reading anything and rebuilds the running cost at its first
+//! event.
 
 use std::time::Instant;
 
-use laddnet_core::charging::{SessionRecord, SessionStatus, TxEvent};
+use laddnet_core::charging::{SessionStatus, TxEvent};
 use laddnet_store::SharedStore;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
@@ -29,7 +31,6 @@ pub struct SessionArgs {
 
 pub struct SessionState {
     args: SessionArgs,
-    record: Option<SessionRecord>,
     last_event: Instant,
     pricing: Option<LivePricing>,
     /// Whether a tariff lookup has been done (none may apply).
@@ -123,7 +124,6 @@ impl SessionState {
     /// it ended the session, and whether it was another charger's.
     async fn after_event(&mut self, result: &mut Result<Applied, RepoError>, reading: Reading) -> (bool, bool) {
         if let Ok(applied) = result {
-            self.record = Some(applied.record.clone());
             self.last_event = Instant::now();
             if !applied.duplicate && applied.record.status != SessionStatus::Ended {
                 self.update_pricing(reading).await;
@@ -282,12 +282,11 @@ impl Actor for SessionActor {
         _myself: ActorRef<SessionMsg>,
         args: SessionArgs,
     ) -> Result<SessionState, ActorProcessingErr> {
-        let (store, id) = (args.store.clone(), args.transaction_id.clone());
-        // Rehydrate: a restarted actor continues from what was persisted.
-        let record = blocking(move || repo::get_session(store.as_ref(), &id)).await?;
+        // Nothing is read here, so a replacement is quick: the first event
+        // rebuilds the running cost from the store (`update_pricing`), and
+        // every event is applied to the stored session.
         Ok(SessionState {
             args,
-            record,
             last_event: Instant::now(),
             pricing: None,
             priced: false,
@@ -337,12 +336,11 @@ impl Actor for SessionActor {
             }
             SessionMsg::MarkStuck => {
                 let (store, id) = (state.args.store.clone(), state.args.transaction_id.clone());
-                if let Some(r) =
-                    blocking(move || repo::flag_session(store.as_ref(), &id, laddnet_core::charging::FLAG_STUCK))
-                        .await?
+                if blocking(move || repo::flag_session(store.as_ref(), &id, laddnet_core::charging::FLAG_STUCK))
+                    .await?
+                    .is_some()
                 {
                     tracing::warn!(transaction_id = %state.args.transaction_id, charger_id = %state.args.charger_id, "session stuck: no meter data");
-                    state.record = Some(r);
                     let (store, subject, detail) = (
                         state.args.store.clone(),
                         format!("session:{}", state.args.transaction_id),
