@@ -73,8 +73,10 @@ Commands (each alone: `taskset -c 1 target/release/laddnet-bench <scenario>`):
 - `ingest`: 50 chargers each keep 16 meter events in flight on their
   Attach stream (one session each, 11 kW); events acknowledged in 5 s of
   steady state per second of the server's CPU. The node acknowledges an
-  event only once it is durable (group commit). The per-charger message
-  limit is lifted so one benchmark charger stands for many.
+  event only once it is durable: the events a charger has sent ahead are
+  stored as a run (one store transaction), and the store's writer commits
+  every run waiting in one durable flush. The per-charger message limit is
+  lifted so one benchmark charger stands for many.
 - `sigkill`: the same load, the node SIGKILLed mid-stream after 2,000
   acknowledgements, three times; every acknowledged event is then looked
   up in the store.
