@@ -3,18 +3,21 @@
 //!
 //! - **Replacement**: a panic is injected into one charger's session actor
 //!   and the charger actor is asked (`inspect`) until its restart count
-//!   moves: the replacement has then run `pre_start`, which reloads the
-//!   session from the store. p99 over many injections; the floor is the
-//!   same `inspect` round trip with no fault.
+//!   moves: the replacement is then running (it reads nothing at start;
+//!   its next event reloads the running cost from the store, and the bench
+//!   checks at the end that the session counts on). p99 over many
+//!   injections; the floor is the same `inspect` round trip with no fault.
 //! - **The others**: background chargers send meter events on a fixed
-//!   schedule all along; their round-trip p99 in phases with injections is
-//!   compared with phases without (interleaved).
+//!   schedule all along; their round-trip p99 in each phase with
+//!   injections is compared with the phase without just before it, and the
+//!   median of the five pairs' ratios is reported (as the issue asks:
+//!   interleaved, median of at least 5 pairs).
 //!
 //! Prints a Markdown table for docs/performance.md (`scripts/bench.sh`).
 //! Nothing here asserts a time.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use laddnet_actors::SessionFault;
@@ -27,7 +30,8 @@ const BACKGROUND_PER_S: u64 = 50;
 const PHASES: usize = 10;
 const INJECTIONS_PER_PHASE: usize = 200;
 
-type Samples = Arc<Mutex<(Vec<Duration>, Vec<Duration>)>>;
+/// Round trips per phase.
+type Samples = Arc<Mutex<Vec<Vec<Duration>>>>;
 
 fn pct(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
@@ -38,8 +42,8 @@ fn us(d: Duration) -> f64 {
 }
 
 /// A charger charging on a schedule until `stop`; each round trip goes to
-/// `samples.1` while `faulting`, else to `samples.0`.
-async fn background(mut cp: Attached, tx: String, faulting: Arc<AtomicBool>, stop: Arc<AtomicBool>, samples: Samples) {
+/// the samples of the phase it started in.
+async fn background(mut cp: Attached, tx: String, phase: Arc<AtomicUsize>, stop: Arc<AtomicBool>, samples: Samples) {
     let every = Duration::from_micros(1_000_000 / BACKGROUND_PER_S);
     let start = Instant::now();
     for seq in 0u64.. {
@@ -48,7 +52,7 @@ async fn background(mut cp: Attached, tx: String, faulting: Arc<AtomicBool>, sto
         }
         tokio::time::sleep_until((start + every * seq as u32).into()).await;
         let kind = if seq == 0 { T::Started } else { T::Updated };
-        let during = faulting.load(Ordering::Relaxed);
+        let during = phase.load(Ordering::Relaxed);
         let t = Instant::now();
         assert!(
             cp.event(tx_event(&tx, seq, kind, 1_000 + seq, seq as i64))
@@ -56,8 +60,9 @@ async fn background(mut cp: Attached, tx: String, faulting: Arc<AtomicBool>, sto
                 .unwrap()
         );
         let took = t.elapsed();
-        let mut s = samples.lock().await;
-        if during { s.1.push(took) } else { s.0.push(took) }
+        if let Some(p) = samples.lock().await.get_mut(during) {
+            p.push(took);
+        }
     }
 }
 
@@ -82,9 +87,9 @@ fn main() {
         assert!(faulty.event(tx_event("tx-fault", 0, T::Started, 1_000, 0)).await.unwrap());
         let handle = node.node().state.chargers.handle("CP-FAULT").unwrap();
 
-        let faulting = Arc::new(AtomicBool::new(false));
+        let phase_now = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
-        let samples: Samples = Default::default();
+        let samples: Samples = Arc::new(Mutex::new(vec![Vec::new(); PHASES]));
         let mut tasks = Vec::new();
         for i in 0..BACKGROUND {
             let id = format!("CP-BG{i}");
@@ -93,7 +98,7 @@ fn main() {
             tasks.push(tokio::spawn(background(
                 cp,
                 format!("tx-bg{i}"),
-                faulting.clone(),
+                phase_now.clone(),
                 stop.clone(),
                 samples.clone(),
             )));
@@ -102,7 +107,7 @@ fn main() {
         let (mut replaced, mut floor) = (Vec::new(), Vec::new());
         for phase in 0..PHASES {
             let inject = phase % 2 == 1;
-            faulting.store(inject, Ordering::Relaxed);
+            phase_now.store(phase, Ordering::Relaxed);
             for _ in 0..INJECTIONS_PER_PHASE {
                 let (_, before) = handle.inspect().await.unwrap();
                 let t = Instant::now();
@@ -127,10 +132,27 @@ fn main() {
 
         replaced.sort();
         floor.sort();
-        let mut s = samples.lock().await;
-        s.0.sort();
-        s.1.sort();
-        let (calm, hit) = (pct(&s.0, 0.99), pct(&s.1, 0.99));
+        let mut phases = samples.lock().await;
+        for p in phases.iter_mut() {
+            p.sort();
+        }
+        // Each phase with injections against the calm phase before it.
+        let mut ratios: Vec<f64> = (0..PHASES / 2)
+            .map(|k| us(pct(&phases[2 * k + 1], 0.99)) / us(pct(&phases[2 * k], 0.99)))
+            .collect();
+        ratios.sort_by(f64::total_cmp);
+        let ratio = ratios[ratios.len() / 2];
+        let pooled = |odd: bool| {
+            let mut all: Vec<Duration> = phases
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| (i % 2 == 1) == odd)
+                .flat_map(|(_, p)| p.iter().copied())
+                .collect();
+            all.sort();
+            pct(&all, 0.99)
+        };
+        let (calm, hit) = (pooled(false), pooled(true));
         println!("| figure | laddnet | baseline (same run) | ratio | target |");
         println!("|---|---|---|---|---|");
         println!(
@@ -147,10 +169,11 @@ fn main() {
             us(pct(&replaced, 0.5)) / us(pct(&floor, 0.5))
         );
         println!(
-            "| other chargers' meter event round trip p99 during injections ({BACKGROUND} × {BACKGROUND_PER_S}/s) | {:.0} µs | phases without faults: {:.0} µs | {:.2} | ≤ 1.1× |",
+            "| other chargers' meter event round trip p99 during injections ({BACKGROUND} × {BACKGROUND_PER_S}/s; ratio: median of {} phase pairs) | {:.0} µs | phases without faults: {:.0} µs | {:.2} | ≤ 1.1× |",
+            PHASES / 2,
             us(hit),
             us(calm),
-            us(hit) / us(calm)
+            ratio
         );
     });
 }
