@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 
 use laddnet_proto::v1;
 use laddnet_proto::v1::store_service_client::StoreServiceClient;
-use laddnet_store::{KeyValue, MAX_VALUE_BYTES, Store, StoreError, StoreExt, Transaction};
+use laddnet_store::{KeyValue, MAX_VALUE_BYTES, Store, StoreError, StoreExt, Transaction, add_to};
 use tonic::transport::Channel;
 
 /// Runs of one transaction's closure before giving up.
@@ -61,15 +61,6 @@ enum Pending {
     Clear,
     /// An atomic add on a value the transaction has not read.
     Add(i64),
-}
-
-fn add_to(base: Option<&[u8]>, delta: i64) -> Vec<u8> {
-    let mut buf = [0u8; 8];
-    if let Some(v) = base {
-        let n = v.len().min(8);
-        buf[..n].copy_from_slice(&v[..n]);
-    }
-    i64::from_le_bytes(buf).wrapping_add(delta).to_le_bytes().to_vec()
 }
 
 /// A node's connection to `laddnet store serve`.
@@ -382,28 +373,26 @@ impl Transaction for ClientTx<'_> {
         if touched.is_empty() {
             return self.server_range(begin, end, limit, reverse);
         }
-        // Our own writes fall in the range: read all of it and merge.
-        let mut merged: BTreeMap<Vec<u8>, Vec<u8>> = self.server_range(begin, end, 0, false)?.into_iter().collect();
-        for (k, p) in touched {
-            match p {
-                Pending::Set(v) => {
-                    merged.insert(k, v);
-                }
-                Pending::Clear => {
-                    merged.remove(&k);
-                }
-                Pending::Add(d) => {
-                    let v = add_to(merged.get(&k).map(|v| v.as_slice()), d);
-                    merged.insert(k, v);
-                }
-            }
-        }
-        let limit = if limit == 0 { usize::MAX } else { limit };
-        Ok(if reverse {
-            merged.into_iter().rev().take(limit).collect()
-        } else {
-            merged.into_iter().take(limit).collect()
-        })
+        // Our own writes fall in the range: read all of it and lay them over.
+        let stored = self.server_range(begin, end, 0, false)?;
+        let mine: Vec<(Vec<u8>, Option<Vec<u8>>)> = touched
+            .into_iter()
+            .map(|(k, p)| {
+                let v = match p {
+                    Pending::Set(v) => Some(v),
+                    Pending::Clear => None,
+                    Pending::Add(d) => {
+                        let base = stored
+                            .binary_search_by(|(s, _)| s.as_slice().cmp(&k))
+                            .ok()
+                            .map(|i| stored[i].1.as_slice());
+                        Some(add_to(base, d))
+                    }
+                };
+                (k, v)
+            })
+            .collect();
+        Ok(laddnet_store::overlay_rows(stored, mine, limit, reverse))
     }
 
     fn atomic_add(&mut self, key: &[u8], delta: i64) -> Result<(), StoreError> {

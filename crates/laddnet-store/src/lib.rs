@@ -82,6 +82,44 @@ pub fn check_key(key: &[u8]) -> Result<(), StoreError> {
 /// One key-value pair from a range read.
 pub type KeyValue = (Vec<u8>, Vec<u8>);
 
+/// FoundationDB's `ADD` on a stored value: the little-endian i64 in `base`
+/// (absent = 0; a shorter value is zero-extended, a longer one cut to 8
+/// bytes) plus `delta`, wrapping.
+pub fn add_to(base: Option<&[u8]>, delta: i64) -> Vec<u8> {
+    let mut buf = [0u8; 8];
+    if let Some(v) = base {
+        let n = v.len().min(8);
+        buf[..n].copy_from_slice(&v[..n]);
+    }
+    i64::from_le_bytes(buf).wrapping_add(delta).to_le_bytes().to_vec()
+}
+
+/// A range read with a transaction's own writes laid over it: `stored` is
+/// what the store holds in the range, `mine` the transaction's writes
+/// inside it (`None`: cleared). At most `limit` rows (0 = no limit), in
+/// `reverse` order if asked. `stored` needs only the first
+/// `limit + mine.len()` rows in that order: each write hides at most one.
+pub fn overlay_rows(
+    stored: Vec<KeyValue>,
+    mine: impl IntoIterator<Item = (Vec<u8>, Option<Vec<u8>>)>,
+    limit: usize,
+    reverse: bool,
+) -> Vec<KeyValue> {
+    let mut merged: std::collections::BTreeMap<Vec<u8>, Vec<u8>> = stored.into_iter().collect();
+    for (k, v) in mine {
+        match v {
+            Some(v) => merged.insert(k, v),
+            None => merged.remove(&k),
+        };
+    }
+    let limit = if limit == 0 { usize::MAX } else { limit };
+    if reverse {
+        merged.into_iter().rev().take(limit).collect()
+    } else {
+        merged.into_iter().take(limit).collect()
+    }
+}
+
 /// The operations available inside a transaction.
 pub trait Transaction {
     fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;

@@ -313,36 +313,19 @@ impl Transaction for JobTx<'_, '_> {
         if mine.is_empty() {
             return range_of(self.table, begin, end, limit, reverse);
         }
-        // Each of this job's writes can hide at most one stored row, so
-        // `limit + writes` stored rows hold the first `limit` of the merge.
         let fetch = if limit == 0 { 0 } else { limit + mine.len() };
-        let mut merged: BTreeMap<Vec<u8>, Vec<u8>> =
-            range_of(self.table, begin, end, fetch, reverse)?.into_iter().collect();
-        for (k, v) in mine {
-            match v {
-                Some(v) => merged.insert(k.clone(), v.clone()),
-                None => merged.remove(k),
-            };
-        }
-        let limit = if limit == 0 { usize::MAX } else { limit };
-        Ok(if reverse {
-            merged.into_iter().rev().take(limit).collect()
-        } else {
-            merged.into_iter().take(limit).collect()
-        })
+        let stored = range_of(self.table, begin, end, fetch, reverse)?;
+        Ok(crate::overlay_rows(
+            stored,
+            mine.into_iter().map(|(k, v)| (k.clone(), v.clone())),
+            limit,
+            reverse,
+        ))
     }
 
     fn atomic_add(&mut self, key: &[u8], delta: i64) -> Result<(), StoreError> {
-        let current = match self.get(key)? {
-            None => 0,
-            Some(v) => {
-                let mut buf = [0u8; 8];
-                let n = v.len().min(8);
-                buf[..n].copy_from_slice(&v[..n]);
-                i64::from_le_bytes(buf)
-            }
-        };
-        self.set(key, &current.wrapping_add(delta).to_le_bytes())
+        let sum = crate::add_to(self.get(key)?.as_deref(), delta);
+        self.set(key, &sum)
     }
 }
 
@@ -524,16 +507,8 @@ impl Transaction for WriteTx<'_> {
     }
 
     fn atomic_add(&mut self, key: &[u8], delta: i64) -> Result<(), StoreError> {
-        let current = match self.get(key)? {
-            None => 0,
-            Some(v) => {
-                let mut buf = [0u8; 8];
-                let n = v.len().min(8);
-                buf[..n].copy_from_slice(&v[..n]);
-                i64::from_le_bytes(buf)
-            }
-        };
-        self.set(key, &current.wrapping_add(delta).to_le_bytes())
+        let sum = crate::add_to(self.get(key)?.as_deref(), delta);
+        self.set(key, &sum)
     }
 }
 
