@@ -140,6 +140,8 @@ struct Rule {
     max_ma: Option<Decimal>,
     min_duration_ms: Option<Decimal>,
     max_duration_ms: Option<Decimal>,
+    /// Any of the numeric bounds is set.
+    numeric: bool,
 }
 
 impl Compiled {
@@ -162,15 +164,20 @@ impl Compiled {
     }
 
     fn element_for(&self, dim: Dimension, s: &State) -> Option<usize> {
-        self.elements.iter().position(|e| {
-            let has = match dim {
-                Dimension::Energy => e.energy,
-                Dimension::Time => e.time,
-                Dimension::ParkingTime => e.parking,
-                Dimension::Flat => e.flat,
-            };
-            has && e.rule.as_ref().is_none_or(|r| r.matches(s))
-        })
+        self.elements
+            .iter()
+            .position(|e| e.has(dim) && e.rule.as_ref().is_none_or(|r| r.matches(s)))
+    }
+}
+
+impl CompiledElement {
+    fn has(&self, dim: Dimension) -> bool {
+        match dim {
+            Dimension::Energy => self.energy,
+            Dimension::Time => self.time,
+            Dimension::ParkingTime => self.parking,
+            Dimension::Flat => self.flat,
+        }
     }
 }
 
@@ -189,7 +196,16 @@ impl Rule {
             .day_of_week
             .iter()
             .fold(0u8, |m, d| m | (1 << DAYS.iter().position(|x| x == d).unwrap_or(0)));
+        let numeric = r.min_kwh.is_some()
+            || r.max_kwh.is_some()
+            || r.min_power.is_some()
+            || r.max_power.is_some()
+            || r.min_current.is_some()
+            || r.max_current.is_some()
+            || r.min_duration.is_some()
+            || r.max_duration.is_some();
         Rule {
+            numeric,
             start: r.start_time.as_deref().and_then(parse_time),
             end: r.end_time.as_deref().and_then(parse_time),
             start_date: r.start_date.as_deref().and_then(parse_date),
@@ -342,15 +358,32 @@ impl Boundaries {
 /// restrictions are compared against thresholds scaled once (Wh, ms, mA)
 /// instead of dividing per period; the local-time part of every element is
 /// decided once per stretch between local boundaries ("slot"), not by a
-/// time-zone conversion per period. Only segments that are cut (a boundary
-/// inside) take the exact decimal path, and only slots that a DST change
-/// runs through convert each period's start.
+/// time-zone conversion per period; where no numeric restriction can change
+/// the choice, the slot also fixes the elements, so such a period is priced
+/// without looking at the elements at all. The boundaries are walked with
+/// cursors (readings come in time order), not searched per segment. Only
+/// segments that are cut (a boundary inside) take the exact decimal path,
+/// and only slots that a DST change runs through convert each period's
+/// start.
 pub fn periods(
     t: &Tariff,
     readings: &[Reading],
     tz: &Tz,
     start_ms: i64,
     base_wh: u64,
+) -> Result<Vec<ChargingPeriod>, CostError> {
+    periods_into(t, readings, tz, start_ms, base_wh, None)
+}
+
+/// [`periods`], adding each period to `meter` as it is priced (a period
+/// between two readings in integers, without reading it back).
+fn periods_into(
+    t: &Tariff,
+    readings: &[Reading],
+    tz: &Tz,
+    start_ms: i64,
+    base_wh: u64,
+    mut meter: Option<&mut Meter>,
 ) -> Result<Vec<ChargingPeriod>, CostError> {
     if readings.windows(2).any(|w| w[1].at_ms < w[0].at_ms) {
         return Err(CostError::Unordered);
@@ -359,6 +392,27 @@ pub fn periods(
     let mut out = Vec::with_capacity(readings.len().saturating_sub(1));
     let mut cuts: Vec<(Decimal, Decimal)> = Vec::new();
     let start = Decimal::from(start_ms);
+    // Duration thresholds as instants of this session.
+    let due: Vec<i64> = plan
+        .b
+        .durations_ms
+        .iter()
+        .filter_map(|d| start_ms.checked_add(*d))
+        .collect();
+    // Readings come in time order, so each boundary list is walked with a
+    // cursor: `lo` instants are at or before the segment's start, `hi`
+    // before its end; `next_due` is the first duration instant after it.
+    let (mut lo, mut hi, mut next_due) = (0usize, 0usize, 0usize);
+    // The last slot's fixed elements, for charging or parking.
+    let mut last_fixed: Option<(usize, bool, Option<Picks>)> = None;
+    // Consecutive whole periods priced alike, summed before they reach
+    // the meter: (elements, Wh, ms).
+    let mut run: Option<(Picks, u64, i64)> = None;
+    let flush = |meter: &mut Option<&mut Meter>, run: &mut Option<(Picks, u64, i64)>| {
+        if let (Some(m), Some((picks, wh, ms))) = (meter.as_deref_mut(), run.take()) {
+            m.add_whole(t, picks, wh, ms);
+        }
+    };
     for w in readings.windows(2) {
         let (a, z) = (w[0], w[1]);
         if z.at_ms == a.at_ms {
@@ -366,35 +420,78 @@ pub fn periods(
         }
         let de_wh = z.energy_wh.saturating_sub(a.energy_wh);
         let e0_wh = a.energy_wh.saturating_sub(base_wh);
-        let mut seg = Segment {
-            charging: de_wh > 0,
-            dt: Decimal::from(z.at_ms - a.at_ms),
-            de: Decimal::from(de_wh),
-            current_ma: Decimal::from(z.current_ma),
-            power_kw: None,
-        };
-        let lo = plan.instants.partition_point(|x| *x <= a.at_ms);
-        let hi = plan.instants.partition_point(|x| *x < z.at_ms);
-        let duration_cut = plan
-            .b
-            .durations_ms
-            .iter()
-            .any(|d| start_ms.checked_add(*d).is_some_and(|ms| ms > a.at_ms && ms < z.at_ms));
+        let charging = de_wh > 0;
+        while lo < plan.instants.len() && plan.instants[lo] <= a.at_ms {
+            lo += 1;
+        }
+        hi = hi.max(lo);
+        while hi < plan.instants.len() && plan.instants[hi] < z.at_ms {
+            hi += 1;
+        }
+        while next_due < due.len() && due[next_due] <= a.at_ms {
+            next_due += 1;
+        }
+        let duration_cut = due.get(next_due).is_some_and(|ms| *ms < z.at_ms);
         let (e0d, e1d) = (Decimal::from(e0_wh), Decimal::from(e0_wh + de_wh));
-        let energy_cut = seg.charging && plan.b.energies_wh.iter().any(|e| *e > e0d && *e < e1d);
+        let energy_cut =
+            charging && !plan.b.energies_wh.is_empty() && plan.b.energies_wh.iter().any(|e| *e > e0d && *e < e1d);
         if lo == hi && !duration_cut && !energy_cut {
-            // The common case: one period, integer ends.
-            let s = Decimal::from(a.at_ms);
+            // The common case: one period, integer ends, in slot `lo - 1`.
+            let slot = lo.checked_sub(1);
+            let fixed = match (slot, last_fixed) {
+                (Some(s), Some((s0, c0, f))) if s == s0 && charging == c0 => f,
+                (Some(s), _) => {
+                    let f = plan.fixed(s, charging);
+                    last_fixed = Some((s, charging, f));
+                    f
+                }
+                (None, _) => None,
+            };
+            if let Some(picks @ (energy_element, time_element, parking_element)) = fixed {
+                // Its slot alone decides the elements.
+                if meter.is_some() {
+                    let ms = z.at_ms - a.at_ms;
+                    match &mut run {
+                        Some((p, wh, sum_ms))
+                            if *p == picks && wh.checked_add(de_wh).is_some() && sum_ms.checked_add(ms).is_some() =>
+                        {
+                            *wh += de_wh;
+                            *sum_ms += ms;
+                        }
+                        _ => {
+                            flush(&mut meter, &mut run);
+                            run = Some((picks, de_wh, ms));
+                        }
+                    }
+                }
+                out.push(ChargingPeriod {
+                    start_ms: Decimal::from(a.at_ms),
+                    end_ms: Decimal::from(z.at_ms),
+                    energy_wh: Decimal::from(de_wh),
+                    charging,
+                    energy_element,
+                    time_element,
+                    parking_element,
+                });
+                continue;
+            }
+            let mut seg = Segment::of(a, z);
             let piece = Piece {
                 floor_ms: a.at_ms,
-                s,
+                s: Decimal::from(a.at_ms),
                 since_start_ms: Decimal::from(a.at_ms.saturating_sub(start_ms)),
                 energy_wh: e0d,
             };
             let de = seg.de;
-            out.push(plan.period(&piece, &mut seg, Decimal::from(z.at_ms), de));
+            let p = plan.period_in(slot, &piece, &mut seg, Decimal::from(z.at_ms), de);
+            flush(&mut meter, &mut run);
+            if let Some(m) = meter.as_deref_mut() {
+                m.add(t, &p);
+            }
+            out.push(p);
             continue;
         }
+        let mut seg = Segment::of(a, z);
         // Cut: the exact decimal path (split points as (time, cumulative
         // energy), both exact where they are the boundary).
         let (t0, t1) = (Decimal::from(a.at_ms), Decimal::from(z.at_ms));
@@ -407,8 +504,8 @@ pub fn periods(
             let ms = Decimal::from(*ms);
             cuts.push((ms, energy_at(ms)));
         }
-        for d in &plan.b.durations_ms {
-            let ms = start + Decimal::from(*d);
+        for d in &due {
+            let ms = Decimal::from(*d);
             if ms > t0 && ms < t1 {
                 cuts.push((ms, energy_at(ms)));
             }
@@ -428,9 +525,15 @@ pub fn periods(
                 since_start_ms: s - start,
                 energy_wh: es,
             };
-            out.push(plan.period(&piece, &mut seg, e, ee - es));
+            let p = plan.period(&piece, &mut seg, e, ee - es);
+            flush(&mut meter, &mut run);
+            if let Some(m) = meter.as_deref_mut() {
+                m.add(t, &p);
+            }
+            out.push(p);
         }
     }
+    flush(&mut meter, &mut run);
     Ok(out)
 }
 
@@ -445,6 +548,17 @@ struct Segment {
 }
 
 impl Segment {
+    fn of(a: Reading, z: Reading) -> Segment {
+        let de_wh = z.energy_wh.saturating_sub(a.energy_wh);
+        Segment {
+            charging: de_wh > 0,
+            dt: Decimal::from(z.at_ms - a.at_ms),
+            de: Decimal::from(de_wh),
+            current_ma: Decimal::from(z.current_ma),
+            power_kw: None,
+        }
+    }
+
     fn power_kw(&mut self) -> Decimal {
         *self
             .power_kw
@@ -469,11 +583,26 @@ struct Plan<'a> {
     /// Every local time-of-day boundary (and midnight) over the readings'
     /// span as UTC instants, DST applied, sorted.
     instants: Vec<i64>,
-    /// Per slot (from one instant to the next): the elements whose time,
-    /// date and day restrictions hold throughout it (bit n: element n), or
-    /// `None` where they may change inside it; filled on first use.
-    slots: Vec<Option<Option<u64>>>,
+    /// Per slot (from one instant to the next), filled on first use.
+    slots: Vec<Option<Slot>>,
 }
+
+/// What one slot decides for every period in it.
+#[derive(Clone, Copy)]
+struct Slot {
+    /// The elements whose time, date and day restrictions hold throughout
+    /// the slot (bit n: element n), or `None` where they may change inside.
+    mask: Option<u64>,
+    /// Per dimension (ENERGY, TIME, PARKING_TIME): the element pricing every
+    /// period in the slot, where no numeric restriction can change the
+    /// choice; `None`: chosen period by period.
+    picks: [Option<Option<usize>>; 3],
+}
+
+/// The elements pricing ENERGY, TIME and PARKING_TIME in one period.
+type Picks = (Option<usize>, Option<usize>, Option<usize>);
+
+const PICKED: [Dimension; 3] = [Dimension::Energy, Dimension::Time, Dimension::ParkingTime];
 
 impl<'a> Plan<'a> {
     fn of(t: &Tariff, tz: &'a Tz, readings: &[Reading]) -> Self {
@@ -503,16 +632,48 @@ impl<'a> Plan<'a> {
         }
     }
 
-    /// The elements whose local-time restrictions hold throughout the slot
-    /// holding `ms`, if that is decided by the slot alone.
-    fn slot_mask(&mut self, ms: i64) -> Option<u64> {
-        let slot = self.instants.partition_point(|x| *x <= ms).checked_sub(1)?;
+    /// The slot holding `ms`, if any.
+    fn slot_of(&self, ms: i64) -> Option<usize> {
+        self.instants.partition_point(|x| *x <= ms).checked_sub(1)
+    }
+
+    fn slot(&mut self, slot: usize) -> Slot {
         if let Some(known) = self.slots[slot] {
             return known;
         }
         let mask = self.uniform_slot(slot);
-        self.slots[slot] = Some(mask);
-        mask
+        let picks = PICKED.map(|dim| mask.and_then(|m| self.fixed_pick(dim, m)));
+        let known = Slot { mask, picks };
+        self.slots[slot] = Some(known);
+        known
+    }
+
+    /// The elements (ENERGY, TIME, PARKING_TIME) pricing every charging or
+    /// parking period in `slot`, where the slot alone decides them.
+    fn fixed(&mut self, slot: usize, charging: bool) -> Option<Picks> {
+        let [energy, time, parking] = self.slot(slot).picks;
+        if charging {
+            Some((energy?, time?, None))
+        } else {
+            Some((None, None, parking?))
+        }
+    }
+
+    /// The element that prices `dim` wherever the local-time restrictions
+    /// of `mask` hold, if no numeric restriction decides it first.
+    fn fixed_pick(&self, dim: Dimension, mask: u64) -> Option<Option<usize>> {
+        for (i, e) in self.compiled.elements.iter().enumerate() {
+            if !e.has(dim) {
+                continue;
+            }
+            match &e.rule {
+                None => return Some(Some(i)),
+                Some(_) if mask & (1 << i) == 0 => continue,
+                Some(r) if r.numeric => return None,
+                Some(_) => return Some(Some(i)),
+            }
+        }
+        Some(None)
     }
 
     fn uniform_slot(&self, slot: usize) -> Option<u64> {
@@ -543,18 +704,29 @@ impl<'a> Plan<'a> {
 
     /// The period from `p` to `end`, with the elements pricing it.
     fn period(&mut self, p: &Piece, seg: &mut Segment, end: Decimal, energy_wh: Decimal) -> ChargingPeriod {
-        let mask = self.slot_mask(p.floor_ms);
+        let slot = self.slot_of(p.floor_ms);
+        self.period_in(slot, p, seg, end, energy_wh)
+    }
+
+    /// [`Plan::period`] for a period starting in `slot`.
+    fn period_in(
+        &mut self,
+        slot: Option<usize>,
+        p: &Piece,
+        seg: &mut Segment,
+        end: Decimal,
+        energy_wh: Decimal,
+    ) -> ChargingPeriod {
+        let known = slot.map(|s| self.slot(s));
+        let mask = known.and_then(|k| k.mask);
         let mut local_at: Option<chrono::NaiveDateTime> = None;
         let tz = self.tz;
-        let mut pick = |dim: Dimension, seg: &mut Segment| {
+        let mut pick = |d: usize, seg: &mut Segment| {
+            if let Some(fixed) = known.and_then(|k| k.picks[d]) {
+                return fixed;
+            }
             self.compiled.elements.iter().enumerate().position(|(i, e)| {
-                let has = match dim {
-                    Dimension::Energy => e.energy,
-                    Dimension::Time => e.time,
-                    Dimension::ParkingTime => e.parking,
-                    Dimension::Flat => e.flat,
-                };
-                if !has {
+                if !e.has(PICKED[d]) {
                     return false;
                 }
                 let Some(r) = &e.rule else { return true };
@@ -566,9 +738,9 @@ impl<'a> Plan<'a> {
             })
         };
         let (energy_element, time_element, parking_element) = if seg.charging {
-            (pick(Dimension::Energy, seg), pick(Dimension::Time, seg), None)
+            (pick(0, seg), pick(1, seg), None)
         } else {
-            (None, None, pick(Dimension::ParkingTime, seg))
+            (None, None, pick(2, seg))
         };
         ChargingPeriod {
             start_ms: p.s,
@@ -606,11 +778,8 @@ pub fn running_cost(t: &Tariff, readings: &[Reading], tz: &Tz) -> Result<Cost, C
 
 fn price_with(t: &Tariff, readings: &[Reading], tz: &Tz, ended: bool) -> Result<Cost, CostError> {
     let first = *readings.first().ok_or(CostError::Empty)?;
-    let periods = periods(t, readings, tz, first.at_ms, first.energy_wh)?;
     let mut meter = Meter::start(t, first, tz);
-    for p in &periods {
-        meter.add(t, p);
-    }
+    let periods = periods_into(t, readings, tz, first.at_ms, first.energy_wh, Some(&mut meter))?;
     let mut cost = meter.cost(t, ended);
     cost.periods = periods;
     Ok(cost)
@@ -618,15 +787,37 @@ fn price_with(t: &Tariff, readings: &[Reading], tz: &Tz, ended: bool) -> Result<
 
 /// A session's cost as it accumulates: periods are added as they are
 /// priced, so a live session's running cost costs O(1) per reading.
+///
+/// While it accumulates, a line's volume is kept in the unit periods carry
+/// (Wh for ENERGY, ms for TIME and PARKING_TIME): whole amounts add up as
+/// integers in `whole`, fractions (where a threshold split a period) in the
+/// line's decimal volume. [`Meter::cost`] joins the two and converts once.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Meter {
     lines: Vec<CostLine>,
+    whole: Vec<i64>,
+    /// The last line of each dimension (FLAT, ENERGY, TIME, PARKING_TIME).
+    last: [Option<usize>; 4],
+}
+
+/// `d` as an integer, if it is one with no decimal places (what a period
+/// between two readings carries).
+fn whole(d: Decimal) -> Option<i64> {
+    if d.scale() == 0 {
+        i64::try_from(d.mantissa()).ok()
+    } else {
+        None
+    }
 }
 
 impl Meter {
     /// A meter for a session starting at `first` (FLAT is decided here).
     pub fn start(t: &Tariff, first: Reading, tz: &Tz) -> Meter {
-        let mut lines = Vec::new();
+        let mut meter = Meter {
+            lines: Vec::new(),
+            whole: Vec::new(),
+            last: [None; 4],
+        };
         let start_state = State {
             local: local(tz, Decimal::from(first.at_ms)),
             energy_kwh: Decimal::ZERO,
@@ -635,32 +826,110 @@ impl Meter {
             current_a: Decimal::from(first.current_ma) / Decimal::from(1000),
         };
         if let Some(i) = Compiled::of(t).element_for(Dimension::Flat, &start_state) {
-            push(&mut lines, t, Dimension::Flat, i, Decimal::ONE);
+            meter.push(t, Dimension::Flat, i, Decimal::ONE);
         }
-        Meter { lines }
+        meter
     }
 
     /// Adds one priced period.
     pub fn add(&mut self, t: &Tariff, p: &ChargingPeriod) {
         if let Some(i) = p.energy_element {
-            push(&mut self.lines, t, Dimension::Energy, i, p.energy_wh);
+            self.push(t, Dimension::Energy, i, p.energy_wh);
         }
         if p.time_element.is_none() && p.parking_element.is_none() {
             return;
         }
-        let secs = milli(p.end_ms - p.start_ms);
+        let ms = match (whole(p.start_ms), whole(p.end_ms)) {
+            (Some(s), Some(e)) => e.checked_sub(s).map_or_else(|| p.end_ms - p.start_ms, Decimal::from),
+            _ => p.end_ms - p.start_ms,
+        };
         if let Some(i) = p.time_element {
-            push(&mut self.lines, t, Dimension::Time, i, secs);
+            self.push(t, Dimension::Time, i, ms);
         }
         if let Some(i) = p.parking_element {
-            push(&mut self.lines, t, Dimension::ParkingTime, i, secs);
+            self.push(t, Dimension::ParkingTime, i, ms);
         }
+    }
+
+    /// Periods between readings, priced by `picks`: `wh` and `ms` in all.
+    fn add_whole(&mut self, t: &Tariff, (energy, time, parking): Picks, wh: u64, ms: i64) {
+        if let Some(i) = energy {
+            match i64::try_from(wh) {
+                Ok(wh) => self.push_whole(t, Dimension::Energy, i, wh),
+                Err(_) => self.push(t, Dimension::Energy, i, Decimal::from(wh)),
+            }
+        }
+        if let Some(i) = time {
+            self.push_whole(t, Dimension::Time, i, ms);
+        }
+        if let Some(i) = parking {
+            self.push_whole(t, Dimension::ParkingTime, i, ms);
+        }
+    }
+
+    /// Adds `volume` (Wh, ms or 1) to the line of `dim` under `element`.
+    fn push(&mut self, t: &Tariff, dim: Dimension, element: usize, volume: Decimal) {
+        match whole(volume) {
+            Some(v) => self.push_whole(t, dim, element, v),
+            None => {
+                let at = self.line(t, dim, element);
+                self.lines[at].volume += volume;
+            }
+        }
+    }
+
+    fn push_whole(&mut self, t: &Tariff, dim: Dimension, element: usize, volume: i64) {
+        let at = self.line(t, dim, element);
+        match self.whole[at].checked_add(volume) {
+            Some(sum) => self.whole[at] = sum,
+            None => self.lines[at].volume += Decimal::from(volume),
+        }
+    }
+
+    /// The line `dim` under `element` adds to: the dimension's last line if
+    /// it is that element's, else a new one. Lines of one dimension stay
+    /// together in time order; interleaving with other dimensions is fine
+    /// because step rounding looks per dimension.
+    fn line(&mut self, t: &Tariff, dim: Dimension, element: usize) -> usize {
+        let d = match dim {
+            Dimension::Flat => 0,
+            Dimension::Energy => 1,
+            Dimension::Time => 2,
+            Dimension::ParkingTime => 3,
+        };
+        if let Some(i) = self.last[d]
+            && self.lines[i].element == element
+        {
+            return i;
+        }
+        let c = component(t, dim, element);
+        self.lines.push(CostLine {
+            dimension: dim,
+            element,
+            volume: Decimal::ZERO,
+            billed_volume: Decimal::ZERO,
+            price: c.map_or(Decimal::ZERO, |c| c.price),
+            vat: c.and_then(|c| c.vat),
+            excl_vat: Decimal::ZERO,
+            incl_vat: Decimal::ZERO,
+        });
+        self.whole.push(0);
+        self.last[d] = Some(self.lines.len() - 1);
+        self.lines.len() - 1
     }
 
     /// The cost so far (`ended`: with step rounding, as the final cost).
     /// The result's `periods` is empty; [`price`] fills it.
     pub fn cost(&self, t: &Tariff, ended: bool) -> Cost {
         let mut lines = self.lines.clone();
+        for (l, w) in lines.iter_mut().zip(&self.whole) {
+            let raw = l.volume + Decimal::from(*w);
+            l.volume = match l.dimension {
+                Dimension::Time | Dimension::ParkingTime => milli(raw),
+                Dimension::Energy | Dimension::Flat => raw,
+            };
+            l.billed_volume = l.volume;
+        }
         // Step size: once per dimension, on the last line that priced it.
         let mut time_surplus = Decimal::ZERO;
         let dims: &[Dimension] = if ended {
@@ -748,42 +1017,40 @@ fn component(t: &Tariff, dim: Dimension, element: usize) -> Option<&crate::tarif
         .find(|c| c.dimension == dim)
 }
 
-fn push(lines: &mut Vec<CostLine>, t: &Tariff, dim: Dimension, element: usize, volume: Decimal) {
-    if let Some(last) = lines.last_mut()
-        && last.dimension == dim
-        && last.element == element
-    {
-        last.volume += volume;
-        last.billed_volume += volume;
-        return;
-    }
-    // Lines of one dimension stay together in time order; interleaving with
-    // other dimensions is fine because step rounding looks per dimension.
-    if let Some(l) = lines.iter_mut().rev().find(|l| l.dimension == dim)
-        && l.element == element
-    {
-        l.volume += volume;
-        l.billed_volume += volume;
-        return;
-    }
-    let c = component(t, dim, element);
-    lines.push(CostLine {
-        dimension: dim,
-        element,
-        volume,
-        billed_volume: volume,
-        price: c.map_or(Decimal::ZERO, |c| c.price),
-        vat: c.and_then(|c| c.vat),
-        excl_vat: Decimal::ZERO,
-        incl_vat: Decimal::ZERO,
-    });
-}
-
 #[cfg(test)]
 mod reference {
     //! The engine as it was before the integer fast path: the property
     //! test below holds the two to the same periods.
     use super::*;
+
+    /// The measured volumes of `periods` as the meter summed them before
+    /// it kept whole amounts in integers: (dimension, element, volume in
+    /// Wh or seconds), one per line, in line order. FLAT is left out.
+    pub(super) fn volumes(periods: &[ChargingPeriod]) -> Vec<(Dimension, usize, Decimal)> {
+        let mut lines: Vec<(Dimension, usize, Decimal)> = Vec::new();
+        let mut push = |dim: Dimension, element: usize, v: Decimal| {
+            if let Some(l) = lines.iter_mut().rev().find(|l| l.0 == dim)
+                && l.1 == element
+            {
+                l.2 += v;
+                return;
+            }
+            lines.push((dim, element, v));
+        };
+        for p in periods {
+            if let Some(i) = p.energy_element {
+                push(Dimension::Energy, i, p.energy_wh);
+            }
+            let secs = milli(p.end_ms - p.start_ms);
+            if let Some(i) = p.time_element {
+                push(Dimension::Time, i, secs);
+            }
+            if let Some(i) = p.parking_element {
+                push(Dimension::ParkingTime, i, secs);
+            }
+        }
+        lines.into_iter().map(|(d, e, v)| (d, e, v.normalize())).collect()
+    }
 
     /// Prices a session's readings into periods (no step rounding, no totals).
     /// `start_ms` and `base_wh` are the session's start and first register
@@ -1049,7 +1316,39 @@ mod tests {
         ) {
             let tz: Tz = tz.parse().unwrap();
             let (start, base) = (r[0].at_ms, r[0].energy_wh);
-            prop_assert_eq!(periods(&t, &r, &tz, start, base), reference::periods(&t, &r, &tz, start, base));
+            let fast = periods(&t, &r, &tz, start, base);
+            prop_assert_eq!(&fast, &reference::periods(&t, &r, &tz, start, base));
+            // The meter fed period by period (as a live session is) and
+            // `price` (whole periods summed in runs) agree exactly.
+            let fast = fast.unwrap();
+            let mut meter = Meter::start(&t, r[0], &tz);
+            for p in &fast {
+                meter.add(&t, p);
+            }
+            let live = meter.cost(&t, true);
+            let priced = price(&t, &r, &tz).unwrap();
+            prop_assert_eq!(&live.lines, &priced.lines);
+            prop_assert_eq!(live.total_incl_vat, priced.total_incl_vat);
+            // And the volumes are those summed one decimal at a time:
+            // exactly where every period is whole, else to 1e-15 (the
+            // old sums rounded at the 28th digit on each addition; whole
+            // amounts now add up exactly).
+            let lines: Vec<_> = live
+                .lines
+                .iter()
+                .filter(|l| l.dimension != Dimension::Flat)
+                .map(|l| (l.dimension, l.element, l.volume))
+                .collect();
+            let old = reference::volumes(&fast);
+            let whole = fast.iter().all(|p| p.start_ms.scale() == 0 && p.end_ms.scale() == 0 && p.energy_wh.scale() == 0);
+            if whole {
+                prop_assert_eq!(lines, old);
+            } else {
+                let near = |v: Vec<(Dimension, usize, Decimal)>| -> Vec<(Dimension, usize, Decimal)> {
+                    v.into_iter().map(|(d, e, x)| (d, e, x.round_dp(15).normalize())).collect()
+                };
+                prop_assert_eq!(near(lines), near(old));
+            }
             // Live, in pieces: from some reading on, against the session's start.
             let k = piece.min(r.len() - 1);
             prop_assert_eq!(periods(&t, &r[k..], &tz, start, base), reference::periods(&t, &r[k..], &tz, start, base));
