@@ -84,8 +84,12 @@ Commands (each alone: `taskset -c 1 target/release/laddnet-bench <scenario>`):
   and stay idle; the server's RSS growth divided by the connections held.
 - `reconnect`: 10,000 chargers, 128 connecting at once, admitted by a
   freshly started server: for the node, TLS and `BootAccepted`; for the
-  baseline, the raw handshake. Admissions per server CPU-second, and the
-  wall time until all are back.
+  baseline, the raw (full) handshake. Each round runs the raw server, then
+  the node on chargers holding no ticket (full handshakes), then the node
+  restarted on the same store with the chargers presenting the session
+  tickets the previous run gave them (resumed handshakes, what a real
+  storm after a restart or failover is). Admissions per server
+  CPU-second, and the wall time until all are back.
 - `authorize`: one charger sends `Authorize` at 1,000/s for 10 s (2,000
   registered RFID cards, one in ten unknown) while 50 chargers send meter
   events at 20/s each; latency from when each request was due (no

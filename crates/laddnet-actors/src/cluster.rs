@@ -164,6 +164,10 @@ impl Store for FencedStore {
         self.inner.queues()
     }
 
+    fn local_reads(&self) -> bool {
+        self.inner.local_reads()
+    }
+
     fn submit(&self, job: Box<dyn laddnet_store::Job>) {
         self.inner.submit(Box::new(FencedJob {
             fence: self.fence.clone(),

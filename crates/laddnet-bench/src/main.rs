@@ -122,6 +122,7 @@ async fn main() -> anyhow::Result<()> {
                 laddnet_pki::tls::crl_from_pem(&read(&crl)?)?,
                 laddnet_pki::tls::certs_from_pem(&read(&cert)?)?,
                 laddnet_pki::tls::key_from_pem(&read(&key)?)?,
+                None,
             )?;
             if handshake_only {
                 return echo::serve_handshakes(listen, tls).await;

@@ -407,6 +407,13 @@ pub struct TlsSection {
     /// and revocations are re-read this often even if no watch fired, and
     /// the CRL is re-signed when half its validity has passed.
     pub crl_poll_ms: u64,
+    /// Issue TLS session tickets so reconnecting chargers resume instead of
+    /// making a full handshake. The ticket keys are shared by every node
+    /// through the store (sealed under the key-encryption key) and rotate
+    /// every 6 hours; a ticket is good for at most 12. A resumed
+    /// connection passes the same identity check (issued, not revoked, not
+    /// expired) as a new one.
+    pub session_tickets: bool,
 }
 
 impl Default for TlsSection {
@@ -416,6 +423,7 @@ impl Default for TlsSection {
             handshake_timeout_ms: 5_000,
             max_pending_handshakes: 1_024,
             crl_poll_ms: 30_000,
+            session_tickets: true,
         }
     }
 }

@@ -84,7 +84,8 @@ pub async fn authorize(
     session: Option<String>,
 ) -> Result<AuthDecision, String> {
     let (state, charger_id) = (state.clone(), charger_id.to_string());
-    tokio::task::spawn_blocking(move || {
+    let local = state.store.local_reads();
+    let decide = move || {
         let now = now_ms();
         let price = laddnet_ledger::cdr::energy_price_at(
             state.store.as_ref(),
@@ -107,9 +108,14 @@ pub async fn authorize(
                 session: session.as_deref(),
             })
             .map_err(|e| e.to_string())
-    })
-    .await
-    .map_err(|e| e.to_string())?
+    };
+    // Two reads (the price, the token's blind index and driver) and no
+    // write: on the embedded store, here rather than on a pool thread.
+    if local {
+        decide()
+    } else {
+        tokio::task::spawn_blocking(decide).await.map_err(|e| e.to_string())?
+    }
 }
 
 /// A session of a driver has started: reserve its payment (a wallet hold,
@@ -486,11 +492,15 @@ pub async fn schedule_maintenance(
 
 /// The offline-list update a charger at `from` needs, if any.
 pub async fn list_update(state: &Arc<NodeState>, from: u64) -> Option<v1::LocalListUpdate> {
-    let st = state.clone();
-    let u = tokio::task::spawn_blocking(move || st.store.snapshot(|tx| locallist::since(tx, from)))
-        .await
-        .ok()?
-        .ok()?;
+    let u = if state.store.local_reads() {
+        state.store.snapshot(|tx| locallist::since(tx, from)).ok()?
+    } else {
+        let st = state.clone();
+        tokio::task::spawn_blocking(move || st.store.snapshot(|tx| locallist::since(tx, from)))
+            .await
+            .ok()?
+            .ok()?
+    };
     if u.version == from {
         return None;
     }

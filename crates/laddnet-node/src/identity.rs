@@ -9,7 +9,7 @@ use std::time::Instant;
 use futures::future::BoxFuture;
 
 use laddnet_core::{ChargerId, OperatorName, Role, SiteId};
-use laddnet_pki::{AuditKind, Ca, Profile};
+use laddnet_pki::{AuditKind, Ca, CertStatus, Profile};
 
 /// The authenticated caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,11 +111,14 @@ impl IdentityCheck for CaIdentityCheck {
             if self.is_revoked(&summary.serial) {
                 return refuse(format!("certificate {} is revoked", summary.serial));
             }
-            let ca = self.ca.clone();
-            let serial = summary.serial.clone();
-            let record = tokio::task::spawn_blocking(move || ca.get(&serial))
-                .await
-                .map_err(|e| e.to_string())?;
+            let record = if self.ca.store().local_reads() {
+                self.ca.get(&summary.serial)
+            } else {
+                let (ca, serial) = (self.ca.clone(), summary.serial.clone());
+                tokio::task::spawn_blocking(move || ca.get(&serial))
+                    .await
+                    .map_err(|e| e.to_string())?
+            };
             let record = match record {
                 Ok(r) => r,
                 Err(_) => return refuse(format!("certificate {} was not issued by this CA", summary.serial)),
@@ -124,8 +127,14 @@ impl IdentityCheck for CaIdentityCheck {
             if recorded.contents() != cert_der {
                 return refuse(format!("certificate {} differs from the one issued", summary.serial));
             }
-            if record.revoked.is_some() {
-                return refuse(format!("certificate {} is revoked", summary.serial));
+            // A resumed TLS session skipped the chain's validity check: the
+            // record decides revocation and expiry. (Not-yet-valid cannot
+            // arise from a ticket: the certificate was valid when the
+            // ticket was issued; a full handshake checks it.)
+            match record.status(self.ca.now()) {
+                CertStatus::Valid | CertStatus::NotYetValid => {}
+                CertStatus::Revoked => return refuse(format!("certificate {} is revoked", summary.serial)),
+                CertStatus::Expired => return refuse(format!("certificate {} has expired", summary.serial)),
             }
             let bad = |e: String| format!("stored record of {}: {e}", record.serial);
             let principal = match record.profile {

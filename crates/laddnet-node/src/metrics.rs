@@ -186,6 +186,17 @@ pub fn render(state: &NodeState) -> String {
         "# HELP laddnet_charger_events_in_runs_total Events stored in runs (meter updates that arrived together, one store transaction per run).\n# TYPE laddnet_charger_events_in_runs_total counter\nladdnet_charger_events_in_runs_total {}",
         m.events_in_runs.load(Ordering::Relaxed)
     );
+    out.push_str("# HELP laddnet_tls_handshakes_total Mutual-TLS handshakes finished, full or resumed from a session ticket.\n# TYPE laddnet_tls_handshakes_total counter\n");
+    for (kind, c) in [
+        ("full", &state.conns.handshakes_full),
+        ("resumed", &state.conns.handshakes_resumed),
+    ] {
+        let _ = writeln!(
+            out,
+            "laddnet_tls_handshakes_total{{kind=\"{kind}\"}} {}",
+            c.load(Ordering::Relaxed)
+        );
+    }
     out.push_str("# HELP laddnet_incidents_active Incidents whose condition holds now, by kind.\n# TYPE laddnet_incidents_active gauge\n");
     let counts = laddnet_incidents::active_counts(state.store.as_ref()).unwrap_or_default();
     for kind in laddnet_incidents::KINDS {

@@ -131,10 +131,11 @@ impl RunningNode {
             );
         }
         let source = key_source(&config);
+        let tickets = config.tls.session_tickets.then(laddnet_pki::tickets::TicketKeys::new);
         let (ca, node_cert, node_key) = {
-            let (config, store) = (config.clone(), store.clone());
+            let (config, store, source, tickets) = (config.clone(), store.clone(), source.clone(), tickets.clone());
             tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-                let ca = Ca::open(&files, policy, &source, store, clock).context("opening the CA")?;
+                let ca = Ca::open(&files, policy, &source, store.clone(), clock).context("opening the CA")?;
                 let subject = Subject::Node {
                     name: config.node.name.clone(),
                     sans: config.tls.server_names.clone(),
@@ -144,6 +145,10 @@ impl RunningNode {
                 let (issued, key) = ca
                     .issue_with_new_key(&subject, "system")
                     .context("issuing the node certificate")?;
+                if let Some(t) = &tickets {
+                    t.sync(store.as_ref(), &source, ca.now().saturating_mul(1000))
+                        .context("loading the TLS ticket keys")?;
+                }
                 Ok((Arc::new(ca), issued, key))
             })
             .await??
@@ -164,6 +169,7 @@ impl RunningNode {
             laddnet_pki::tls::crl_from_pem(&crl.pem)?,
             chain.clone(),
             key.clone_key(),
+            tickets.clone(),
         )?;
         let enroll_cfg = laddnet_pki::tls::server_only_config(chain.clone(), key.clone_key())?;
         let mtls_shared = Arc::new(RwLock::new(mtls_cfg));
@@ -189,6 +195,9 @@ impl RunningNode {
             hub,
         ));
 
+        if let Some(keys) = tickets {
+            let _ = state.tickets.set(crate::state::TicketSync { keys, source });
+        }
         let alarm_actor = crate::alarms::start(&state).await?;
         let _ = state.alarm_actor.set(alarm_actor);
         tokio::spawn(crate::firmware::resume(state.clone()));
@@ -502,6 +511,7 @@ async fn revocation_poller(state: Arc<NodeState>, shutdown: CancellationToken) {
             if let Ok(Err(e)) = refreshed {
                 tracing::error!(error = %e, "CRL refresh failed");
             }
+            state.sync_tickets().await;
         }
         state.apply_revocations().await;
     }

@@ -965,8 +965,13 @@ pub async fn serve(
         })
         .await??
     };
-    let tls =
-        laddnet_pki::tls::mtls_server_config(ca.root_pem(), laddnet_pki::tls::crl_from_pem(&crl.pem)?, chain, key)?;
+    let tls = laddnet_pki::tls::mtls_server_config(
+        ca.root_pem(),
+        laddnet_pki::tls::crl_from_pem(&crl.pem)?,
+        chain,
+        key,
+        None,
+    )?;
     let revoked = Arc::new(std::sync::RwLock::new(
         revoked.into_iter().collect::<std::collections::HashSet<_>>(),
     ));

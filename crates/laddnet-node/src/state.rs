@@ -41,9 +41,18 @@ pub struct NodeState {
     pub rpc: Arc<crate::metrics::RpcStats>,
     /// Cancelled when the node shuts down: long-lived streams end with it.
     pub shutdown: tokio_util::sync::CancellationToken,
+    /// The TLS session-ticket keys, when `tls.session_tickets` is on (set
+    /// once at start).
+    pub tickets: std::sync::OnceLock<TicketSync>,
     pub(crate) node_chain: Vec<CertificateDer<'static>>,
     pub(crate) node_key: PrivateKeyDer<'static>,
     crl_number: AtomicU64,
+}
+
+/// The TLS session-ticket keys and the key-encryption key that opens them.
+pub struct TicketSync {
+    pub keys: Arc<laddnet_pki::tickets::TicketKeys>,
+    pub source: laddnet_vault::KeySource,
 }
 
 impl NodeState {
@@ -78,6 +87,7 @@ impl NodeState {
             firmware_signer: Default::default(),
             rpc: Default::default(),
             shutdown: tokio_util::sync::CancellationToken::new(),
+            tickets: Default::default(),
             node_chain,
             node_key,
             crl_number: AtomicU64::new(crl_number),
@@ -140,9 +150,26 @@ impl NodeState {
             crl,
             self.node_chain.clone(),
             self.node_key.clone_key(),
+            self.tickets.get().map(|t| t.keys.clone()),
         )?;
         *self.mtls.write().unwrap_or_else(|p| p.into_inner()) = cfg;
         Ok(())
+    }
+
+    /// Follows the ticket keys in the store: a rotation made by another
+    /// node is picked up, and this node rotates when the newest key is due.
+    pub async fn sync_tickets(&self) {
+        let Some(t) = self.tickets.get() else { return };
+        let (keys, source, store, ca) = (t.keys.clone(), t.source.clone(), self.store.clone(), self.ca.clone());
+        let synced =
+            tokio::task::spawn_blocking(move || keys.sync(store.as_ref(), &source, ca.now().saturating_mul(1000)))
+                .await;
+        match synced {
+            Ok(Ok(r)) if r.rotated => tracing::info!(keys = r.ids.len(), "TLS ticket key rotated"),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "TLS ticket keys not synced; keeping the ones held"),
+            Err(e) => tracing::error!(error = %e, "TLS ticket key task failed"),
+        }
     }
 
     /// The actor tree's settings, billing included.

@@ -97,6 +97,9 @@ impl AsyncWrite for PeerStream {
 pub struct ConnRegistry {
     next: AtomicU64,
     by_serial: Mutex<HashMap<String, HashMap<u64, CancellationToken>>>,
+    /// Finished mutual-TLS handshakes: full, and resumed from a ticket.
+    pub handshakes_full: AtomicU64,
+    pub handshakes_resumed: AtomicU64,
 }
 
 /// Removes its connection from the registry when the stream is dropped.
@@ -216,6 +219,11 @@ pub fn accept_loop(
                     }
                 };
                 drop(permit);
+                let counter = match tls.get_ref().1.handshake_kind() {
+                    Some(rustls::HandshakeKind::Resumed) => &settings.registry.handshakes_resumed,
+                    _ => &settings.registry.handshakes_full,
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
                 let closed = CancellationToken::new();
                 let (identity, registration) = match &settings.identity_check {
                     None => (None, None),

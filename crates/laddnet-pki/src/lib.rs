@@ -11,6 +11,8 @@
 //! - [`audit`]: the hash-chained, append-only audit log, written in the same
 //!   transaction as the action it records.
 //! - [`tls`]: the rustls configurations for every listener and client.
+//! - [`tickets`]: TLS session-ticket keys shared by every node (stateless
+//!   resumption across the cluster and restarts), rotated every 6 h.
 //! - [`firmware`]: the firmware-signing key (issued by this CA) and the
 //!   check a charger makes before installing an image.
 //! - [`inspect`]: decoders for CSRs, certificates and CRLs (fuzzed).
@@ -24,6 +26,7 @@ pub mod firmware;
 pub mod inspect;
 mod policy;
 mod records;
+pub mod tickets;
 pub mod tls;
 
 pub use audit::{AuditEntry, AuditKind, AuditVerdict};

@@ -55,11 +55,19 @@ pub fn crl_from_pem(pem: &str) -> Result<CertificateRevocationListDer<'static>, 
 /// The mutual-TLS listener: a client certificate chaining to `root_pem` is
 /// required, and the end-entity certificate is checked against `crl`
 /// (unknown status is refused).
+///
+/// With `tickets`, the listener issues session tickets sealed by those
+/// keys and resumes clients presenting one; without, it never resumes (no
+/// server-side session cache either way).
+/// A resumed connection skips the chain and CRL check, so whoever accepts
+/// it must check the certificate the ticket carries (the node's identity
+/// check does: issued, not revoked, not expired).
 pub fn mtls_server_config(
     root_pem: &str,
     crl: CertificateRevocationListDer<'static>,
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
+    tickets: Option<Arc<crate::tickets::TicketKeys>>,
 ) -> Result<Arc<ServerConfig>, PkiError> {
     let verifier = WebPkiClientVerifier::builder_with_provider(roots(root_pem)?, provider())
         .with_crls([crl])
@@ -76,6 +84,12 @@ pub fn mtls_server_config(
         .map_err(|e| PkiError::Tls(format!("server certificate: {e}")))?;
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     cfg.ignore_client_order = true;
+    // Resumption only through `tickets`: no server-side session cache.
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    match tickets {
+        Some(tickets) => cfg.ticketer = tickets,
+        None => cfg.send_tls13_tickets = 0,
+    }
     Ok(Arc::new(cfg))
 }
 

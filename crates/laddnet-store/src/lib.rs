@@ -177,6 +177,15 @@ pub trait Store: Send + Sync + 'static {
         false
     }
 
+    /// Whether a small read is served from this process (memory, or a
+    /// local file in the page cache) in microseconds, so an async caller
+    /// may run it on an executor thread instead of handing it to the
+    /// blocking pool (a thread hand-off costs more than such a read). False
+    /// where a read is a network round trip.
+    fn local_reads(&self) -> bool {
+        false
+    }
+
     /// Runs `job` as a read-write transaction and then calls its
     /// [`Job::done`] with the result, once committed (durably) or failed.
     /// A backend that queues runs queued jobs together in one commit, each

@@ -610,6 +610,10 @@ impl Store for RedbStore {
         true
     }
 
+    fn local_reads(&self) -> bool {
+        true
+    }
+
     fn submit(&self, job: Box<dyn Job>) {
         if let Err(refused) = self.writer().queue.send(job) {
             finish(
