@@ -74,10 +74,25 @@ pub async fn raise(state: &Arc<NodeState>, kind: AlarmKind, subject: String, det
 
 /// The condition ended.
 pub async fn clear(state: &Arc<NodeState>, kind: AlarmKind, subject: String, detail: &'static str) {
+    // Most working statuses and reconnects have nothing to clear: a read,
+    // here on the embedded store (a reconnect storm is thousands of them
+    // in a row through this actor), else on the blocking pool.
+    if state.store.local_reads() {
+        match state
+            .store
+            .snapshot(|tx| laddnet_incidents::is_live(tx, kind, &subject))
+        {
+            Ok(false) => return,
+            Ok(true) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "clearing an alarm failed");
+                return;
+            }
+        }
+    }
     let st = state.clone();
     let s2 = subject.clone();
     let r = tokio::task::spawn_blocking(move || {
-        // Most working statuses and reconnects have nothing to clear: a read.
         if !st.store.snapshot(|tx| laddnet_incidents::is_live(tx, kind, &s2))? {
             return Ok(None);
         }
