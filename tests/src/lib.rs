@@ -220,6 +220,18 @@ impl TestNode {
         self.config.data_dir.clone()
     }
 
+    /// Revokes `serial` for key compromise, as a security officer would.
+    pub async fn revoke(&self, serial: &str) {
+        self.pki()
+            .await
+            .revoke_certificate(laddnet_proto::v1::RevokeCertificateRequest {
+                serial: serial.into(),
+                reason: "key-compromise".into(),
+            })
+            .await
+            .expect("revoked");
+    }
+
     pub async fn stop(&mut self) {
         if let Some(n) = self.node.take() {
             n.shutdown().await;

@@ -320,14 +320,7 @@ async fn renewal_opens_in_the_window_overlaps_and_never_for_revoked() {
     assert_eq!(early.renewed_from, new.serial);
 
     // A revoked certificate cannot renew, by any door.
-    node.pki()
-        .await
-        .revoke_certificate(v1::RevokeCertificateRequest {
-            serial: new.serial.clone(),
-            reason: "key-compromise".into(),
-        })
-        .await
-        .unwrap();
+    node.revoke(&new.serial).await;
     assert!(renew(new.clone()).await.is_err());
     let (_, csr) = laddnet_pki::new_key_and_csr("CP-R").unwrap();
     let err = node
@@ -386,14 +379,7 @@ async fn revocation_closes_the_live_stream_and_refuses_the_next_handshake() {
         .await
         .unwrap()
         .into_inner();
-    node.pki()
-        .await
-        .revoke_certificate(v1::RevokeCertificateRequest {
-            serial: creds.serial.clone(),
-            reason: "key-compromise".into(),
-        })
-        .await
-        .unwrap();
+    node.revoke(&creds.serial).await;
     let started = tokio::time::Instant::now();
     // The stream ends (with a Closing notice or an error) within 5 s.
     let ended = tokio::time::timeout(Duration::from_secs(5), async {

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use laddnet_proto::v1;
 use laddnet_tests::*;
 use rustls::ClientConfig;
 
@@ -53,14 +52,7 @@ async fn a_charger_resumes_after_a_restart_and_a_revoked_one_cannot() {
 
     // Revoked: the ticket still resumes the TLS session, but the identity
     // check after it refuses the certificate.
-    node.pki()
-        .await
-        .revoke_certificate(v1::RevokeCertificateRequest {
-            serial: creds.serial.clone(),
-            reason: "key-compromise".into(),
-        })
-        .await
-        .unwrap();
+    node.revoke(&creds.serial).await;
     let refused = eventually(Duration::from_secs(10), || async {
         let before = handshakes(&node).1;
         connect(&node, &tls, "CP-RESUME").await.is_err() && handshakes(&node).1 > before

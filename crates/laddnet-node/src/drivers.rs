@@ -109,13 +109,10 @@ pub async fn authorize(
             })
             .map_err(|e| e.to_string())
     };
-    // Two reads (the price, the token's blind index and driver) and no
-    // write: on the embedded store, here rather than on a pool thread.
-    if local {
-        decide()
-    } else {
-        tokio::task::spawn_blocking(decide).await.map_err(|e| e.to_string())?
-    }
+    // Two reads (the price, the token's blind index and driver), no write.
+    crate::state::store_read(local, decide)
+        .await
+        .map_err(|e| e.to_string())?
 }
 
 /// A session of a driver has started: reserve its payment (a wallet hold,
@@ -492,15 +489,13 @@ pub async fn schedule_maintenance(
 
 /// The offline-list update a charger at `from` needs, if any.
 pub async fn list_update(state: &Arc<NodeState>, from: u64) -> Option<v1::LocalListUpdate> {
-    let u = if state.store.local_reads() {
-        state.store.snapshot(|tx| locallist::since(tx, from)).ok()?
-    } else {
-        let st = state.clone();
-        tokio::task::spawn_blocking(move || st.store.snapshot(|tx| locallist::since(tx, from)))
-            .await
-            .ok()?
-            .ok()?
-    };
+    let st = state.clone();
+    let u = crate::state::store_read(state.store.local_reads(), move || {
+        st.store.snapshot(|tx| locallist::since(tx, from))
+    })
+    .await
+    .ok()?
+    .ok()?;
     if u.version == from {
         return None;
     }

@@ -111,14 +111,10 @@ impl IdentityCheck for CaIdentityCheck {
             if self.is_revoked(&summary.serial) {
                 return refuse(format!("certificate {} is revoked", summary.serial));
             }
-            let record = if self.ca.store().local_reads() {
-                self.ca.get(&summary.serial)
-            } else {
-                let (ca, serial) = (self.ca.clone(), summary.serial.clone());
-                tokio::task::spawn_blocking(move || ca.get(&serial))
-                    .await
-                    .map_err(|e| e.to_string())?
-            };
+            let (ca, serial) = (self.ca.clone(), summary.serial.clone());
+            let record = crate::state::store_read(self.ca.store().local_reads(), move || ca.get(&serial))
+                .await
+                .map_err(|e| e.to_string())?;
             let record = match record {
                 Ok(r) => r,
                 Err(_) => return refuse(format!("certificate {} was not issued by this CA", summary.serial)),

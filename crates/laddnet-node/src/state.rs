@@ -49,6 +49,20 @@ pub struct NodeState {
     crl_number: AtomicU64,
 }
 
+/// Runs `f`, a small store read: here, where the store's reads are local
+/// (`Store::local_reads`: a blocking-pool hand-off costs more than the
+/// read), else on the blocking pool.
+pub async fn store_read<T: Send + 'static>(
+    local: bool,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, tokio::task::JoinError> {
+    if local {
+        Ok(f())
+    } else {
+        tokio::task::spawn_blocking(f).await
+    }
+}
+
 /// The TLS session-ticket keys and the key-encryption key that opens them.
 pub struct TicketSync {
     pub keys: Arc<laddnet_pki::tickets::TicketKeys>,

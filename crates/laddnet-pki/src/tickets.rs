@@ -61,6 +61,18 @@ struct StoredKeys {
     keys: Vec<StoredKey>,
 }
 
+impl StoredKeys {
+    /// The keys still in use at `now_ms`: the newest (it seals), and
+    /// older ones for one period after they stopped sealing.
+    fn live(&self, now_ms: i64) -> impl Iterator<Item = &StoredKey> {
+        self.keys
+            .iter()
+            .enumerate()
+            .filter(move |(i, k)| *i == 0 || k.created_ms.saturating_add(2 * ROTATE_MS) > now_ms)
+            .map(|(_, k)| k)
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct StoredKey {
     id: u32,
@@ -151,13 +163,7 @@ impl TicketKeys {
                 if rotated {
                     current.keys.insert(0, fresh.clone());
                 }
-                // The sealing key stays; older ones open for one period.
-                let mut first = true;
-                current.keys.retain(|k| {
-                    let keep = first || k.created_ms.saturating_add(2 * ROTATE_MS) > now_ms;
-                    first = false;
-                    keep
-                });
+                current.keys = current.live(now_ms).cloned().collect();
                 let json = serde_json::to_vec(&current).map_err(|e| PkiError::Corrupted(e.to_string()))?;
                 tx.set(&key, &json)?;
                 Ok((current, rotated))
@@ -175,9 +181,8 @@ impl TicketKeys {
     fn open_all(&self, stored: &StoredKeys, source: &KeySource, now_ms: i64) -> Result<(), PkiError> {
         let held: Vec<u32> = self.ids();
         let mut opened = Vec::new();
-        for (i, k) in stored.keys.iter().enumerate() {
-            let live = i == 0 || k.created_ms.saturating_add(2 * ROTATE_MS) > now_ms;
-            if !live || held.contains(&k.id) {
+        for k in stored.live(now_ms) {
+            if held.contains(&k.id) {
                 continue;
             }
             let secret = laddnet_vault::open(source, &key_aad(k.id), &k.sealed)?;
@@ -194,13 +199,7 @@ impl TicketKeys {
         let mut keys = self.keys.write().unwrap_or_else(|p| p.into_inner());
         keys.extend(opened);
         // Only what the store still holds, in its order (newest first).
-        keys.retain(|k| {
-            stored
-                .keys
-                .iter()
-                .enumerate()
-                .any(|(i, s)| s.id == k.id && (i == 0 || s.created_ms.saturating_add(2 * ROTATE_MS) > now_ms))
-        });
+        keys.retain(|k| stored.live(now_ms).any(|s| s.id == k.id));
         keys.sort_by_key(|k| std::cmp::Reverse(k.created_ms));
         Ok(())
     }
