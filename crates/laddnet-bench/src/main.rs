@@ -92,7 +92,9 @@ enum Cmd {
         background_rate: u64,
         #[arg(long, default_value_t = 10)]
         seconds: u64,
-        #[arg(long, default_value_t = 5)]
+        /// Seven pairs: the ratio is of two tails, each set by a few dozen
+        /// samples.
+        #[arg(long, default_value_t = 7)]
         pairs: usize,
     },
     /// Idle mutual-TLS chargers held, and server memory per charger.

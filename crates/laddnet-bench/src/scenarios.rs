@@ -134,6 +134,7 @@ pub async fn ingest(o: IngestOpts) -> anyhow::Result<Vec<Row>> {
     .await??;
     let (mut base, mut ours, mut ratios, mut base_wall, mut ours_wall) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut wall_ratios = Vec::new();
     for round in 0..o.pairs {
         let echo = servers::start_echo(&fleet)?;
         let (b, bw) = ingest_once(&fleet, &echo, round, &o).await?;
@@ -143,6 +144,7 @@ pub async fn ingest(o: IngestOpts) -> anyhow::Result<Vec<Row>> {
         node.kill();
         eprintln!("ingest pair {round}: echo {b:.0}/CPU-s ({bw:.0}/s), node {n:.0}/CPU-s ({nw:.0}/s)");
         ratios.push(n / b);
+        wall_ratios.push(nw / bw);
         base.push(b);
         ours.push(n);
         base_wall.push(bw);
@@ -165,7 +167,7 @@ pub async fn ingest(o: IngestOpts) -> anyhow::Result<Vec<Row>> {
             figure: "ingest: acknowledged events per second of wall time (server on one core)".into(),
             laddnet: format!("{:.0}", median(&mut ours_wall)),
             baseline: format!("echo: {:.0}", median(&mut base_wall)),
-            ratio: median(&mut ours_wall) / median(&mut base_wall),
+            ratio: median(&mut wall_ratios),
             target: "—".into(),
             met: true,
         },
@@ -333,6 +335,7 @@ pub async fn reconnect(chargers: usize, concurrency: usize, pairs: usize) -> any
     let (mut base, mut base_wall) = (Vec::new(), Vec::new());
     let (mut full, mut full_ratios, mut full_wall) = (Vec::new(), Vec::new(), Vec::new());
     let (mut resumed, mut ratios, mut resumed_wall) = (Vec::new(), Vec::new(), Vec::new());
+    let mut wall_ratios = Vec::new();
     for round in 0..pairs {
         // New client configurations: no charger holds a ticket.
         let configs = fresh(&fleet)?;
@@ -355,12 +358,14 @@ pub async fn reconnect(chargers: usize, concurrency: usize, pairs: usize) -> any
         full_ratios.push(f / b);
         resumed.push(n);
         resumed_wall.push(nw);
+        wall_ratios.push(nw / bw);
         ratios.push(n / b);
     }
     let ratio = median(&mut ratios);
     let full_ratio = median(&mut full_ratios);
     let wall = median(&mut resumed_wall);
     let raw_wall = median(&mut base_wall);
+    let wall_ratio = median(&mut wall_ratios);
     let raw = format!("raw rustls handshakes (full): {:.0}", median(&mut base));
     Ok(vec![
         Row {
@@ -377,7 +382,7 @@ pub async fn reconnect(chargers: usize, concurrency: usize, pairs: usize) -> any
             figure: format!("reconnect storm: seconds until all {chargers} chargers are back (resuming)"),
             laddnet: format!("{wall:.2} s"),
             baseline: format!("raw rustls handshakes (full): {raw_wall:.2} s"),
-            ratio: wall / raw_wall,
+            ratio: wall_ratio,
             target: "≤ 3 s".into(),
             met: wall <= 3.0 && chargers >= 10_000,
         },
@@ -467,9 +472,19 @@ pub async fn cold_start(sessions: usize, pairs: usize) -> anyhow::Result<Vec<Row
         let pristine = full.dir.path().join("pristine.redb");
         std::fs::copy(&full.store_path, &pristine)?;
         let (mut base, mut ours, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+        // Each side of a pair is the best of three starts: a start is tens
+        // of milliseconds, and one descheduling of this virtual machine's
+        // vCPU is a large share of that; noise only ever adds.
+        let best = |fleet: &Fleet, pristine: Option<&std::path::Path>| -> anyhow::Result<f64> {
+            let mut v = Vec::with_capacity(3);
+            for _ in 0..3 {
+                v.push(time_start(fleet, pristine)?);
+            }
+            Ok(v.into_iter().fold(f64::INFINITY, f64::min))
+        };
         for round in 0..pairs {
-            let b = time_start(&empty, None)?;
-            let n = time_start(&full, Some(&pristine))?;
+            let b = best(&empty, None)?;
+            let n = best(&full, Some(&pristine))?;
             eprintln!(
                 "cold start pair {round}: empty store {:.0} ms, {sessions} open sessions {:.0} ms",
                 b * 1e3,
@@ -481,7 +496,9 @@ pub async fn cold_start(sessions: usize, pairs: usize) -> anyhow::Result<Vec<Row
         }
         let took = median(&mut ours);
         Ok(vec![Row {
-            figure: format!("cold start to accepting, store holding {sessions} open sessions (spawn to serving)"),
+            figure: format!(
+                "cold start to accepting, store holding {sessions} open sessions (spawn to serving; best of 3 per side)"
+            ),
             laddnet: format!("{:.0} ms", took * 1e3),
             baseline: format!("same node, empty store: {:.0} ms", median(&mut base) * 1e3),
             ratio: median(&mut ratios),
@@ -522,10 +539,18 @@ async fn wait_until(due: Instant) {
 }
 
 /// A charger sending meter events on a fixed schedule, each answered
-/// before the next, until `stop`.
-async fn paced_meter(mut a: load::Attached, tx_id: String, per_s: u64, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+/// before the next, until `stop`. `phase` (0..1) shifts its schedule
+/// within the interval, so a fleet's events arrive spread out as real
+/// chargers' do, not all in the same instant.
+async fn paced_meter(
+    mut a: load::Attached,
+    tx_id: String,
+    per_s: u64,
+    phase: f64,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<()> {
     let every = Duration::from_micros(1_000_000 / per_s.max(1));
-    let (start, start_ms) = (Instant::now(), load::now_ms());
+    let (start, start_ms) = (Instant::now() + every.mul_f64(phase), load::now_ms());
     for seq in 0u64.. {
         if stop.load(Ordering::Relaxed) {
             break;
@@ -552,6 +577,7 @@ async fn authorize_once(
     let mut attached = attached.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
     let mut fg = attached.pop().context("no charger")?;
     let stop = Arc::new(AtomicBool::new(false));
+    let n = attached.len().max(1) as f64;
     let background: Vec<_> = attached
         .into_iter()
         .enumerate()
@@ -560,6 +586,7 @@ async fn authorize_once(
                 a,
                 format!("bg-{round}-{i}-{}", std::process::id()),
                 o.background_rate,
+                i as f64 / n,
                 stop.clone(),
             ))
         })
@@ -612,6 +639,7 @@ pub async fn authorize(o: AuthorizeOpts) -> anyhow::Result<Vec<Row>> {
     .await??;
     let (mut base, mut ours, mut over) = (Vec::new(), Vec::new(), Vec::new());
     let (mut base50, mut ours50) = (Vec::new(), Vec::new());
+    let (mut ratios99, mut ratios50) = (Vec::new(), Vec::new());
     for round in 0..o.pairs {
         let echo = servers::start_echo(&fleet)?;
         let b = authorize_once(&fleet, &echo, &cards, round, &o).await?;
@@ -627,11 +655,14 @@ pub async fn authorize(o: AuthorizeOpts) -> anyhow::Result<Vec<Row>> {
             percentile(&n, 0.5).as_secs_f64() * 1e6,
             n99 * 1e6
         );
+        let (b50, n50) = (percentile(&b, 0.5).as_secs_f64(), percentile(&n, 0.5).as_secs_f64());
         base.push(b99);
         ours.push(n99);
         over.push(n99 - b99);
-        base50.push(percentile(&b, 0.5).as_secs_f64());
-        ours50.push(percentile(&n, 0.5).as_secs_f64());
+        ratios99.push(n99 / b99);
+        base50.push(b50);
+        ours50.push(n50);
+        ratios50.push(n50 / b50);
     }
     let (n99, b99, over) = (median(&mut ours), median(&mut base), median(&mut over));
     let bg = format!(
@@ -643,7 +674,7 @@ pub async fn authorize(o: AuthorizeOpts) -> anyhow::Result<Vec<Row>> {
             figure: format!("authorize round trip p99 at {}/s ({bg} in the background)", o.rate),
             laddnet: format!("{:.0} µs", n99 * 1e6),
             baseline: format!("echo: {:.0} µs", b99 * 1e6),
-            ratio: n99 / b99,
+            ratio: median(&mut ratios99),
             target: "≤ 1 ms and ≤ echo + 0.3 ms".into(),
             met: n99 <= 0.001 && over <= 0.0003,
         },
@@ -651,7 +682,7 @@ pub async fn authorize(o: AuthorizeOpts) -> anyhow::Result<Vec<Row>> {
             figure: format!("authorize round trip p50 at {}/s", o.rate),
             laddnet: format!("{:.0} µs", median(&mut ours50) * 1e6),
             baseline: format!("echo: {:.0} µs", median(&mut base50) * 1e6),
-            ratio: median(&mut ours50) / median(&mut base50),
+            ratio: median(&mut ratios50),
             target: "—".into(),
             met: true,
         },
