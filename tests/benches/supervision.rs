@@ -28,9 +28,10 @@ use tokio::sync::Mutex;
 
 const BACKGROUND: usize = 20;
 const BACKGROUND_PER_S: u64 = 50;
-/// Seven pairs of phases (calm, then injections), each about 2.5 s.
+/// Seven pairs of phases (calm, then injections), each about 5.5 s: a
+/// phase's p99 is then its tenth slowest round trip, not its fourth.
 const PHASES: usize = 14;
-const INJECTIONS_PER_PHASE: usize = 400;
+const INJECTIONS_PER_PHASE: usize = 1_000;
 
 /// Round trips per phase.
 type Samples = Arc<Mutex<Vec<Vec<Duration>>>>;

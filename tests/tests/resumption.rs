@@ -19,6 +19,17 @@ fn handshakes(node: &TestNode) -> (u64, u64) {
     )
 }
 
+/// Drops `conn` and waits until the node has let the charger go (a
+/// reconnect before that is refused as a second connection, rightly).
+async fn disconnect(node: &TestNode, conn: Attached, id: &str) {
+    drop(conn);
+    let gone = eventually(Duration::from_secs(10), || async {
+        node.node().state.chargers.connection(id).is_none()
+    })
+    .await;
+    assert!(gone, "the node still holds {id}'s connection");
+}
+
 /// Connects with `tls` (one charger's client config, which keeps its
 /// tickets between connections) and attaches as `id`.
 async fn connect(node: &TestNode, tls: &Arc<ClientConfig>, id: &str) -> Result<Attached, String> {
@@ -68,7 +79,8 @@ async fn an_expired_certificate_cannot_resume() {
     let node = TestNode::start_with(|c| c.tls.crl_poll_ms = 3_600_000).await;
     let creds = node.enroll("CP-EXPIRES").await;
     let tls = node.tls(Some(&creds));
-    drop(connect(&node, &tls, "CP-EXPIRES").await.expect("first connection"));
+    let first = connect(&node, &tls, "CP-EXPIRES").await.expect("first connection");
+    disconnect(&node, first, "CP-EXPIRES").await;
 
     // Ten years on, by the CA's clock: rustls would not look at the dates
     // of a resumed session, the identity check does.
@@ -88,8 +100,10 @@ async fn without_session_tickets_every_handshake_is_full() {
     let creds = node.enroll("CP-FULL").await;
     let tls = node.tls(Some(&creds));
     let (full, _) = handshakes(&node);
-    drop(connect(&node, &tls, "CP-FULL").await.expect("first connection"));
-    drop(connect(&node, &tls, "CP-FULL").await.expect("reconnects"));
+    let first = connect(&node, &tls, "CP-FULL").await.expect("first connection");
+    disconnect(&node, first, "CP-FULL").await;
+    let again = connect(&node, &tls, "CP-FULL").await.expect("reconnects");
+    disconnect(&node, again, "CP-FULL").await;
     assert_eq!(handshakes(&node), (full + 2, 0), "no session cache either");
     node.restart().await;
     drop(

@@ -106,9 +106,21 @@ enum Cmd {
     },
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // The echo server runs as the node does (tokio's multi-threaded
+    // runtime, one worker per core it is pinned to). The load runs on one
+    // thread: it is pinned to one core, where a second thread would only
+    // take turns with the first (a reply waiting out another thread's
+    // time slice shows up as the server's latency).
+    let rt = match cli.cmd {
+        Cmd::Echo { .. } => tokio::runtime::Builder::new_multi_thread().enable_all().build()?,
+        _ => tokio::runtime::Builder::new_current_thread().enable_all().build()?,
+    };
+    rt.block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     let rows = match cli.cmd {
         Cmd::Echo {
             root,

@@ -449,6 +449,9 @@ fn fill_open_sessions(fleet: &Fleet, sessions: usize) -> anyhow::Result<()> {
 fn time_start(fleet: &Fleet, pristine: Option<&std::path::Path>) -> anyhow::Result<f64> {
     if let Some(p) = pristine {
         std::fs::copy(p, &fleet.store_path)?;
+        // On disk before the clock starts: else the node's first flush
+        // writes back the whole copy (a crashed node's store is on disk).
+        std::fs::File::open(&fleet.store_path)?.sync_all()?;
     }
     let t0 = Instant::now();
     let node = servers::start_node(fleet, &[])?;

@@ -372,11 +372,41 @@ pub fn periods(
     start_ms: i64,
     base_wh: u64,
 ) -> Result<Vec<ChargingPeriod>, CostError> {
-    periods_into(t, readings, tz, start_ms, base_wh, None)
+    periods_into(t, readings, tz, start_ms, base_wh, None, false)
+}
+
+/// Appends `p` to `out`, or, where `merge` and the last period ends where
+/// `p` starts and is priced alike (the same charging state and the same
+/// element for every dimension), extends the last period instead.
+fn push_period(out: &mut Vec<ChargingPeriod>, p: ChargingPeriod, merge: bool) {
+    if merge
+        && let Some(last) = out.last_mut()
+        && last.end_ms == p.start_ms
+        && last.charging == p.charging
+        && (last.energy_element, last.time_element, last.parking_element)
+            == (p.energy_element, p.time_element, p.parking_element)
+    {
+        last.end_ms = p.end_ms;
+        last.energy_wh += p.energy_wh;
+        return;
+    }
+    out.push(p);
+}
+
+/// Merges consecutive periods priced alike (see [`push_period`]): what a
+/// CDR keeps, one period per change of what prices the session.
+pub fn merge_periods(periods: &[ChargingPeriod]) -> Vec<ChargingPeriod> {
+    let mut out = Vec::new();
+    for p in periods {
+        push_period(&mut out, p.clone(), true);
+    }
+    out
 }
 
 /// [`periods`], adding each period to `meter` as it is priced (a period
-/// between two readings in integers, without reading it back).
+/// between two readings in integers, without reading it back); with
+/// `merge`, consecutive periods priced alike are returned as one
+/// ([`merge_periods`]), a run of whole ones summed in integers.
 fn periods_into(
     t: &Tariff,
     readings: &[Reading],
@@ -384,12 +414,13 @@ fn periods_into(
     start_ms: i64,
     base_wh: u64,
     mut meter: Option<&mut Meter>,
+    merge: bool,
 ) -> Result<Vec<ChargingPeriod>, CostError> {
     if readings.windows(2).any(|w| w[1].at_ms < w[0].at_ms) {
         return Err(CostError::Unordered);
     }
     let mut plan = Plan::of(t, tz, readings);
-    let mut out = Vec::with_capacity(readings.len().saturating_sub(1));
+    let mut out = Vec::with_capacity(if merge { 8 } else { readings.len().saturating_sub(1) });
     let mut cuts: Vec<(Decimal, Decimal)> = Vec::new();
     let start = Decimal::from(start_ms);
     // Duration thresholds as instants of this session.
@@ -411,6 +442,26 @@ fn periods_into(
     let flush = |meter: &mut Option<&mut Meter>, run: &mut Option<(Picks, u64, i64)>| {
         if let (Some(m), Some((picks, wh, ms))) = (meter.as_deref_mut(), run.take()) {
             m.add_whole(t, picks, wh, ms);
+        }
+    };
+    // With `merge`: the whole periods priced alike since the last one
+    // pushed, as (elements, charging, start, end, Wh).
+    let mut open: Option<(Picks, bool, i64, i64, u64)> = None;
+    let close = |out: &mut Vec<ChargingPeriod>, open: &mut Option<(Picks, bool, i64, i64, u64)>| {
+        if let Some(((energy_element, time_element, parking_element), charging, s, e, wh)) = open.take() {
+            push_period(
+                out,
+                ChargingPeriod {
+                    start_ms: Decimal::from(s),
+                    end_ms: Decimal::from(e),
+                    energy_wh: Decimal::from(wh),
+                    charging,
+                    energy_element,
+                    time_element,
+                    parking_element,
+                },
+                true,
+            );
         }
     };
     for w in readings.windows(2) {
@@ -464,6 +515,21 @@ fn periods_into(
                         }
                     }
                 }
+                if merge {
+                    match &mut open {
+                        Some((p, c, _, end, wh)) if *p == picks && *c == charging && *end == a.at_ms => {
+                            if let Some(sum) = wh.checked_add(de_wh) {
+                                *end = z.at_ms;
+                                *wh = sum;
+                                continue;
+                            }
+                            close(&mut out, &mut open);
+                        }
+                        _ => close(&mut out, &mut open),
+                    }
+                    open = Some((picks, charging, a.at_ms, z.at_ms, de_wh));
+                    continue;
+                }
                 out.push(ChargingPeriod {
                     start_ms: Decimal::from(a.at_ms),
                     end_ms: Decimal::from(z.at_ms),
@@ -488,7 +554,8 @@ fn periods_into(
             if let Some(m) = meter.as_deref_mut() {
                 m.add(t, &p);
             }
-            out.push(p);
+            close(&mut out, &mut open);
+            push_period(&mut out, p, merge);
             continue;
         }
         let mut seg = Segment::of(a, z);
@@ -530,10 +597,12 @@ fn periods_into(
             if let Some(m) = meter.as_deref_mut() {
                 m.add(t, &p);
             }
-            out.push(p);
+            close(&mut out, &mut open);
+            push_period(&mut out, p, merge);
         }
     }
     flush(&mut meter, &mut run);
+    close(&mut out, &mut open);
     Ok(out)
 }
 
@@ -779,7 +848,9 @@ pub fn running_cost(t: &Tariff, readings: &[Reading], tz: &Tz) -> Result<Cost, C
 fn price_with(t: &Tariff, readings: &[Reading], tz: &Tz, ended: bool) -> Result<Cost, CostError> {
     let first = *readings.first().ok_or(CostError::Empty)?;
     let mut meter = Meter::start(t, first, tz);
-    let periods = periods_into(t, readings, tz, first.at_ms, first.energy_wh, Some(&mut meter))?;
+    // A CDR keeps one period per change of what prices the session, not
+    // one per reading.
+    let periods = periods_into(t, readings, tz, first.at_ms, first.energy_wh, Some(&mut meter), true)?;
     let mut cost = meter.cost(t, ended);
     cost.periods = periods;
     Ok(cost)
@@ -1302,6 +1373,60 @@ mod tests {
         assert_eq!(at(1_792_886_400_000 + 6 * 300_000).energy_element, Some(0));
     }
 
+    /// A CDR keeps one period per change of what prices the session: 480
+    /// readings a minute apart make three periods (day rate, night rate,
+    /// parking), with the energy and times of the readings they join.
+    #[test]
+    fn a_priced_session_keeps_one_period_per_change_of_price() {
+        let t = Tariff::parse_json(
+            r#"{"id":"b","currency":"EUR","elements":[
+            {"price_components":[{"type":"FLAT","price":0.50,"step_size":1}]},
+            {"price_components":[{"type":"ENERGY","price":0.45,"step_size":1}],"restrictions":{"start_time":"07:00","end_time":"21:00"}},
+            {"price_components":[{"type":"ENERGY","price":0.32,"step_size":1}]},
+            {"price_components":[{"type":"PARKING_TIME","price":6.00,"step_size":300}],"restrictions":{"min_duration":3600}}]}"#,
+        )
+        .unwrap();
+        let tz: Tz = "Europe/Stockholm".parse().unwrap();
+        // From 17:00 local (CEST), one reading a minute for 8 hours;
+        // charging at 180 Wh a minute until 22:00, then parked.
+        let start = 1_781_190_000_000i64;
+        let r: Vec<Reading> = (0..480)
+            .map(|i| Reading {
+                at_ms: start + i * 60_000,
+                energy_wh: 1_000 + (i.min(300) as u64) * 180,
+                current_ma: 16_000,
+            })
+            .collect();
+        let c = price(&t, &r, &tz).unwrap();
+        let h = |hours: i64| Decimal::from(start + hours * 3_600_000);
+        let got: Vec<_> = c
+            .periods
+            .iter()
+            .map(|p| {
+                (
+                    p.start_ms,
+                    p.end_ms,
+                    p.charging,
+                    p.energy_element,
+                    p.parking_element,
+                    p.energy_wh,
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (h(0), h(4), true, Some(1), None, Decimal::from(240 * 180)),
+                (h(4), h(5), true, Some(2), None, Decimal::from(60 * 180)),
+                (h(5), Decimal::from(r[479].at_ms), false, None, Some(3), Decimal::ZERO),
+            ]
+        );
+        // The periods a live session prices one reading at a time merge to
+        // the same.
+        assert_eq!(merge_periods(&periods(&t, &r, &tz, start, 1_000).unwrap()), c.periods);
+        assert_eq!(periods(&t, &r, &tz, start, 1_000).unwrap().len(), 479);
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(2000))]
 
@@ -1328,6 +1453,20 @@ mod tests {
             let live = meter.cost(&t, true);
             let priced = price(&t, &r, &tz).unwrap();
             prop_assert_eq!(&live.lines, &priced.lines);
+            // A CDR's periods: the same periods, those priced alike merged
+            // (energies to 1e-12: a run of whole periods is summed first,
+            // then added to a fractional one before it, which can round
+            // the 28th digit differently).
+            let shape = |v: &[ChargingPeriod]| -> Vec<_> {
+                v.iter()
+                    .map(|p| (p.start_ms, p.end_ms, p.charging, p.energy_element, p.time_element, p.parking_element, p.energy_wh.round_dp(12).normalize()))
+                    .collect()
+            };
+            prop_assert_eq!(shape(&priced.periods), shape(&merge_periods(&fast)));
+            prop_assert!(priced.periods.windows(2).all(|w| w[0].end_ms != w[1].start_ms
+                || w[0].charging != w[1].charging
+                || (w[0].energy_element, w[0].time_element, w[0].parking_element)
+                    != (w[1].energy_element, w[1].time_element, w[1].parking_element)));
             prop_assert_eq!(live.total_incl_vat, priced.total_incl_vat);
             // And the volumes are those summed one decimal at a time:
             // exactly where every period is whole, else to 1e-15 (the

@@ -524,18 +524,29 @@ async fn revocation_poller(state: Arc<NodeState>, shutdown: CancellationToken) {
 async fn interrupt_left_active(state: Arc<NodeState>) {
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     let st = state.clone();
-    let done = tokio::task::spawn_blocking(move || {
-        laddnet_actors::repo::interrupt_all_active(st.store.as_ref(), now, &|c| st.chargers.connection(c).is_some())
-    })
-    .await;
-    match done {
+    // A thread of its own at background priority: the chargers coming back
+    // (and the node's own start) go first.
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new().name("left-active".into()).spawn(move || {
+        laddnet_store::background_priority();
+        let _ = tx.send(laddnet_actors::repo::interrupt_all_active(
+            st.store.as_ref(),
+            now,
+            &|c| st.chargers.connection(c).is_some(),
+        ));
+    });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "could not start the thread interrupting the sessions left active");
+        return;
+    }
+    match rx.await {
         Ok(Ok(0)) => {}
         Ok(Ok(n)) => tracing::info!(
             sessions = n,
             "sessions left active by the previous run are interrupted until their chargers return"
         ),
         Ok(Err(e)) => tracing::error!(error = %e, "interrupting the sessions left active failed"),
-        Err(e) => tracing::error!(error = %e, "interrupting the sessions left active panicked"),
+        Err(_) => tracing::error!("interrupting the sessions left active panicked"),
     }
 }
 

@@ -46,6 +46,28 @@ pub const MAX_VALUE_BYTES: usize = 100_000;
 /// FoundationDB's limit on the bytes a transaction writes.
 pub const MAX_TRANSACTION_BYTES: usize = 10_000_000;
 
+/// How much lower (nice) than request threads the store's own thread and
+/// background sweeps run.
+pub const BACKGROUND_NICE: i32 = 10;
+const _: () = assert!(BACKGROUND_NICE > 0, "background threads run below the request threads");
+
+/// Lowers the calling thread's CPU priority to [`BACKGROUND_NICE`], for
+/// threads whose work may wait while requests are served: the store's
+/// writer, sweeps over the whole store. It cannot be raised again
+/// without privileges, so call it only on a thread of one's own (not a
+/// pooled one). Does nothing where it is not supported.
+#[allow(unsafe_code)]
+pub fn background_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: setpriority on this thread's own id; no memory is passed.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        if libc::setpriority(libc::PRIO_PROCESS, tid, BACKGROUND_NICE) != 0 {
+            tracing::debug!("a background thread keeps its priority");
+        }
+    }
+}
+
 /// FoundationDB's limits, kept by every backend's write transaction.
 #[derive(Debug, Default)]
 pub struct WriteBudget {

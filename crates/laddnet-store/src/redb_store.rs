@@ -191,10 +191,18 @@ impl RedbStore {
 
     fn open_with(path: impl AsRef<Path>, durable: bool) -> Result<Self, StoreError> {
         let db = Database::create(path.as_ref()).map_err(StoreError::io)?;
-        // Make sure the table exists so read transactions can open it.
-        let tx = db.begin_write().map_err(StoreError::io)?;
-        tx.open_table(KV).map_err(StoreError::io)?;
-        tx.commit().map_err(StoreError::io)?;
+        // Make sure the table exists so read transactions can open it (a
+        // write, and its flush, only the first time).
+        let exists = match db.begin_read().map_err(StoreError::io)?.open_table(KV) {
+            Ok(_) => true,
+            Err(redb::TableError::TableDoesNotExist(_)) => false,
+            Err(e) => return Err(StoreError::io(e)),
+        };
+        if !exists {
+            let tx = db.begin_write().map_err(StoreError::io)?;
+            tx.open_table(KV).map_err(StoreError::io)?;
+            tx.commit().map_err(StoreError::io)?;
+        }
         Ok(Self {
             inner: Arc::new(Inner {
                 db,
@@ -255,7 +263,12 @@ impl Drop for RedbStore {
 }
 
 fn writer_loop(inner: &Inner, jobs: &Receiver<Box<dyn Job>>) {
-    lower_priority();
+    // Below the threads that serve requests: on a busy core a read or a
+    // reply that wakes up preempts a commit's page copying instead of
+    // waiting out its time slice, and the jobs that queue meanwhile join
+    // the next commit (a larger group). Durability is unchanged: nothing
+    // is acknowledged before its commit.
+    crate::background_priority();
     while let Ok(first) = jobs.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -267,27 +280,6 @@ fn writer_loop(inner: &Inner, jobs: &Receiver<Box<dyn Job>>) {
         inner.run_batch(batch);
     }
 }
-
-/// The writer runs at a lower CPU priority than the threads that serve
-/// requests: on a busy core a read or a reply that wakes up preempts a
-/// commit's page copying instead of waiting out its time slice, and the
-/// jobs that queue meanwhile join the next commit (a larger group).
-/// Durability is unchanged: nothing is acknowledged before its commit.
-#[allow(unsafe_code)]
-fn lower_priority() {
-    #[cfg(target_os = "linux")]
-    // SAFETY: setpriority on this thread's own id; no memory is passed.
-    unsafe {
-        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        if libc::setpriority(libc::PRIO_PROCESS, tid, WRITER_NICE) != 0 {
-            tracing::debug!("the store's writer keeps its priority");
-        }
-    }
-}
-
-/// How much lower (nice) the writer thread runs.
-const WRITER_NICE: libc::c_int = 10;
-const _: () = assert!(WRITER_NICE > 0, "the writer runs below the request threads");
 
 /// A job's transaction inside the writer's shared one: its writes stay in
 /// `writes` (read back by its own reads) until the job has succeeded.
@@ -706,7 +698,10 @@ mod tests {
             .filter_map(|stat| stat.rsplit_once(')')?.1.split_whitespace().nth(16)?.parse::<i32>().ok())
             .collect::<Vec<_>>();
         assert!(!nice.is_empty(), "no store-writer thread found");
-        assert!(nice.iter().all(|n| *n >= WRITER_NICE), "writer nice values: {nice:?}");
+        assert!(
+            nice.iter().all(|n| *n >= crate::BACKGROUND_NICE),
+            "writer nice values: {nice:?}"
+        );
     }
 
     #[test]
