@@ -8,11 +8,11 @@
 //!   checks at the end that the session counts on). p99 over many
 //!   injections; the floor is the same `inspect` round trip with no fault.
 //! - **The others**: background chargers send meter events on a fixed
-//!   schedule all along; their round-trip p99 in each phase with
-//!   injections is compared with the phase without just before it, and the
-//!   median of the seven pairs' ratios is reported (as the issue asks:
-//!   interleaved, median of at least 5 pairs). The replacement's ratios
-//!   are medians over the same pairs.
+//!   schedule all along; their round-trip p99 over the seven phases with
+//!   injections is compared with their p99 over the seven without, which
+//!   alternate with them (as the issue asks: "within 1.1× of a run without
+//!   the fault", interleaved). The replacement's ratios are medians of the
+//!   seven pairs' ratios.
 //!
 //! Prints a Markdown table for docs/performance.md (`scripts/bench.sh`).
 //! Nothing here asserts a time.
@@ -151,7 +151,6 @@ fn main() {
             r.sort_by(f64::total_cmp);
             r[r.len() / 2]
         };
-        let ratio = median_ratio(&|k| us(pct(&phases[2 * k + 1], 0.99)) / us(pct(&phases[2 * k], 0.99)));
         let ratio99 = median_ratio(&|k| us(pct(&replaced[k], 0.99)) / us(pct(&floor[k], 0.99)));
         let ratio50 = median_ratio(&|k| us(pct(&replaced[k], 0.5)) / us(pct(&floor[k], 0.5)));
         let pooled = |sets: &[Vec<Duration>]| {
@@ -162,7 +161,12 @@ fn main() {
         let (replaced, floor) = (pooled(&replaced), pooled(&floor));
         let calm: Vec<Vec<Duration>> = phases.iter().step_by(2).cloned().collect();
         let hit: Vec<Vec<Duration>> = phases.iter().skip(1).step_by(2).cloned().collect();
+        // The others' p99 with the faults against their p99 without: each
+        // over all seven phases of its kind (interleaved, so drift falls on
+        // both). A p99 per phase is its 55th slowest round trip, and the
+        // median of seven such ratios moved 23 % between two runs.
         let (calm, hit) = (pct(&pooled(&calm), 0.99), pct(&pooled(&hit), 0.99));
+        let ratio = us(hit) / us(calm);
         println!("| figure | laddnet | baseline (same run) | ratio | target |");
         println!("|---|---|---|---|---|");
         println!(
@@ -180,7 +184,8 @@ fn main() {
             ratio50
         );
         println!(
-            "| other chargers' meter event round trip p99 during injections ({BACKGROUND} × {BACKGROUND_PER_S}/s; ratio: median of {} phase pairs) | {:.0} µs | phases without faults: {:.0} µs | {:.2} | ≤ 1.1× |",
+            "| other chargers' meter event round trip p99 during injections ({BACKGROUND} × {BACKGROUND_PER_S}/s; over all {} phases with injections against all {} without) | {:.0} µs | phases without faults: {:.0} µs | {:.2} | ≤ 1.1× |",
+            PHASES / 2,
             PHASES / 2,
             us(hit),
             us(calm),
