@@ -228,3 +228,43 @@ fn validate_names_the_bad_field() {
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
 }
+
+/// A newcomer who stops `laddnet up` while its simulated fleet is still
+/// enrolling gets a clean, prompt stop: the enrolling task held the CA
+/// (and through it the store), and the node waited 10 s for it, then
+/// stopped with the store still open.
+#[test]
+fn stopping_while_the_fleet_still_enrolls_closes_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    bin("laddnet");
+    bin("laddctl");
+    // 200 chargers: the enrollment listener's rate limit spreads their
+    // enrollment over far longer than this test runs.
+    let up = start_up(dir.path(), &["--chargers", "200"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = ctl(dir.path(), &["chargers", "list", "--output", "json"]);
+        if out.status.success()
+            && !json(&out)["chargers"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .is_empty()
+        {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no charger enrolled within 60 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (status, stderr) = stop_with(up, "-TERM");
+    assert!(status.success(), "{stderr}");
+    assert!(stderr.contains("node stopped"), "{stderr}");
+    assert!(
+        !stderr.contains("tasks still hold the store"),
+        "the store was still held at shutdown:\n{stderr}"
+    );
+    // And the data dir is free for the next run at once.
+    let again = start_up(dir.path(), &["--chargers", "0"]);
+    let (status, stderr) = stop(again);
+    assert!(status.success(), "{stderr}");
+}

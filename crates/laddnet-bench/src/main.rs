@@ -90,11 +90,12 @@ enum Cmd {
         background_chargers: usize,
         #[arg(long, default_value_t = 20)]
         background_rate: u64,
-        #[arg(long, default_value_t = 10)]
+        /// Short phases, many of them: the p99 ratio is of the pooled
+        /// samples, and the two servers alternate often enough to see the
+        /// same stretch of the machine's stalls.
+        #[arg(long, default_value_t = 5)]
         seconds: u64,
-        /// Seven pairs: the ratio is of two tails, each set by a few dozen
-        /// samples.
-        #[arg(long, default_value_t = 7)]
+        #[arg(long, default_value_t = 12)]
         pairs: usize,
     },
     /// Idle mutual-TLS chargers held, and server memory per charger.

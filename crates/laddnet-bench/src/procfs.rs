@@ -22,6 +22,30 @@ pub fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
     parse_rss(&std::fs::read_to_string(format!("/proc/{pid}/status"))?)
 }
 
+/// Ticks the hypervisor stole from this machine's CPUs so far, and all
+/// ticks (the `cpu` line of `/proc/stat`: steal is its eighth value).
+pub fn steal_ticks() -> anyhow::Result<(u64, u64)> {
+    parse_machine_stat(&std::fs::read_to_string("/proc/stat")?)
+}
+
+fn parse_machine_stat(stat: &str) -> anyhow::Result<(u64, u64)> {
+    let line = stat
+        .lines()
+        .find(|l| l.starts_with("cpu "))
+        .ok_or_else(|| anyhow::anyhow!("/proc/stat has no cpu line"))?;
+    let values = line
+        .split_whitespace()
+        .skip(1)
+        .map(|v| v.parse::<u64>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow::anyhow!("/proc/stat cpu line: {e}"))?;
+    let steal = *values
+        .get(7)
+        .ok_or_else(|| anyhow::anyhow!("/proc/stat cpu line has no steal value"))?;
+    // guest and guest_nice (the ninth and tenth) are already in user.
+    Ok((steal, values.iter().take(8).sum()))
+}
+
 fn parse_stat(stat: &str) -> anyhow::Result<u64> {
     // The command name is in parentheses and may hold spaces: fields are
     // counted after the last ')'. utime and stime are fields 14 and 15.
@@ -72,9 +96,19 @@ mod tests {
     }
 
     #[test]
+    fn steal_is_the_eighth_value_of_the_cpu_line() {
+        let stat = "cpu  100 2 30 800 5 0 3 60 9 0\ncpu0 50 1 15 400 2 0 1 30 0 0\n";
+        assert_eq!(parse_machine_stat(stat).unwrap(), (60, 1000));
+        assert!(parse_machine_stat("cpu0 1 2 3\n").is_err());
+        assert!(parse_machine_stat("cpu  1 2 3\n").is_err());
+    }
+
+    #[test]
     fn this_process_is_measured() {
         let me = std::process::id();
         assert!(rss_bytes(me).unwrap() > 0);
         cpu_ticks(me).unwrap();
+        let (steal, all) = steal_ticks().unwrap();
+        assert!(all > 0 && steal <= all);
     }
 }

@@ -632,7 +632,17 @@ async fn authorize_once(
 }
 
 /// Authorization round trip at `rate` with meter traffic in the
-/// background: the node against the echo, p99 of each run.
+/// background: the node against the echo in short alternating phases.
+///
+/// The p99s here are set by this virtual machine's stalls (the whole
+/// process, echo or node, stops for 1–10 ms a few times a second, and
+/// the requests due meanwhile all count late): in one 10-second phase
+/// the p99 is the 100th-slowest sample, a handful of stalls, and the
+/// ratio of two such phases moved 45 % between runs. So the phases are
+/// short and many (the two servers see the same stretch of the
+/// machine's weather), and the p99 ratio is of the pooled samples of
+/// all the node's phases against all the echo's; the p50 ratio stays
+/// the median of per-pair ratios.
 pub async fn authorize(o: AuthorizeOpts) -> anyhow::Result<Vec<Row>> {
     let cards: Vec<String> = (0..2_000).map(|i| format!("0A{i:08X}")).collect();
     let fleet = tokio::task::spawn_blocking({
@@ -644,9 +654,10 @@ pub async fn authorize(o: AuthorizeOpts) -> anyhow::Result<Vec<Row>> {
         }
     })
     .await??;
-    let (mut base, mut ours, mut over) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut base50, mut ours50) = (Vec::new(), Vec::new());
-    let (mut ratios99, mut ratios50) = (Vec::new(), Vec::new());
+    let (mut all_b, mut all_n) = (Vec::new(), Vec::new());
+    let (mut base50, mut ours50, mut ratios50) = (Vec::new(), Vec::new(), Vec::new());
+    let mut ratios99 = Vec::new();
+    let steal_before = procfs::steal_ticks()?;
     for round in 0..o.pairs {
         let echo = servers::start_echo(&fleet)?;
         let b = authorize_once(&fleet, &echo, &cards, round, &o).await?;
@@ -655,41 +666,67 @@ pub async fn authorize(o: AuthorizeOpts) -> anyhow::Result<Vec<Row>> {
         let n = authorize_once(&fleet, &node, &cards, round, &o).await?;
         node.kill();
         let (b99, n99) = (percentile(&b, 0.99).as_secs_f64(), percentile(&n, 0.99).as_secs_f64());
+        let (b50, n50) = (percentile(&b, 0.5).as_secs_f64(), percentile(&n, 0.5).as_secs_f64());
         eprintln!(
             "authorize pair {round}: echo p50 {:.0} µs p99 {:.0} µs, node p50 {:.0} µs p99 {:.0} µs",
-            percentile(&b, 0.5).as_secs_f64() * 1e6,
+            b50 * 1e6,
             b99 * 1e6,
-            percentile(&n, 0.5).as_secs_f64() * 1e6,
+            n50 * 1e6,
             n99 * 1e6
         );
-        let (b50, n50) = (percentile(&b, 0.5).as_secs_f64(), percentile(&n, 0.5).as_secs_f64());
-        base.push(b99);
-        ours.push(n99);
-        over.push(n99 - b99);
         ratios99.push(n99 / b99);
         base50.push(b50);
         ours50.push(n50);
         ratios50.push(n50 / b50);
+        all_b.extend(b);
+        all_n.extend(n);
     }
-    let (n99, b99, over) = (median(&mut ours), median(&mut base), median(&mut over));
+    let steal_after = procfs::steal_ticks()?;
+    let stolen = (steal_after.0 - steal_before.0) as f64 / (steal_after.1 - steal_before.1).max(1) as f64;
+    all_b.sort();
+    all_n.sort();
+    let (b99, n99) = (
+        percentile(&all_b, 0.99).as_secs_f64(),
+        percentile(&all_n, 0.99).as_secs_f64(),
+    );
+    eprintln!(
+        "authorize: pooled p99 echo {:.0} µs, node {:.0} µs (ratio {:.3}); median of per-pair p99 ratios {:.3}; \
+         CPU stolen by the hypervisor meanwhile {:.2} %",
+        b99 * 1e6,
+        n99 * 1e6,
+        n99 / b99,
+        median(&mut ratios99),
+        stolen * 100.0
+    );
     let bg = format!(
         "{} chargers × {}/s meter events",
         o.background_chargers, o.background_rate
     );
     Ok(vec![
         Row {
-            figure: format!("authorize round trip p99 at {}/s ({bg} in the background)", o.rate),
+            figure: format!(
+                "authorize round trip p99 at {}/s ({bg} in the background; {} alternating phases of {} s each, pooled)",
+                o.rate, o.pairs, o.seconds
+            ),
             laddnet: format!("{:.0} µs", n99 * 1e6),
             baseline: format!("echo: {:.0} µs", b99 * 1e6),
-            ratio: median(&mut ratios99),
+            ratio: n99 / b99,
             target: "≤ 1 ms and ≤ echo + 0.3 ms".into(),
-            met: n99 <= 0.001 && over <= 0.0003,
+            met: n99 <= 0.001 && n99 - b99 <= 0.0003,
         },
         Row {
             figure: format!("authorize round trip p50 at {}/s", o.rate),
             laddnet: format!("{:.0} µs", median(&mut ours50) * 1e6),
             baseline: format!("echo: {:.0} µs", median(&mut base50) * 1e6),
             ratio: median(&mut ratios50),
+            target: "—".into(),
+            met: true,
+        },
+        Row {
+            figure: "CPU time the hypervisor stole from this machine during the authorize phases (/proc/stat)".into(),
+            laddnet: format!("{:.2} %", stolen * 100.0),
+            baseline: "—".into(),
+            ratio: f64::NAN,
             target: "—".into(),
             met: true,
         },

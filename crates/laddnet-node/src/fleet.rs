@@ -87,10 +87,18 @@ fn create_demo_drivers(drivers: &laddnet_drivers::Drivers, count: usize) -> anyh
     Ok(())
 }
 
+/// The simulated chargers started so far, and the task still enrolling
+/// the rest (it holds the CA, and through it the store: it must be
+/// stopped before the node can close the store).
+pub struct SimFleet {
+    pub sims: Fleet,
+    pub enrolling: tokio::task::JoinHandle<()>,
+}
+
 /// Creates the demo sites (once) and starts `n` simulated chargers; those
 /// not yet enrolled enroll in the background, paced by the listener's
 /// rate limit like any charger.
-pub async fn start(node: &RunningNode, data_dir: &Path, n: usize) -> anyhow::Result<Fleet> {
+pub async fn start(node: &RunningNode, data_dir: &Path, n: usize) -> anyhow::Result<SimFleet> {
     let store = node.state.store.clone();
     tokio::task::spawn_blocking(move || {
         for (id, name, tz, limit) in SITES {
@@ -143,7 +151,7 @@ pub async fn start(node: &RunningNode, data_dir: &Path, n: usize) -> anyhow::Res
     let dir = laddnet_sim::identity_dir(data_dir);
     let ca = node.state.ca.clone();
     let f = fleet.clone();
-    tokio::spawn(async move {
+    let enrolling = tokio::spawn(async move {
         for i in 0..n {
             let mut profile = Profile::fleet_member(i);
             profile.tokens = (1..=DRIVERS_PER_CHARGER)
@@ -172,7 +180,7 @@ pub async fn start(node: &RunningNode, data_dir: &Path, n: usize) -> anyhow::Res
             f.lock().await.push(laddnet_sim::spawn(ep.clone(), identity, profile));
         }
     });
-    Ok(fleet)
+    Ok(SimFleet { sims: fleet, enrolling })
 }
 
 async fn enroll_one(

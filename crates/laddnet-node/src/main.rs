@@ -87,21 +87,27 @@ fn load(config: &std::path::Path) -> anyhow::Result<NodeConfig> {
 }
 
 /// Ctrl-C, or SIGTERM (what systemd and container runtimes send).
-async fn wait_for_ctrl_c() {
+/// Ctrl-C or SIGTERM, caught from the moment this is called (not from
+/// the first poll): a signal that arrives while the node is still
+/// starting stops it cleanly once it is up, instead of killing it.
+fn stop_signal() -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            return;
+        if let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
+            return Box::pin(async move {
+                tokio::select! {
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
+                }
+            });
         }
     }
-    if tokio::signal::ctrl_c().await.is_err() {
-        std::future::pending::<()>().await;
-    }
+    Box::pin(async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    })
 }
 
 #[derive(Subcommand)]
@@ -172,6 +178,7 @@ async fn up(
     chargers: usize,
     fault_every_s: u64,
 ) -> anyhow::Result<()> {
+    let stop = stop_signal();
     let config_path = data_dir.join("laddnet.toml");
     if !config_path.exists() {
         let cfg = NodeConfig::for_data_dir(&data_dir);
@@ -211,14 +218,19 @@ async fn up(
     println!("Ctrl-C stops the node.");
     let fleet = fleet::start(&node, &data_dir, chargers).await?;
     let summary = tokio::spawn(fleet::summary(node.state.clone()));
-    let faults = tokio::spawn(fleet::inject_faults(fleet.clone(), fault_every_s));
-    wait_for_ctrl_c().await;
-    summary.abort();
-    faults.abort();
-    for sim in fleet.lock().await.iter() {
+    let faults = tokio::spawn(fleet::inject_faults(fleet.sims.clone(), fault_every_s));
+    stop.await;
+    eprintln!("stopping…");
+    // The enrolling task holds the CA (and so the store), the summary the
+    // node's state: both let go before the node closes its store. An
+    // aborted task's handle resolves once its future is dropped.
+    for task in [fleet.enrolling, summary, faults] {
+        task.abort();
+        let _ = task.await;
+    }
+    for sim in fleet.sims.lock().await.iter() {
         sim.stop();
     }
-    eprintln!("stopping…");
     node.shutdown().await;
     Ok(())
 }
@@ -237,6 +249,7 @@ async fn main() {
                 fault_every_s,
             } => up(data_dir, mtls_addr, enrollment_addr, chargers, fault_every_s).await,
             Cmd::Node { config } => {
+                let stop = stop_signal();
                 let node = RunningNode::start(load(&config)?).await?;
                 println!(
                     "serving: mutual TLS on {}, enrollment on {}",
@@ -245,7 +258,7 @@ async fn main() {
                 if let Some(m) = node.metrics_addr {
                     println!("metrics: http://{m}/metrics");
                 }
-                wait_for_ctrl_c().await;
+                stop.await;
                 node.shutdown().await;
                 Ok(())
             }
@@ -267,13 +280,14 @@ async fn main() {
                         clients,
                     },
             } => {
+                let signal = stop_signal();
                 let stop = tokio_util::sync::CancellationToken::new();
                 let serving = laddnet_node::shared_store::serve(load(&config)?, listen, clients, stop.clone()).await?;
                 for (name, crt, key) in &serving.clients {
                     println!("client {name}: {} {}", crt.display(), key.display());
                 }
                 println!("store serving on {}", serving.addr);
-                wait_for_ctrl_c().await;
+                signal.await;
                 stop.cancel();
                 let _ = serving.task.await;
                 Ok(())
