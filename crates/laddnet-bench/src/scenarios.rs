@@ -573,13 +573,15 @@ async fn paced_meter(
 /// Authorize round trips from one charger at `rate`, timed from when each
 /// was due (a late answer delays the next, and that counts too), while
 /// other chargers send meter events in the background.
+/// Returns the sorted round trips and the share of the machine's CPU
+/// time the hypervisor stole while they were measured.
 async fn authorize_once(
     fleet: &Fleet,
     server: &Server,
     cards: &[String],
     round: usize,
     o: &AuthorizeOpts,
-) -> anyhow::Result<Vec<Duration>> {
+) -> anyhow::Result<(Vec<Duration>, f64)> {
     let attached = attach_all(fleet, server, fleet.chargers.len(), 32).await;
     let mut attached = attached.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
     let mut fg = attached.pop().context("no charger")?;
@@ -603,9 +605,13 @@ async fn authorize_once(
     let total = warmup + (o.rate * o.seconds) as usize;
     let mut out = Vec::with_capacity(total);
     let start = Instant::now();
+    let mut steal_from = procfs::steal_ticks()?;
     for i in 0..total {
         let due = start + every * i as u32;
         wait_until(due).await;
+        if i == warmup {
+            steal_from = procfs::steal_ticks()?;
+        }
         // One in ten cards is unknown to the network.
         let id_token = if i % 10 == 9 {
             format!("FF{i:08X}")
@@ -623,26 +629,70 @@ async fn authorize_once(
             out.push(due.elapsed());
         }
     }
+    let steal_to = procfs::steal_ticks()?;
     stop.store(true, Ordering::Relaxed);
     for b in background {
         b.await??;
     }
     out.sort();
-    Ok(out)
+    let stolen = (steal_to.0 - steal_from.0) as f64 / (steal_to.1 - steal_from.1).max(1) as f64;
+    Ok((out, stolen))
+}
+
+/// A phase during which the hypervisor stole more than this share of
+/// the machine's CPU is run again (its p99 would be the stalls').
+const QUIET_STEAL: f64 = 0.005;
+const STEAL_ATTEMPTS: usize = 3;
+
+/// One authorize phase against a fresh echo or node, run again (up to
+/// `STEAL_ATTEMPTS` in all) while the hypervisor stole more than
+/// `QUIET_STEAL` of the CPU during it; the quietest attempt is kept.
+/// Returns its samples, its steal and how many attempts were run again.
+async fn authorize_phase(
+    fleet: &Fleet,
+    cards: &[String],
+    round: usize,
+    o: &AuthorizeOpts,
+    node: bool,
+) -> anyhow::Result<(Vec<Duration>, f64, usize)> {
+    let mut best: Option<(Vec<Duration>, f64)> = None;
+    for attempt in 0..STEAL_ATTEMPTS {
+        let server = if node {
+            servers::start_node(fleet, &node_env())?
+        } else {
+            servers::start_echo(fleet)?
+        };
+        let (samples, stolen) = authorize_once(fleet, &server, cards, round, o).await?;
+        server.kill();
+        if best.as_ref().is_none_or(|b| stolen < b.1) {
+            best = Some((samples, stolen));
+        }
+        if stolen <= QUIET_STEAL {
+            return best.map(|(s, st)| (s, st, attempt)).context("no phase");
+        }
+        eprintln!(
+            "authorize pair {round}: the {} phase had {:.2} % of the CPU stolen{}",
+            if node { "node" } else { "echo" },
+            stolen * 100.0,
+            if attempt + 1 < STEAL_ATTEMPTS {
+                ", running it again"
+            } else {
+                ""
+            }
+        );
+    }
+    best.map(|(s, st)| (s, st, STEAL_ATTEMPTS - 1)).context("no phase")
 }
 
 /// Authorization round trip at `rate` with meter traffic in the
 /// background: the node against the echo in short alternating phases.
 ///
-/// The p99s here are set by this virtual machine's stalls (the whole
-/// process, echo or node, stops for 1–10 ms a few times a second, and
-/// the requests due meanwhile all count late): in one 10-second phase
-/// the p99 is the 100th-slowest sample, a handful of stalls, and the
-/// ratio of two such phases moved 45 % between runs. So the phases are
-/// short and many (the two servers see the same stretch of the
-/// machine's weather), and the p99 ratio is of the pooled samples of
-/// all the node's phases against all the echo's; the p50 ratio stays
-/// the median of per-pair ratios.
+/// The p99s here are set by this virtual machine's stalls as much as by
+/// either server (the hypervisor stops a vCPU for 1–30 ms at a time, and
+/// the requests due meanwhile all count late), so a phase during which
+/// it stole more than `QUIET_STEAL` of the CPU is run again, and the
+/// steal is reported. The ratios are the medians of the per-pair ratios;
+/// the p99 of all phases pooled is logged beside them.
 pub async fn authorize(o: AuthorizeOpts) -> anyhow::Result<Vec<Row>> {
     let cards: Vec<String> = (0..2_000).map(|i| format!("0A{i:08X}")).collect();
     let fleet = tokio::task::spawn_blocking({
@@ -656,15 +706,15 @@ pub async fn authorize(o: AuthorizeOpts) -> anyhow::Result<Vec<Row>> {
     .await??;
     let (mut all_b, mut all_n) = (Vec::new(), Vec::new());
     let (mut base50, mut ours50, mut ratios50) = (Vec::new(), Vec::new(), Vec::new());
-    let mut ratios99 = Vec::new();
+    let (mut ratios99, mut base99, mut ours99, mut over99) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut reruns, mut kept_steal) = (0, Vec::new());
     let steal_before = procfs::steal_ticks()?;
     for round in 0..o.pairs {
-        let echo = servers::start_echo(&fleet)?;
-        let b = authorize_once(&fleet, &echo, &cards, round, &o).await?;
-        echo.kill();
-        let node = servers::start_node(&fleet, &node_env())?;
-        let n = authorize_once(&fleet, &node, &cards, round, &o).await?;
-        node.kill();
+        let mut b = authorize_phase(&fleet, &cards, round, &o, false).await?;
+        let mut n = authorize_phase(&fleet, &cards, round, &o, true).await?;
+        reruns += b.2 + n.2;
+        kept_steal.extend([b.1, n.1]);
+        let (b, n) = (std::mem::take(&mut b.0), std::mem::take(&mut n.0));
         let (b99, n99) = (percentile(&b, 0.99).as_secs_f64(), percentile(&n, 0.99).as_secs_f64());
         let (b50, n50) = (percentile(&b, 0.5).as_secs_f64(), percentile(&n, 0.5).as_secs_f64());
         eprintln!(
@@ -675,6 +725,9 @@ pub async fn authorize(o: AuthorizeOpts) -> anyhow::Result<Vec<Row>> {
             n99 * 1e6
         );
         ratios99.push(n99 / b99);
+        base99.push(b99);
+        ours99.push(n99);
+        over99.push(n99 - b99);
         base50.push(b50);
         ours50.push(n50);
         ratios50.push(n50 / b50);
@@ -685,19 +738,25 @@ pub async fn authorize(o: AuthorizeOpts) -> anyhow::Result<Vec<Row>> {
     let stolen = (steal_after.0 - steal_before.0) as f64 / (steal_after.1 - steal_before.1).max(1) as f64;
     all_b.sort();
     all_n.sort();
-    let (b99, n99) = (
+    let (pooled_b, pooled_n) = (
         percentile(&all_b, 0.99).as_secs_f64(),
         percentile(&all_n, 0.99).as_secs_f64(),
     );
-    eprintln!(
-        "authorize: pooled p99 echo {:.0} µs, node {:.0} µs (ratio {:.3}); median of per-pair p99 ratios {:.3}; \
-         CPU stolen by the hypervisor meanwhile {:.2} %",
-        b99 * 1e6,
-        n99 * 1e6,
-        n99 / b99,
+    let (b99, n99, over, ratio99) = (
+        median(&mut base99),
+        median(&mut ours99),
+        median(&mut over99),
         median(&mut ratios99),
+    );
+    eprintln!(
+        "authorize: median of per-pair p99 ratios {ratio99:.3}; pooled p99 echo {:.0} µs, node {:.0} µs (ratio {:.3}); \
+         CPU stolen by the hypervisor meanwhile {:.2} %, {reruns} phases re-run",
+        pooled_b * 1e6,
+        pooled_n * 1e6,
+        pooled_n / pooled_b,
         stolen * 100.0
     );
+    let kept = kept_steal.iter().sum::<f64>() / kept_steal.len().max(1) as f64;
     let bg = format!(
         "{} chargers × {}/s meter events",
         o.background_chargers, o.background_rate
@@ -705,14 +764,14 @@ pub async fn authorize(o: AuthorizeOpts) -> anyhow::Result<Vec<Row>> {
     Ok(vec![
         Row {
             figure: format!(
-                "authorize round trip p99 at {}/s ({bg} in the background; {} alternating phases of {} s each, pooled)",
+                "authorize round trip p99 at {}/s ({bg} in the background; {} pairs of {} s phases)",
                 o.rate, o.pairs, o.seconds
             ),
             laddnet: format!("{:.0} µs", n99 * 1e6),
             baseline: format!("echo: {:.0} µs", b99 * 1e6),
-            ratio: n99 / b99,
+            ratio: ratio99,
             target: "≤ 1 ms and ≤ echo + 0.3 ms".into(),
-            met: n99 <= 0.001 && n99 - b99 <= 0.0003,
+            met: n99 <= 0.001 && over <= 0.0003,
         },
         Row {
             figure: format!("authorize round trip p50 at {}/s", o.rate),
@@ -723,8 +782,16 @@ pub async fn authorize(o: AuthorizeOpts) -> anyhow::Result<Vec<Row>> {
             met: true,
         },
         Row {
-            figure: "CPU time the hypervisor stole from this machine during the authorize phases (/proc/stat)".into(),
-            laddnet: format!("{:.2} %", stolen * 100.0),
+            figure: format!(
+                "CPU time the hypervisor stole from this machine (/proc/stat) during the authorize phases kept \
+                 (a phase with over {:.1} % is run again, up to {STEAL_ATTEMPTS} times, and the quietest kept)",
+                QUIET_STEAL * 100.0
+            ),
+            laddnet: format!(
+                "{:.2} % ({:.2} % over the whole scenario; {reruns} phases run again)",
+                kept * 100.0,
+                stolen * 100.0
+            ),
             baseline: "—".into(),
             ratio: f64::NAN,
             target: "—".into(),
