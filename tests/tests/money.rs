@@ -342,7 +342,11 @@ async fn a_crash_between_session_end_and_posting_gives_one_cdr_and_one_posting()
     let node = NodeProcess::start(dir.path(), &[]);
     let mut b = BillingServiceClient::new(node.channel(&root, &admin).await);
     let found = wait_cdr(&mut b, "tx-k", 20).await;
-    assert!(found.is_some(), "no CDR for tx-k");
+    assert!(
+        found.is_some(),
+        "no CDR for tx-k; the node's log:\n{}",
+        std::fs::read_to_string(&node.log).unwrap_or_default()
+    );
     let v = b.verify_ledger(v1::VerifyLedgerRequest {}).await.unwrap().into_inner();
     assert!(v.ok, "{:?}", v.problems);
     assert_eq!((v.cdrs, v.postings), (1, 1));

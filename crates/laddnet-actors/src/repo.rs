@@ -449,11 +449,26 @@ pub fn all_sessions(store: &dyn Store) -> Result<Vec<SessionRecord>, RepoError> 
 /// Deletes ended sessions whose end reading is before `cutoff_ms`, with
 /// their meter events and their drivers' history entries (retention).
 /// CDRs and the ledger are kept. Returns how many were deleted.
+///
+/// A session not billed yet (its `session-unbilled` marker still set: a
+/// crash caught it between its end and its CDR, or billing is off) is
+/// kept whatever its age: deleting it would lose the revenue, and the CDR
+/// is what accounting keeps. The marker is set in the transaction that
+/// ends a session and only ever cleared, so a session seen billed here
+/// stays billed.
 pub fn purge_ended_before(store: &dyn Store, cutoff_ms: i64) -> Result<usize, RepoError> {
     let old: Vec<SessionRecord> = scan(store, "session", None, usize::MAX, |r: &SessionRecord| {
         r.status == SessionStatus::Ended && r.ended.is_some_and(|e| e.at_ms < cutoff_ms)
     })?
     .0;
+    let mut billed = Vec::with_capacity(old.len());
+    for r in old {
+        let marker = laddnet_ledger::cdr::unbilled_key(&r.transaction_id);
+        if store.snapshot(|tx| tx.get(&marker))?.is_none() {
+            billed.push(r);
+        }
+    }
+    let old = billed;
     for r in &old {
         // One session per transaction: events are chunked the same way.
         loop {

@@ -595,10 +595,16 @@ async fn billing_sweeper(state: Arc<NodeState>, shutdown: CancellationToken) {
         let r = tokio::task::spawn_blocking(move || -> Result<usize, laddnet_ledger::LedgerError> {
             let ids = laddnet_ledger::cdr::unbilled(store.as_ref())?;
             let defaults = laddnet_ledger::cdr::BillingDefaults { currency };
+            let mut billed = 0;
             for id in &ids {
-                laddnet_ledger::cdr::bill_session(store.as_ref(), id, &defaults)?;
+                // One session that cannot be billed must not hold up the
+                // others: it is logged and tried again next pass.
+                match laddnet_ledger::cdr::bill_session(store.as_ref(), id, &defaults) {
+                    Ok(_) => billed += 1,
+                    Err(e) => tracing::error!(transaction_id = %id, error = %e, "billing an ended session failed"),
+                }
             }
-            Ok(ids.len())
+            Ok(billed)
         })
         .await;
         match r {
