@@ -2,29 +2,14 @@
 //! interrupted, in a few large transactions, except those whose charger
 //! is already back.
 
+mod common;
+
 use laddnet_actors::repo;
-use laddnet_core::charging::{MeterSample, SessionStatus, TxEvent, TxEventKind};
+use laddnet_core::charging::{SessionStatus, TxEvent, TxEventKind};
 use laddnet_store::RedbStore;
 
 fn started(tx: &str) -> TxEvent {
-    TxEvent {
-        transaction_id: tx.into(),
-        seq: 0,
-        kind: TxEventKind::Started,
-        connector_id: 1,
-        at_ms: 1_700_000_000_000,
-        meter: MeterSample {
-            energy_wh: 100,
-            power_w: 11_000,
-            current_ma: 16_000,
-            voltage_mv: 230_000,
-            soc_percent: None,
-        },
-        offline: false,
-        stop_reason: String::new(),
-        driver_id: None,
-        token_ref: None,
-    }
+    common::event(tx, 0, TxEventKind::Started, 1_700_000_000_000, 100)
 }
 
 #[test]

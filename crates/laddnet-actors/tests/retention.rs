@@ -1,30 +1,12 @@
 //! Retention deletes ended sessions past the cutoff, but never one that is
 //! not billed yet: that would lose its revenue.
 
-use laddnet_actors::repo;
-use laddnet_core::charging::{MeterSample, TxEvent, TxEventKind};
-use laddnet_store::RedbStore;
+mod common;
 
-fn event(tx: &str, seq: u64, kind: TxEventKind, at_ms: i64, energy_wh: u64) -> TxEvent {
-    TxEvent {
-        transaction_id: tx.into(),
-        seq,
-        kind,
-        connector_id: 1,
-        at_ms,
-        meter: MeterSample {
-            energy_wh,
-            power_w: 11_000,
-            current_ma: 16_000,
-            voltage_mv: 230_000,
-            soc_percent: None,
-        },
-        offline: false,
-        stop_reason: String::new(),
-        driver_id: None,
-        token_ref: None,
-    }
-}
+use common::event;
+use laddnet_actors::repo;
+use laddnet_core::charging::TxEventKind;
+use laddnet_store::RedbStore;
 
 fn session(store: &RedbStore, charger: &str, tx: &str, start_ms: i64) {
     for (seq, kind) in [
