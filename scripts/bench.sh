@@ -44,7 +44,10 @@ figure is reported beside a baseline measured in the same run, interleaved
 (baseline, laddnet, baseline, laddnet …), at least 5 pairs; the ratio is
 the median of the per-pair ratios, except for the other chargers' p99
 during panics, which is of each side's samples pooled over all its
-interleaved phases (see below). Absolute numbers drift ±30 % between
+interleaved turns (see below). Where a figure is a tail latency, the two
+sides of a pair alternate in turns of about 0.1 s, not phases of
+seconds, so both meet the same stretch of this virtual machine's
+stalls. Absolute numbers drift ±30 % between
 runs on shared machines: compare the ratios.
 
 HEAD
@@ -95,9 +98,13 @@ Commands (each alone: `taskset -c 1 target/release/laddnet-bench <scenario>`):
 - `authorize`: one charger sends `Authorize` at 1,000/s (2,000
   registered RFID cards, one in ten unknown) while 50 chargers send meter
   events at 20/s each; latency from when each request was due (no
-  coordinated omission). 12 pairs of 5 s phases (after 1 s of warm-up
-  each); the ratios are the medians of the 12 per-pair ratios. A phase
-  during which the hypervisor stole more than 0.5 % of the machine's CPU
+  coordinated omission). Per pair, a fresh echo and a fresh node run side
+  by side, both pinned to core 0, every charger attached to both, and the
+  load goes to them in turns of 100 ms (nothing is sent in the first 3 ms
+  of a turn, while the other server finishes what it had), 5 s a side
+  after 1 s of warm-up: both meet the same stretch of the machine's
+  stalls. The ratios are the medians of the 12 per-pair ratios. A pair
+  during which the hypervisor stole more than 1.5 % of the machine's CPU
   (`/proc/stat`) is run again, up to 3 times, and the quietest kept; the
   steal is reported beside the figures.
 - `cold-start`: spawn to "serving" with 100,000 open sessions in the store,

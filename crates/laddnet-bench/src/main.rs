@@ -90,8 +90,8 @@ enum Cmd {
         background_chargers: usize,
         #[arg(long, default_value_t = 20)]
         background_rate: u64,
-        /// Short phases, many of them: the two servers alternate often
-        /// enough to see the same stretch of the machine's stalls.
+        /// Seconds each server has the load per pair (in turns of
+        /// 100 ms, so both see the same stretch of the machine's stalls).
         #[arg(long, default_value_t = 5)]
         seconds: u64,
         #[arg(long, default_value_t = 12)]

@@ -64,6 +64,12 @@ fn parse_stat(stat: &str) -> anyhow::Result<u64> {
     Ok(field(14)? + field(15)?)
 }
 
+/// The share of the machine's CPU time stolen between two readings of
+/// [`steal_ticks`].
+pub fn stolen_share(from: (u64, u64), to: (u64, u64)) -> f64 {
+    to.0.saturating_sub(from.0) as f64 / to.1.saturating_sub(from.1).max(1) as f64
+}
+
 fn parse_rss(status: &str) -> anyhow::Result<u64> {
     let line = status
         .lines()
@@ -101,6 +107,8 @@ mod tests {
         assert_eq!(parse_machine_stat(stat).unwrap(), (60, 1000));
         assert!(parse_machine_stat("cpu0 1 2 3\n").is_err());
         assert!(parse_machine_stat("cpu  1 2 3\n").is_err());
+        assert_eq!(stolen_share((60, 1000), (70, 2000)), 0.01);
+        assert_eq!(stolen_share((60, 1000), (60, 1000)), 0.0);
     }
 
     #[test]

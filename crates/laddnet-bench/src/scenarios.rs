@@ -545,154 +545,185 @@ async fn wait_until(due: Instant) {
     }
 }
 
+/// How long each server has the load before the other takes it over,
+/// within a pair of the authorize scenario.
+const SLOT: Duration = Duration::from_millis(100);
+/// The start of each slot, when nothing is sent: what the other server
+/// still had to do (a commit) finishes before this one's turn is timed.
+const GUARD: Duration = Duration::from_millis(3);
+
+/// The alternation of one authorize pair: from `start`, slots of `SLOT`
+/// go to the echo and the node in turn, the node first when `node_first`.
+#[derive(Clone, Copy)]
+struct Slots {
+    start: Instant,
+    node_first: bool,
+}
+
+impl Slots {
+    /// Whether a request due at `due` goes to the node; `None` in a
+    /// slot's guard, when nothing is sent.
+    fn node(&self, due: Instant) -> Option<bool> {
+        let since = due.saturating_duration_since(self.start).as_nanos();
+        let (slot, into) = (since / SLOT.as_nanos(), since % SLOT.as_nanos());
+        (into >= GUARD.as_nanos()).then_some((slot % 2 == 0) == self.node_first)
+    }
+}
+
+/// A pair during which the hypervisor stole more than this share of the
+/// machine's CPU is run again (both servers' p99s would be the stalls').
+const QUIET_STEAL: f64 = 0.015;
+const STEAL_ATTEMPTS: usize = 3;
+
+/// One charger attached to both servers of a pair.
+struct Both {
+    echo: load::Attached,
+    node: load::Attached,
+}
+
+impl Both {
+    fn to(&mut self, node: bool) -> &mut load::Attached {
+        if node { &mut self.node } else { &mut self.echo }
+    }
+}
+
 /// A charger sending meter events on a fixed schedule, each answered
-/// before the next, until `stop`. `phase` (0..1) shifts its schedule
-/// within the interval, so a fleet's events arrive spread out as real
-/// chargers' do, not all in the same instant.
+/// before the next, until `until`, each to the server whose slot it is
+/// due in (a session of its own on each). `phase` (0..1) shifts its
+/// schedule within the interval, so a fleet's events arrive spread out as
+/// real chargers' do, not all in the same instant.
 async fn paced_meter(
-    mut a: load::Attached,
+    mut both: Both,
     tx_id: String,
     per_s: u64,
     phase: f64,
-    stop: Arc<AtomicBool>,
+    slots: Slots,
+    until: Instant,
 ) -> anyhow::Result<()> {
     let every = Duration::from_micros(1_000_000 / per_s.max(1));
     let (start, start_ms) = (Instant::now() + every.mul_f64(phase), load::now_ms());
-    for seq in 0u64.. {
-        if stop.load(Ordering::Relaxed) {
+    let mut seqs = [0u64; 2];
+    for i in 0u32.. {
+        let due = start + every * i;
+        if due >= until {
             break;
         }
-        let due = start + every * seq as u32;
         tokio::time::sleep_until(due.into()).await;
-        a.send(load::meter_event(&tx_id, seq, start_ms)).await?;
+        let Some(node) = slots.node(due) else { continue };
+        let seq = &mut seqs[usize::from(node)];
+        let a = both.to(node);
+        a.send(load::meter_event(&tx_id, *seq, start_ms)).await?;
         a.reply().await?;
+        *seq += 1;
     }
     Ok(())
 }
 
-/// Authorize round trips from one charger at `rate`, timed from when each
+/// What one authorize pair measured: each side's sorted round trips.
+struct AuthorizePair {
+    echo: Vec<Duration>,
+    node: Vec<Duration>,
+}
+
+/// One pair: a fresh echo and a fresh node, both pinned to the server
+/// core, every charger attached to both. For `2 × seconds` (after a
+/// second of warm-up) the load alternates between them in slots of
+/// `SLOT`: one charger sends `Authorize` at `rate`, timed from when each
 /// was due (a late answer delays the next, and that counts too), while
-/// other chargers send meter events in the background.
-/// Returns the sorted round trips and the share of the machine's CPU
-/// time the hypervisor stole while they were measured.
-async fn authorize_once(
+/// the other chargers send meter events. Both servers so see the same
+/// stretch of this machine's weather, slot by slot.
+async fn authorize_pair(
     fleet: &Fleet,
-    server: &Server,
     cards: &[String],
     round: usize,
     o: &AuthorizeOpts,
-) -> anyhow::Result<(Vec<Duration>, f64)> {
-    let attached = attach_all(fleet, server, fleet.chargers.len(), 32).await;
-    let mut attached = attached.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
-    let mut fg = attached.pop().context("no charger")?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let n = attached.len().max(1) as f64;
-    let background: Vec<_> = attached
+) -> anyhow::Result<AuthorizePair> {
+    let echo = servers::start_echo(fleet)?;
+    let node = servers::start_node(fleet, &node_env())?;
+    let n = fleet.chargers.len();
+    let on_echo = attach_all(fleet, &echo, n, 32).await;
+    let on_node = attach_all(fleet, &node, n, 32).await;
+    let mut chargers = on_echo
+        .into_iter()
+        .zip(on_node)
+        .map(|(e, n)| Ok(Both { echo: e?, node: n? }))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut fg = chargers.pop().context("no charger")?;
+    let every = Duration::from_micros(1_000_000 / o.rate.max(1));
+    let warmup = o.rate as usize; // one second
+    let total = warmup + (2 * o.rate * o.seconds) as usize;
+    let start = Instant::now();
+    let slots = Slots {
+        start,
+        node_first: round % 2 == 1,
+    };
+    let until = start + every * total as u32;
+    let bg = chargers.len().max(1) as f64;
+    let background: Vec<_> = chargers
         .into_iter()
         .enumerate()
-        .map(|(i, a)| {
+        .map(|(i, b)| {
             tokio::spawn(paced_meter(
-                a,
+                b,
                 format!("bg-{round}-{i}-{}", std::process::id()),
                 o.background_rate,
-                i as f64 / n,
-                stop.clone(),
+                i as f64 / bg,
+                slots,
+                until,
             ))
         })
         .collect();
-    let every = Duration::from_micros(1_000_000 / o.rate.max(1));
-    let warmup = o.rate as usize; // one second
-    let total = warmup + (o.rate * o.seconds) as usize;
-    let mut out = Vec::with_capacity(total);
-    let start = Instant::now();
-    let mut steal_from = procfs::steal_ticks()?;
+    let mut out = AuthorizePair {
+        echo: Vec::with_capacity(total / 2),
+        node: Vec::with_capacity(total / 2),
+    };
     for i in 0..total {
         let due = start + every * i as u32;
+        let Some(to_node) = slots.node(due) else { continue };
         wait_until(due).await;
-        if i == warmup {
-            steal_from = procfs::steal_ticks()?;
-        }
         // One in ten cards is unknown to the network.
         let id_token = if i % 10 == 9 {
             format!("FF{i:08X}")
         } else {
             cards[(i * 7919) % cards.len()].clone()
         };
-        fg.send(v1::charger_message::Payload::Authorize(v1::Authorize {
+        let a = fg.to(to_node);
+        a.send(v1::charger_message::Payload::Authorize(v1::Authorize {
             id_token,
             token_type: v1::TokenType::Rfid as i32,
             connector_id: 1,
         }))
         .await?;
-        fg.reply().await?;
+        a.reply().await?;
         if i >= warmup {
-            out.push(due.elapsed());
+            if to_node { &mut out.node } else { &mut out.echo }.push(due.elapsed());
         }
     }
-    let steal_to = procfs::steal_ticks()?;
-    stop.store(true, Ordering::Relaxed);
     for b in background {
         b.await??;
     }
-    out.sort();
-    let stolen = (steal_to.0 - steal_from.0) as f64 / (steal_to.1 - steal_from.1).max(1) as f64;
-    Ok((out, stolen))
-}
-
-/// A phase during which the hypervisor stole more than this share of
-/// the machine's CPU is run again (its p99 would be the stalls').
-const QUIET_STEAL: f64 = 0.005;
-const STEAL_ATTEMPTS: usize = 3;
-
-/// One authorize phase against a fresh echo or node, run again (up to
-/// `STEAL_ATTEMPTS` in all) while the hypervisor stole more than
-/// `QUIET_STEAL` of the CPU during it; the quietest attempt is kept.
-/// Returns its samples, its steal and how many attempts were run again.
-async fn authorize_phase(
-    fleet: &Fleet,
-    cards: &[String],
-    round: usize,
-    o: &AuthorizeOpts,
-    node: bool,
-) -> anyhow::Result<(Vec<Duration>, f64, usize)> {
-    let mut best: Option<(Vec<Duration>, f64)> = None;
-    for attempt in 0..STEAL_ATTEMPTS {
-        let server = if node {
-            servers::start_node(fleet, &node_env())?
-        } else {
-            servers::start_echo(fleet)?
-        };
-        let (samples, stolen) = authorize_once(fleet, &server, cards, round, o).await?;
-        server.kill();
-        if best.as_ref().is_none_or(|b| stolen < b.1) {
-            best = Some((samples, stolen));
-        }
-        if stolen <= QUIET_STEAL {
-            return best.map(|(s, st)| (s, st, attempt)).context("no phase");
-        }
-        eprintln!(
-            "authorize pair {round}: the {} phase had {:.2} % of the CPU stolen{}",
-            if node { "node" } else { "echo" },
-            stolen * 100.0,
-            if attempt + 1 < STEAL_ATTEMPTS {
-                ", running it again"
-            } else {
-                ""
-            }
-        );
-    }
-    best.map(|(s, st)| (s, st, STEAL_ATTEMPTS - 1)).context("no phase")
+    drop(fg);
+    echo.kill();
+    node.kill();
+    out.echo.sort();
+    out.node.sort();
+    Ok(out)
 }
 
 /// Authorization round trip at `rate` with meter traffic in the
-/// background: the node against the echo in short alternating phases.
+/// background: the node against the echo, alternating every `SLOT`.
 ///
 /// The p99s here are set by this virtual machine's stalls as much as by
 /// either server (the hypervisor stops a vCPU for 1–30 ms at a time, and
-/// the requests due meanwhile all count late), so a phase during which
-/// it stole more than `QUIET_STEAL` of the CPU is run again, and the
-/// steal is reported. The ratios are the medians of the per-pair ratios;
-/// the p99 of all phases pooled is logged beside them.
+/// the requests due meanwhile all count late; the stalls come in bursts
+/// that last from a few hundred milliseconds to seconds). Phases of
+/// seconds, one server after the other, each met different weather (an
+/// echo phase's p99 ranged from 0.26 to 107 ms). So the two servers run
+/// side by side, both pinned to the server core, and take the load in
+/// turn every 100 ms: both are measured in the same stretch of weather,
+/// slot by slot. The ratios are the medians of the per-pair ratios; the
+/// p99 of all pairs pooled, and the CPU time stolen, are logged beside
+/// them.
 pub async fn authorize(o: AuthorizeOpts) -> anyhow::Result<Vec<Row>> {
     let cards: Vec<String> = (0..2_000).map(|i| format!("0A{i:08X}")).collect();
     let fleet = tokio::task::spawn_blocking({
@@ -707,22 +738,37 @@ pub async fn authorize(o: AuthorizeOpts) -> anyhow::Result<Vec<Row>> {
     let (mut all_b, mut all_n) = (Vec::new(), Vec::new());
     let (mut base50, mut ours50, mut ratios50) = (Vec::new(), Vec::new(), Vec::new());
     let (mut ratios99, mut base99, mut ours99, mut over99) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let (mut reruns, mut kept_steal) = (0, Vec::new());
     let steal_before = procfs::steal_ticks()?;
+    let (mut reruns, mut kept_steal) = (0, Vec::new());
     for round in 0..o.pairs {
-        let mut b = authorize_phase(&fleet, &cards, round, &o, false).await?;
-        let mut n = authorize_phase(&fleet, &cards, round, &o, true).await?;
-        reruns += b.2 + n.2;
-        kept_steal.extend([b.1, n.1]);
-        let (b, n) = (std::mem::take(&mut b.0), std::mem::take(&mut n.0));
+        let mut kept: Option<(AuthorizePair, f64)> = None;
+        for attempt in 0..STEAL_ATTEMPTS {
+            let steal_from = procfs::steal_ticks()?;
+            let pair = authorize_pair(&fleet, &cards, round, &o).await?;
+            let stolen = procfs::stolen_share(steal_from, procfs::steal_ticks()?);
+            if kept.as_ref().is_none_or(|k| stolen < k.1) {
+                kept = Some((pair, stolen));
+            }
+            if stolen <= QUIET_STEAL || attempt + 1 == STEAL_ATTEMPTS {
+                break;
+            }
+            reruns += 1;
+            eprintln!(
+                "authorize pair {round}: {:.2} % of the CPU stolen, running it again",
+                stolen * 100.0
+            );
+        }
+        let (AuthorizePair { echo: b, node: n }, stolen) = kept.context("no pair")?;
+        kept_steal.push(stolen);
         let (b99, n99) = (percentile(&b, 0.99).as_secs_f64(), percentile(&n, 0.99).as_secs_f64());
         let (b50, n50) = (percentile(&b, 0.5).as_secs_f64(), percentile(&n, 0.5).as_secs_f64());
         eprintln!(
-            "authorize pair {round}: echo p50 {:.0} µs p99 {:.0} µs, node p50 {:.0} µs p99 {:.0} µs",
+            "authorize pair {round}: echo p50 {:.0} µs p99 {:.0} µs, node p50 {:.0} µs p99 {:.0} µs; {:.2} % of the CPU stolen",
             b50 * 1e6,
             b99 * 1e6,
             n50 * 1e6,
-            n99 * 1e6
+            n99 * 1e6,
+            stolen * 100.0
         );
         ratios99.push(n99 / b99);
         base99.push(b99);
@@ -734,8 +780,7 @@ pub async fn authorize(o: AuthorizeOpts) -> anyhow::Result<Vec<Row>> {
         all_b.extend(b);
         all_n.extend(n);
     }
-    let steal_after = procfs::steal_ticks()?;
-    let stolen = (steal_after.0 - steal_before.0) as f64 / (steal_after.1 - steal_before.1).max(1) as f64;
+    let stolen = procfs::stolen_share(steal_before, procfs::steal_ticks()?);
     all_b.sort();
     all_n.sort();
     let (pooled_b, pooled_n) = (
@@ -750,13 +795,12 @@ pub async fn authorize(o: AuthorizeOpts) -> anyhow::Result<Vec<Row>> {
     );
     eprintln!(
         "authorize: median of per-pair p99 ratios {ratio99:.3}; pooled p99 echo {:.0} µs, node {:.0} µs (ratio {:.3}); \
-         CPU stolen by the hypervisor meanwhile {:.2} %, {reruns} phases re-run",
+         CPU stolen by the hypervisor meanwhile {:.2} %, {reruns} pairs run again",
         pooled_b * 1e6,
         pooled_n * 1e6,
         pooled_n / pooled_b,
         stolen * 100.0
     );
-    let kept = kept_steal.iter().sum::<f64>() / kept_steal.len().max(1) as f64;
     let bg = format!(
         "{} chargers × {}/s meter events",
         o.background_chargers, o.background_rate
@@ -764,7 +808,7 @@ pub async fn authorize(o: AuthorizeOpts) -> anyhow::Result<Vec<Row>> {
     Ok(vec![
         Row {
             figure: format!(
-                "authorize round trip p99 at {}/s ({bg} in the background; {} pairs of {} s phases)",
+                "authorize round trip p99 at {}/s ({bg} in the background; {} pairs, each server {} s in 100 ms turns)",
                 o.rate, o.pairs, o.seconds
             ),
             laddnet: format!("{:.0} µs", n99 * 1e6),
@@ -783,13 +827,13 @@ pub async fn authorize(o: AuthorizeOpts) -> anyhow::Result<Vec<Row>> {
         },
         Row {
             figure: format!(
-                "CPU time the hypervisor stole from this machine (/proc/stat) during the authorize phases kept \
-                 (a phase with over {:.1} % is run again, up to {STEAL_ATTEMPTS} times, and the quietest kept)",
+                "CPU time the hypervisor stole from this machine (/proc/stat) during the authorize pairs kept \
+                 (a pair with over {:.1} % is run again, up to {STEAL_ATTEMPTS} times, and the quietest kept)",
                 QUIET_STEAL * 100.0
             ),
             laddnet: format!(
-                "{:.2} % ({:.2} % over the whole scenario; {reruns} phases run again)",
-                kept * 100.0,
+                "{:.2} % ({:.2} % over the whole scenario; {reruns} pairs run again)",
+                kept_steal.iter().sum::<f64>() / kept_steal.len().max(1) as f64 * 100.0,
                 stolen * 100.0
             ),
             baseline: "—".into(),
