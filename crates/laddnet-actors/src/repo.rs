@@ -159,26 +159,140 @@ pub fn apply_event_in(
     max_power_w: u32,
     e: &TxEvent,
 ) -> Result<Applied, RepoError> {
-    let existing: Option<SessionRecord> = get(tx, &session_key(&e.transaction_id))?;
-    if let Some(r) = &existing
-        && r.charger_id != charger_id
-    {
-        return Err(RepoError::ForeignTransaction(e.transaction_id.clone()));
+    let mut run = Run::default();
+    let applied = run.apply(tx, charger_id, site_id, max_power_w, e)?;
+    run.finish(tx)?;
+    Ok(applied)
+}
+
+/// A run of events (already validated) in one transaction, each with its
+/// own result: an event refused on its own (another charger's
+/// transaction, a corrupted record) writes nothing and the others go on.
+/// A store error fails the whole run (the caller rolls it back).
+pub fn apply_run_in(
+    tx: &mut dyn Transaction,
+    charger_id: &str,
+    site_id: Option<&str>,
+    max_power_w: u32,
+    events: &[TxEvent],
+) -> Result<Vec<Result<Applied, RepoError>>, RepoError> {
+    let mut run = Run::default();
+    let mut out = Vec::with_capacity(events.len());
+    for e in events {
+        match run.apply(tx, charger_id, site_id, max_power_w, e) {
+            Err(RepoError::Store(err)) => return Err(RepoError::Store(err)),
+            r => out.push(r),
+        }
     }
-    let ek = event_key(&e.transaction_id, e.seq);
-    if tx.get(&ek)?.is_some() {
-        let record = existing.ok_or_else(|| RepoError::Corrupted("event without session".into()))?;
-        return Ok(Applied {
-            record,
-            duplicate: true,
+    run.finish(tx)?;
+    Ok(out)
+}
+
+/// The sessions a run touches, each record read once and written once
+/// (at [`Run::finish`]) however many of the run's events it takes: the
+/// hot path of every meter event.
+#[derive(Default)]
+struct Run {
+    /// Per transaction id: the record as the run has left it (`None`: no
+    /// session yet), and whether the run changed it.
+    sessions: Vec<(String, Option<SessionRecord>, bool)>,
+}
+
+impl Run {
+    fn slot(&mut self, tx: &mut dyn Transaction, tx_id: &str) -> Result<usize, RepoError> {
+        if let Some(i) = self.sessions.iter().position(|(id, _, _)| id == tx_id) {
+            return Ok(i);
+        }
+        let record: Option<SessionRecord> = get(tx, &session_key(tx_id))?;
+        self.sessions.push((tx_id.to_string(), record, false));
+        Ok(self.sessions.len() - 1)
+    }
+
+    fn apply(
+        &mut self,
+        tx: &mut dyn Transaction,
+        charger_id: &str,
+        site_id: Option<&str>,
+        max_power_w: u32,
+        e: &TxEvent,
+    ) -> Result<Applied, RepoError> {
+        let i = self.slot(tx, &e.transaction_id)?;
+        let existing = &self.sessions[i].1;
+        if let Some(r) = existing
+            && r.charger_id != charger_id
+        {
+            return Err(RepoError::ForeignTransaction(e.transaction_id.clone()));
+        }
+        let ek = event_key(&e.transaction_id, e.seq);
+        if tx.get(&ek)?.is_some() {
+            let record = existing
+                .clone()
+                .ok_or_else(|| RepoError::Corrupted("event without session".into()))?;
+            return Ok(Applied {
+                record,
+                duplicate: true,
+                running_cost: None,
+            });
+        }
+        // The readings either side of this one, for the plausibility
+        // checks. An event after the last (the usual case) has the last
+        // reading before it and none after, which the record holds; only
+        // an event out of order looks them up.
+        let (prev, next) = match existing {
+            Some(r) if r.samples > 0 && e.seq > r.last.seq => {
+                debug_assert_eq!(neighbours(tx, e, &ek)?, (Some(r.last), None));
+                (Some(r.last), None)
+            }
+            _ => neighbours(tx, e, &ek)?,
+        };
+        put(tx, &ek, e)?;
+        let slot = &mut self.sessions[i];
+        let record = slot
+            .1
+            .get_or_insert_with(|| SessionRecord::open(charger_id, site_id.map(str::to_string), max_power_w, e));
+        if record.status == SessionStatus::Interrupted {
+            record.status = SessionStatus::Active;
+            record.interrupted_at = None;
+        }
+        record.apply(e, prev, next);
+        slot.2 = true;
+        Ok(Applied {
+            record: record.clone(),
+            duplicate: false,
             running_cost: None,
-        });
+        })
     }
-    put(tx, &ek, e)?;
-    let (begin, _) = keys::tuple_range(&("session-event", e.transaction_id.as_str()));
-    let (_, end) = keys::tuple_range(&("session-event", e.transaction_id.as_str()));
-    let prev = tx.get_range(&begin, &ek, 1, true)?;
-    let mut after = ek.clone();
+
+    /// Writes every record the run changed, and its open-session marker
+    /// (or, once ended, its mark for billing).
+    fn finish(self, tx: &mut dyn Transaction) -> Result<(), RepoError> {
+        for (tx_id, record, changed) in self.sessions {
+            let Some(record) = record.filter(|_| changed) else {
+                continue;
+            };
+            put_session(tx, &record)?;
+            if record.status == SessionStatus::Ended {
+                tx.clear(&open_key(&record.charger_id, &tx_id))?;
+                // Billed by whoever gets there first: the session actor
+                // now, or the billing sweeper after a crash. The CDR
+                // clears this.
+                if tx.get(&keys::pack(&("cdr-written", tx_id.as_str())))?.is_none() {
+                    tx.set(&laddnet_ledger::cdr::unbilled_key(&tx_id), b"")?;
+                }
+            } else {
+                tx.set(&open_key(&record.charger_id, &tx_id), b"")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The stored readings of `e`'s session just before and just after it by
+/// sequence number (`ek` is its key; it is not stored yet).
+fn neighbours(tx: &mut dyn Transaction, e: &TxEvent, ek: &[u8]) -> Result<(Option<Point>, Option<Point>), RepoError> {
+    let (begin, end) = keys::tuple_range(&("session-event", e.transaction_id.as_str()));
+    let prev = tx.get_range(&begin, ek, 1, true)?;
+    let mut after = ek.to_vec();
     after.push(0);
     let next = tx.get_range(&after, &end, 1, false)?;
     let point = |rows: Vec<(Vec<u8>, Vec<u8>)>| -> Result<Option<Point>, RepoError> {
@@ -190,33 +304,7 @@ pub fn apply_event_in(
             }
         }
     };
-    let (prev, next) = (point(prev)?, point(next)?);
-    let mut record =
-        existing.unwrap_or_else(|| SessionRecord::open(charger_id, site_id.map(str::to_string), max_power_w, e));
-    if record.status == SessionStatus::Interrupted {
-        record.status = SessionStatus::Active;
-        record.interrupted_at = None;
-    }
-    record.apply(e, prev, next);
-    put_session(tx, &record)?;
-    if record.status == SessionStatus::Ended {
-        tx.clear(&open_key(charger_id, &e.transaction_id))?;
-        // Billed by whoever gets there first: the session actor now, or
-        // the billing sweeper after a crash. The CDR clears this.
-        if tx
-            .get(&keys::pack(&("cdr-written", e.transaction_id.as_str())))?
-            .is_none()
-        {
-            tx.set(&laddnet_ledger::cdr::unbilled_key(&e.transaction_id), b"")?;
-        }
-    } else {
-        tx.set(&open_key(charger_id, &e.transaction_id), b"")?;
-    }
-    Ok(Applied {
-        record,
-        duplicate: false,
-        running_cost: None,
-    })
+    Ok((point(prev)?, point(next)?))
 }
 
 /// Runs a write transaction from async code: handed to the store's writer

@@ -196,17 +196,10 @@ async fn apply_run(args: &SessionArgs, events: Vec<TxEvent>) -> Vec<(Result<Appl
         Ok(Vec::new())
     } else {
         let (charger, site) = (charger.clone(), site.clone());
+        // A store error may leave the run half-written: it is rolled back
+        // and retried one by one.
         repo::write(&args.store, move |tx| {
-            let mut out = Vec::with_capacity(valid.len());
-            for e in &valid {
-                match repo::apply_event_in(tx, &charger, site.as_deref(), max, e) {
-                    // A store error may leave an event half-written: the
-                    // whole run is rolled back and retried one by one.
-                    Err(RepoError::Store(err)) => return Err(RepoError::Store(err)),
-                    r => out.push(r),
-                }
-            }
-            Ok(out)
+            repo::apply_run_in(tx, &charger, site.as_deref(), max, &valid)
         })
         .await
     };
