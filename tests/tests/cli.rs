@@ -234,6 +234,39 @@ fn validate_names_the_bad_field() {
 /// (and through it the store), and the node waited 10 s for it, then
 /// stopped with the store still open.
 #[test]
+fn the_demo_fleet_enrolls_at_the_listeners_pace_without_tripping_its_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    bin("laddnet");
+    bin("laddctl");
+    // The policy allows a burst of 10 enrollments per address, then 30 a
+    // minute: 13 chargers need the paced part too.
+    let up = start_up(dir.path(), &["--chargers", "13"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let out = ctl(dir.path(), &["chargers", "list", "--output", "json"]);
+        let listed = if out.status.success() {
+            json(&out)["chargers"].as_array().map_or(0, Vec::len)
+        } else {
+            0
+        };
+        if listed == 13 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{listed} of 13 chargers enrolled within 90 s"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (status, stderr) = stop(up);
+    assert!(status.success(), "{stderr}");
+    assert!(
+        !stderr.contains("enrollment rate limit reached"),
+        "the demo fleet tripped the enrollment limit:\n{stderr}"
+    );
+}
+
+#[test]
 fn stopping_while_the_fleet_still_enrolls_closes_the_store() {
     let dir = tempfile::tempdir().unwrap();
     bin("laddnet");

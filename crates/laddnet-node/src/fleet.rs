@@ -96,8 +96,8 @@ pub struct SimFleet {
 }
 
 /// Creates the demo sites (once) and starts `n` simulated chargers; those
-/// not yet enrolled enroll in the background, paced by the listener's
-/// rate limit like any charger.
+/// not yet enrolled enroll in the background, at the pace the listener's
+/// rate limit allows.
 pub async fn start(node: &RunningNode, data_dir: &Path, n: usize) -> anyhow::Result<SimFleet> {
     let store = node.state.store.clone();
     tokio::task::spawn_blocking(move || {
@@ -151,7 +151,13 @@ pub async fn start(node: &RunningNode, data_dir: &Path, n: usize) -> anyhow::Res
     let dir = laddnet_sim::identity_dir(data_dir);
     let ca = node.state.ca.clone();
     let f = fleet.clone();
+    // The listener allows `burst` enrollments per address at once and then
+    // `per_minute`: the fleet keeps to that pace, so the node's own demo
+    // does not trip its limit (each refusal is a warning in the log).
+    let limit = ca.policy().enrollment.clone();
+    let every = Duration::from_secs_f64(60.0 / f64::from(limit.per_minute.max(1)));
     let enrolling = tokio::spawn(async move {
+        let mut fresh = 0u32;
         for i in 0..n {
             let mut profile = Profile::fleet_member(i);
             profile.tokens = (1..=DRIVERS_PER_CHARGER)
@@ -161,6 +167,12 @@ pub async fn start(node: &RunningNode, data_dir: &Path, n: usize) -> anyhow::Res
             let identity = match laddnet_sim::load_identity(&dir, &id) {
                 Some(identity) => identity,
                 None => {
+                    // One token kept in hand for anyone else enrolling
+                    // from this address.
+                    if fresh + 1 >= limit.burst {
+                        tokio::time::sleep(every).await;
+                    }
+                    fresh += 1;
                     let mut wait = Duration::from_millis(500);
                     loop {
                         match enroll_one(&ca, &ep, &id, SITES[i % SITES.len()].0).await {
