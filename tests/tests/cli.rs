@@ -233,6 +233,17 @@ fn validate_names_the_bad_field() {
 /// enrolling gets a clean, prompt stop: the enrolling task held the CA
 /// (and through it the store), and the node waited 10 s for it, then
 /// stopped with the store still open.
+/// How many chargers `laddctl chargers list` shows (0 while the node is
+/// not answering yet).
+fn chargers_listed(dir: &std::path::Path) -> usize {
+    let out = ctl(dir, &["chargers", "list", "--output", "json"]);
+    if out.status.success() {
+        json(&out)["chargers"].as_array().map_or(0, Vec::len)
+    } else {
+        0
+    }
+}
+
 #[test]
 fn the_demo_fleet_enrolls_at_the_listeners_pace_without_tripping_its_limit() {
     let dir = tempfile::tempdir().unwrap();
@@ -243,12 +254,7 @@ fn the_demo_fleet_enrolls_at_the_listeners_pace_without_tripping_its_limit() {
     let up = start_up(dir.path(), &["--chargers", "13"]);
     let deadline = std::time::Instant::now() + Duration::from_secs(90);
     loop {
-        let out = ctl(dir.path(), &["chargers", "list", "--output", "json"]);
-        let listed = if out.status.success() {
-            json(&out)["chargers"].as_array().map_or(0, Vec::len)
-        } else {
-            0
-        };
+        let listed = chargers_listed(dir.path());
         if listed == 13 {
             break;
         }
@@ -276,14 +282,7 @@ fn stopping_while_the_fleet_still_enrolls_closes_the_store() {
     let up = start_up(dir.path(), &["--chargers", "200"]);
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
-        let out = ctl(dir.path(), &["chargers", "list", "--output", "json"]);
-        if out.status.success()
-            && !json(&out)["chargers"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default()
-                .is_empty()
-        {
+        if chargers_listed(dir.path()) > 0 {
             break;
         }
         assert!(std::time::Instant::now() < deadline, "no charger enrolled within 60 s");
