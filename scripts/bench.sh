@@ -103,10 +103,10 @@ Commands (each alone: `taskset -c 1 target/release/laddnet-bench <scenario>`):
   load goes to them in turns of 100 ms (nothing is sent in the first 3 ms
   of a turn, while the other server finishes what it had), 5 s a side
   after 1 s of warm-up: both meet the same stretch of the machine's
-  stalls. The ratios are the medians of the 12 per-pair ratios. A pair
-  during which the hypervisor stole more than 1.5 % of the machine's CPU
-  (`/proc/stat`) is run again, up to 3 times, and the quietest kept; the
-  steal is reported beside the figures.
+  stalls. A real-time probe on each core records the stalls (a wake-up
+  every 0.5 ms later than 1.5 ms), and the headline p99s leave out, on
+  both sides alike, the round trips one overlapped; the raw p99s follow.
+  The ratios are the medians of the 12 per-pair ratios.
 - `cold-start`: spawn to "serving" with 100,000 open sessions in the store,
   left active as after a crash, against the same node on an empty store
   (9 pairs, each side the best of 3 starts: both are tens of

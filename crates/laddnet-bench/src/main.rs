@@ -14,6 +14,8 @@ mod procfs;
 mod scenarios;
 mod servers;
 
+use laddnet_bench::stalls;
+
 use std::path::PathBuf;
 
 use anyhow::Context;

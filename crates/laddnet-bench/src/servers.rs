@@ -204,7 +204,9 @@ fn wait_for_line(child: &mut Child, prefix: &'static str) -> anyhow::Result<Stri
 }
 
 /// Starts `laddnet node` on the fleet's data dir, listening on every
-/// loopback address, with `env` as config overrides.
+/// loopback address, with `env` as config overrides. It logs as it would
+/// in production (its default level, info: a line per authorization, for
+/// one) to a file in the fleet's directory.
 pub fn start_node(fleet: &Fleet, env: &[(&str, String)]) -> anyhow::Result<Server> {
     let pin = can_pin();
     let mut cmd = command(&sibling("laddnet")?, pin);
@@ -213,7 +215,7 @@ pub fn start_node(fleet: &Fleet, env: &[(&str, String)]) -> anyhow::Result<Serve
         .env("LADDNET_LISTEN__MTLS", "0.0.0.0:0")
         .env("LADDNET_LISTEN__ENROLLMENT", "127.0.0.1:0")
         .env("LADDNET_LISTEN__METRICS", "127.0.0.1:0")
-        .env("RUST_LOG", "warn")
+        .env_remove("LADDNET_LOG")
         .stdout(Stdio::piped())
         .stderr(Stdio::from(std::fs::File::create(fleet.dir.path().join("node.log"))?));
     for (k, v) in env {

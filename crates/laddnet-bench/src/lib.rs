@@ -1,0 +1,3 @@
+//! What the benchmark scenarios share with the benches in `tests/benches`.
+
+pub mod stalls;
