@@ -29,6 +29,9 @@ supervision=$(cargo bench -q -p laddnet-tests --bench supervision 2>/dev/null | 
 ratios() {
   awk -F'|' '/^## Reproducibility/ { exit } /^\| [^f-]/ {
     f = $2; gsub(/^ +| +$/, "", f)
+    # A figure is matched across runs by its name up to its first " (":
+    # what is in parentheses (counts, settings) may change between runs.
+    k = index(f, " ("); if (k > 0) f = substr(f, 1, k - 1)
     if (match($5, /[0-9]+(\.[0-9]+)?/)) print f "\t" substr($5, RSTART, RLENGTH)
   }' "$1"
 }
@@ -47,7 +50,9 @@ during panics, which is of each side's samples pooled over all its
 interleaved turns (see below). Where a figure is a tail latency, the two
 sides of a pair alternate in turns of about 0.1 s, not phases of
 seconds, so both meet the same stretch of this virtual machine's
-stalls. Absolute numbers drift ±30 % between
+stalls, and a real-time probe on each core finds the stalls, whose round
+trips the tails leave out on both sides (the raw figures are beside
+them). Absolute numbers drift ±30 % between
 runs on shared machines: compare the ratios.
 
 HEAD
@@ -138,7 +143,9 @@ NOTES
     ($1 in prev) && prev[$1] > 0 {
       c = ($2 / prev[$1] - 1) * 100
       printf "| %s | %s | %s | %+.0f %%%s |\n", $1, prev[$1], $2, c, (c > 15 || c < -15) ? " (over 15 %)" : ""
-    }' "$previous" -
+      next
+    }
+    { printf "| %s | — | %s | new, or renamed: not compared |\n", $1, $2 }' "$previous" -
 } >> docs/performance.md.new
 mv docs/performance.md.new docs/performance.md
 rm -f "$previous"
