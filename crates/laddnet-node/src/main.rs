@@ -235,8 +235,24 @@ async fn up(
     Ok(())
 }
 
-#[tokio::main]
-async fn main() {
+fn main() {
+    // The runtime's threads serve requests: each asks for a short time
+    // slice, so one woken by a message preempts the store's writer (a
+    // background thread) instead of waiting out its slice.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .on_thread_start(laddnet_store::request_priority)
+        .build();
+    match runtime {
+        Ok(rt) => rt.block_on(run()),
+        Err(e) => {
+            eprintln!("laddnet: cannot start the runtime: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+async fn run() {
     let cli = Cli::parse();
     init_logging(cli.log_json);
     let result: anyhow::Result<()> = async {

@@ -56,14 +56,110 @@ const _: () = assert!(BACKGROUND_NICE > 0, "background threads run below the req
 /// writer, sweeps over the whole store. It cannot be raised again
 /// without privileges, so call it only on a thread of one's own (not a
 /// pooled one). Does nothing where it is not supported.
+///
+/// It also gives the thread the default time slice back: a thread
+/// spawned by a request thread inherits that one's short slice
+/// ([`request_priority`]), and a background thread switched out every
+/// 100 µs would commit in smaller pieces at more cost (the reconnect
+/// storm measured 0.69 instead of 0.83 of the raw handshakes so).
 #[allow(unsafe_code)]
 pub fn background_priority() {
     #[cfg(target_os = "linux")]
-    // SAFETY: setpriority on this thread's own id; no memory is passed.
-    unsafe {
-        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        if libc::setpriority(libc::PRIO_PROCESS, tid, BACKGROUND_NICE) != 0 {
-            tracing::debug!("a background thread keeps its priority");
+    {
+        let attr = SchedAttr::fair(BACKGROUND_NICE, 0);
+        // SAFETY: sched_setattr on this thread (0) with a struct laid out
+        // as the kernel's `sched_attr` (its first version) and its size.
+        if unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &attr as *const SchedAttr, 0) } == 0 {
+            return;
+        }
+        // SAFETY: setpriority on this thread's own id; no memory is passed.
+        unsafe {
+            let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+            if libc::setpriority(libc::PRIO_PROCESS, tid, BACKGROUND_NICE) != 0 {
+                tracing::debug!("a background thread keeps its priority");
+            }
+        }
+    }
+}
+
+/// The time slice request threads ask the scheduler for: short, so a
+/// request thread that wakes (a message arrived) runs at once instead of
+/// waiting out the slice of a background thread that is running (the
+/// store's writer, whose slice is otherwise 1–3 ms).
+pub const REQUEST_SLICE_US: u64 = 100;
+
+/// Asks the scheduler for a [`REQUEST_SLICE_US`] time slice for the
+/// calling thread, at normal priority: a thread that serves requests
+/// (the node's runtime threads). Under EEVDF (Linux 6.12 and later) a
+/// woken thread with a shorter slice than the running one preempts it.
+/// Throughput is unchanged: each thread keeps its share of the CPU, only
+/// in shorter turns. Older kernels take the call and ignore the slice;
+/// where the call is refused or missing this does nothing.
+#[allow(unsafe_code)]
+pub fn request_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        let attr = SchedAttr::fair(0, REQUEST_SLICE_US * 1_000);
+        // SAFETY: sched_setattr on this thread (0) with a struct laid out
+        // as the kernel's `sched_attr` (its first version) and its size.
+        let r = unsafe { libc::syscall(libc::SYS_sched_setattr, 0, &attr as *const SchedAttr, 0) };
+        if r != 0 {
+            tracing::debug!("a request thread keeps the default time slice");
+        }
+    }
+}
+
+/// The calling thread's time slice as the scheduler reports it, in
+/// nanoseconds (0: the default); `None` where it cannot be read.
+#[allow(unsafe_code)]
+pub fn thread_slice_ns() -> Option<u64> {
+    #[cfg(target_os = "linux")]
+    {
+        let mut attr = SchedAttr::fair(0, 0);
+        // SAFETY: sched_getattr on this thread (0), writing at most
+        // `size` bytes into `attr`.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_sched_getattr,
+                0,
+                &mut attr as *mut SchedAttr,
+                std::mem::size_of::<SchedAttr>() as libc::c_uint,
+                0,
+            )
+        };
+        (r == 0).then_some(attr.runtime)
+    }
+    #[cfg(not(target_os = "linux"))]
+    None
+}
+
+/// The kernel's `struct sched_attr`, first version (48 bytes).
+#[cfg(target_os = "linux")]
+#[repr(C)]
+struct SchedAttr {
+    size: u32,
+    policy: u32,
+    flags: u64,
+    nice: i32,
+    priority: u32,
+    runtime: u64,
+    deadline: u64,
+    period: u64,
+}
+
+#[cfg(target_os = "linux")]
+impl SchedAttr {
+    /// SCHED_OTHER at `nice`, with `slice_ns` as its slice (0: default).
+    fn fair(nice: i32, slice_ns: u64) -> Self {
+        SchedAttr {
+            size: std::mem::size_of::<SchedAttr>() as u32,
+            policy: libc::SCHED_OTHER as u32,
+            flags: 0,
+            nice,
+            priority: 0,
+            runtime: slice_ns,
+            deadline: 0,
+            period: 0,
         }
     }
 }

@@ -684,8 +684,14 @@ mod tests {
     #[test]
     fn writer_runs_at_lower_priority() {
         let (_dir, s) = store();
-        // A submitted job starts the writer thread.
-        submitted(&s, |tx| tx.set(b"k", b"v")).recv().unwrap().unwrap();
+        // A submitted job starts the writer thread, here from a thread
+        // with a request thread's short slice, which it inherits.
+        std::thread::scope(|sc| {
+            sc.spawn(|| {
+                crate::request_priority();
+                submitted(&s, |tx| tx.set(b"k", b"v")).recv().unwrap().unwrap();
+            });
+        });
         let nice = std::fs::read_dir("/proc/self/task")
             .unwrap()
             .filter_map(|t| {
@@ -702,6 +708,46 @@ mod tests {
             nice.iter().all(|n| *n >= crate::BACKGROUND_NICE),
             "writer nice values: {nice:?}"
         );
+        // ... and the default time slice, not the short one it inherited
+        // (where the kernel shows slices: EEVDF).
+        let slices = std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|t| {
+                let t = t.ok()?.path();
+                let comm = std::fs::read_to_string(t.join("comm")).ok()?;
+                (comm.trim() == "store-writer").then(|| std::fs::read_to_string(t.join("sched")).ok())?
+            })
+            .filter_map(|sched| {
+                let line = sched
+                    .lines()
+                    .find(|l| l.trim_start().starts_with("se.slice"))?
+                    .to_string();
+                line.split(':').nth(1)?.trim().parse::<u64>().ok()
+            })
+            .collect::<Vec<_>>();
+        assert!(
+            slices.iter().all(|s| *s != crate::REQUEST_SLICE_US * 1_000),
+            "writer slices: {slices:?}"
+        );
+    }
+
+    /// A request thread asks for the short slice (where the kernel keeps
+    /// one: EEVDF, Linux 6.12 and later, which reports it back).
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn request_threads_ask_for_a_short_slice() {
+        let slice = std::thread::spawn(|| {
+            crate::request_priority();
+            crate::thread_slice_ns()
+        })
+        .join()
+        .unwrap();
+        let shown = std::fs::read_to_string("/proc/self/sched").is_ok_and(|s| s.contains("se.slice"));
+        if shown {
+            assert_eq!(slice, Some(crate::REQUEST_SLICE_US * 1_000));
+        } else {
+            assert!(slice.is_some(), "sched_getattr answers on any Linux");
+        }
     }
 
     #[test]
