@@ -571,6 +571,21 @@ pub fn session_events(tx: &str, updates: u64) -> Vec<v1::TransactionEvent> {
 /// process runs `cargo build` for them (a no-op when they are fresh), so a
 /// test never runs a stale binary: `cargo test -p laddnet-tests` alone does
 /// not rebuild other packages' binaries.
+/// `laddnet init --data-dir d` in `dir`, as an operator runs it: a fresh
+/// data dir with its CA, config and admin credentials under `dir/d`.
+pub fn laddnet_init(dir: &std::path::Path) {
+    let init = std::process::Command::new(bin("laddnet"))
+        .args(["init", "--data-dir", "d"])
+        .current_dir(dir)
+        .output()
+        .expect("running laddnet init");
+    assert!(
+        init.status.success(),
+        "laddnet init: {}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+}
+
 pub fn bin(name: &str) -> std::path::PathBuf {
     static BUILT: std::sync::Once = std::sync::Once::new();
     BUILT.call_once(|| {

@@ -4,7 +4,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use laddnet_tests::{bin, ctl, json, start_up, stop, stop_with};
+use laddnet_tests::{bin, ctl, json, laddnet_init, start_up, stop, stop_with};
 
 #[test]
 fn up_then_laddctl_from_the_same_directory() {
@@ -199,12 +199,7 @@ fn up_then_laddctl_from_the_same_directory() {
 #[test]
 fn validate_names_the_bad_field() {
     let dir = tempfile::tempdir().unwrap();
-    let init = Command::new(bin("laddnet"))
-        .args(["init", "--data-dir", "d"])
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
-    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    laddnet_init(dir.path());
     let ok = Command::new(bin("laddnet"))
         .args(["validate", "--config", "d/laddnet.toml"])
         .current_dir(dir.path())

@@ -17,12 +17,7 @@ fn read(dir: &Path, p: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_session_loses_no_acknowledged_reading() {
     let dir = tempfile::tempdir().unwrap();
-    let init = Command::new(bin("laddnet"))
-        .args(["init", "--data-dir", "d"])
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
-    assert!(init.status.success());
+    laddnet_init(dir.path());
     let root = read(dir.path(), "d/ca/root.crt");
     let admin = Creds {
         chain_pem: read(dir.path(), "d/credentials/admin.crt"),

@@ -2,7 +2,6 @@
 //! protocol, CDRs written once, the ledger posted once and verified — also
 //! across a SIGKILL between a session's end and its posting.
 
-use std::process::Command;
 use std::time::Duration;
 
 use laddnet_proto::v1;
@@ -300,14 +299,7 @@ async fn anomalous_sessions_are_held_for_review_not_billed_blindly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_between_session_end_and_posting_gives_one_cdr_and_one_posting() {
     let dir = tempfile::tempdir().unwrap();
-    assert!(
-        Command::new(bin("laddnet"))
-            .args(["init", "--data-dir", "d"])
-            .current_dir(dir.path())
-            .status()
-            .unwrap()
-            .success()
-    );
+    laddnet_init(dir.path());
     let read = |p: &str| std::fs::read_to_string(dir.path().join(p)).unwrap();
     let root = read("d/ca/root.crt");
     let admin = Creds {

@@ -4,7 +4,6 @@
 //! a name, an e-mail address or an RFID value in clear.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use laddnet_proto::v1;
@@ -156,12 +155,7 @@ async fn store_files_and_logs_never_hold_personal_data_in_clear() {
     const RFID: &str = "04B16B00B5";
     const STRANGER: &str = "04DEADBEEF77";
     let dir = tempfile::tempdir().unwrap();
-    let init = Command::new(bin("laddnet"))
-        .args(["init", "--data-dir", "d"])
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
-    assert!(init.status.success());
+    laddnet_init(dir.path());
     let read = |p: &str| std::fs::read_to_string(dir.path().join(p)).unwrap();
     let root = read("d/ca/root.crt");
     let admin = Creds {

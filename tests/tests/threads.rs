@@ -3,8 +3,6 @@
 //! instead of waiting out its slice (the writer's own priority is
 //! tested in laddnet-store).
 
-use std::process::Command;
-
 use laddnet_tests::*;
 
 /// Per thread of `pid`: its name and its scheduler slice (`se.slice` in
@@ -32,12 +30,7 @@ fn threads(pid: u32) -> Vec<(String, Option<u64>)> {
 #[test]
 fn request_threads_take_short_slices_and_the_store_writer_does_not() {
     let dir = tempfile::tempdir().unwrap();
-    let init = Command::new(bin("laddnet"))
-        .args(["init", "--data-dir", "d"])
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
-    assert!(init.status.success());
+    laddnet_init(dir.path());
     let node = NodeProcess::start(dir.path(), &[]);
     let seen = threads(node.child.id());
     let slices = |name: &str| -> Vec<Option<u64>> { seen.iter().filter(|(n, _)| n == name).map(|(_, s)| *s).collect() };

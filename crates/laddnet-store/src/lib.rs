@@ -109,30 +109,6 @@ pub fn request_priority() {
     }
 }
 
-/// The calling thread's time slice as the scheduler reports it, in
-/// nanoseconds (0: the default); `None` where it cannot be read.
-#[allow(unsafe_code)]
-pub fn thread_slice_ns() -> Option<u64> {
-    #[cfg(target_os = "linux")]
-    {
-        let mut attr = SchedAttr::fair(0, 0);
-        // SAFETY: sched_getattr on this thread (0), writing at most
-        // `size` bytes into `attr`.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_sched_getattr,
-                0,
-                &mut attr as *mut SchedAttr,
-                std::mem::size_of::<SchedAttr>() as libc::c_uint,
-                0,
-            )
-        };
-        (r == 0).then_some(attr.runtime)
-    }
-    #[cfg(not(target_os = "linux"))]
-    None
-}
-
 /// The kernel's `struct sched_attr`, first version (48 bytes).
 #[cfg(target_os = "linux")]
 #[repr(C)]
