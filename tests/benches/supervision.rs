@@ -79,9 +79,10 @@ async fn background(mut cp: Attached, tx: String, phase: Arc<AtomicUsize>, stop:
 }
 
 fn main() {
-    // Injected panics print one line, as in production (no RUST_BACKTRACE
-    // capture, which costs milliseconds and is not laddnet's).
-    std::panic::set_hook(Box::new(|info| eprintln!("{info}")));
+    // The node's panic hook, as in production: it counts the panic and
+    // logs it, here to no subscriber (the bench logs nothing), so it
+    // neither formats nor captures a backtrace.
+    laddnet_node::panics::install_hook();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

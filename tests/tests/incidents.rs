@@ -293,6 +293,7 @@ async fn the_metrics_endpoint_serves_the_fleet_series() {
         "laddnet_incidents_active{kind=\"charger-fault\"} 1",
         "laddnet_incidents_active{kind=\"offline\"} 0",
         "laddnet_certificates_expiring_30d ",
+        "laddnet_panics_total ",
         "laddnet_rpc_duration_seconds_count{method=\"laddnet.v1.ChargerService/Attach\"} 1",
         "laddnet_rpc_duration_seconds_bucket{method=\"laddnet.v1.PkiService/CreateEnrollmentToken\",le=\"+Inf\"} 1",
     ];

@@ -28,6 +28,7 @@ pub mod identity;
 pub mod load;
 pub mod metrics;
 pub mod node;
+pub mod panics;
 pub mod services;
 pub mod shared_store;
 pub mod state;

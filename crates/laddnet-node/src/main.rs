@@ -255,6 +255,7 @@ fn main() {
 async fn run() {
     let cli = Cli::parse();
     init_logging(cli.log_json);
+    laddnet_node::panics::install_hook();
     let result: anyhow::Result<()> = async {
         match cli.cmd {
             Cmd::Up {

@@ -197,6 +197,11 @@ pub fn render(state: &NodeState) -> String {
             c.load(Ordering::Relaxed)
         );
     }
+    let _ = writeln!(
+        out,
+        "# HELP laddnet_panics_total Panics in this node's process (each logged with its location; a session actor's is restarted by its supervisor).\n# TYPE laddnet_panics_total counter\nladdnet_panics_total {}",
+        crate::panics::count()
+    );
     out.push_str("# HELP laddnet_incidents_active Incidents whose condition holds now, by kind.\n# TYPE laddnet_incidents_active gauge\n");
     let counts = laddnet_incidents::active_counts(state.store.as_ref()).unwrap_or_default();
     for kind in laddnet_incidents::KINDS {
