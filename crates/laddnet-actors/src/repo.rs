@@ -11,6 +11,7 @@
 //! | `("session", transaction_id)` | [`SessionRecord`] |
 //! | `("session-event", transaction_id, seq)` | the [`TxEvent`] |
 //! | `("session-open", charger_id, transaction_id)` | empty: sessions not ended |
+//! | `("metric", "energy-wh")` | energy of every session recorded, in Wh (atomic add; see [`energy_delivered_wh`]) |
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -105,6 +106,9 @@ fn event_key(tx_id: &str, seq: u64) -> Vec<u8> {
 fn open_key(charger_id: &str, tx_id: &str) -> Vec<u8> {
     keys::pack(&("session-open", charger_id, tx_id))
 }
+fn energy_total_key() -> Vec<u8> {
+    keys::pack(&("metric", "energy-wh"))
+}
 
 /// What became of an event.
 #[derive(Debug, Clone)]
@@ -193,18 +197,31 @@ pub fn apply_run_in(
 /// hot path of every meter event.
 #[derive(Default)]
 struct Run {
-    /// Per transaction id: the record as the run has left it (`None`: no
-    /// session yet), and whether the run changed it.
-    sessions: Vec<(String, Option<SessionRecord>, bool)>,
+    sessions: Vec<RunSession>,
+}
+
+/// A session as a run has left it.
+struct RunSession {
+    tx_id: String,
+    /// `None`: no session yet.
+    record: Option<SessionRecord>,
+    /// Its energy when the run read it.
+    energy_before: u64,
+    changed: bool,
 }
 
 impl Run {
     fn slot(&mut self, tx: &mut dyn Transaction, tx_id: &str) -> Result<usize, RepoError> {
-        if let Some(i) = self.sessions.iter().position(|(id, _, _)| id == tx_id) {
+        if let Some(i) = self.sessions.iter().position(|s| s.tx_id == tx_id) {
             return Ok(i);
         }
         let record: Option<SessionRecord> = get(tx, &session_key(tx_id))?;
-        self.sessions.push((tx_id.to_string(), record, false));
+        self.sessions.push(RunSession {
+            tx_id: tx_id.to_string(),
+            energy_before: record.as_ref().map_or(0, SessionRecord::energy_wh),
+            record,
+            changed: false,
+        });
         Ok(self.sessions.len() - 1)
     }
 
@@ -217,7 +234,7 @@ impl Run {
         e: &TxEvent,
     ) -> Result<Applied, RepoError> {
         let i = self.slot(tx, &e.transaction_id)?;
-        let existing = &self.sessions[i].1;
+        let existing = &self.sessions[i].record;
         if let Some(r) = existing
             && r.charger_id != charger_id
         {
@@ -248,14 +265,14 @@ impl Run {
         put(tx, &ek, e)?;
         let slot = &mut self.sessions[i];
         let record = slot
-            .1
+            .record
             .get_or_insert_with(|| SessionRecord::open(charger_id, site_id.map(str::to_string), max_power_w, e));
         if record.status == SessionStatus::Interrupted {
             record.status = SessionStatus::Active;
             record.interrupted_at = None;
         }
         record.apply(e, prev, next);
-        slot.2 = true;
+        slot.changed = true;
         Ok(Applied {
             record: record.clone(),
             duplicate: false,
@@ -264,12 +281,21 @@ impl Run {
     }
 
     /// Writes every record the run changed, and its open-session marker
-    /// (or, once ended, its mark for billing).
+    /// (or, once ended, its mark for billing), and adds the energy the run
+    /// added to the store's total.
     fn finish(self, tx: &mut dyn Transaction) -> Result<(), RepoError> {
-        for (tx_id, record, changed) in self.sessions {
+        let mut energy = 0i64;
+        for RunSession {
+            tx_id,
+            record,
+            energy_before,
+            changed,
+        } in self.sessions
+        {
             let Some(record) = record.filter(|_| changed) else {
                 continue;
             };
+            energy += record.energy_wh() as i64 - energy_before as i64;
             put_session(tx, &record)?;
             if record.status == SessionStatus::Ended {
                 tx.clear(&open_key(&record.charger_id, &tx_id))?;
@@ -282,6 +308,9 @@ impl Run {
             } else {
                 tx.set(&open_key(&record.charger_id, &tx_id), b"")?;
             }
+        }
+        if energy != 0 {
+            tx.atomic_add(&energy_total_key(), energy)?;
         }
         Ok(())
     }
@@ -526,6 +555,58 @@ pub fn list_sessions(
 ) -> Result<(Vec<SessionRecord>, bool), RepoError> {
     scan(store, "session", after, limit, |r: &SessionRecord| {
         status.is_none_or(|s| s == r.status) && charger.is_none_or(|c| c == r.charger_id)
+    })
+}
+
+/// Energy of every session this store has recorded, in Wh: each run adds
+/// what it added to one counter in the same commit (an atomic add, so
+/// nodes writing at once do not conflict), so this is one read, whatever
+/// the history; a retention purge leaves it as it is (it is a counter).
+pub fn energy_delivered_wh(store: &dyn Store) -> Result<u64, RepoError> {
+    let v = store.snapshot(|tx| tx.get(&energy_total_key()))?;
+    Ok(v.map_or(0, |v| {
+        let mut buf = [0u8; 8];
+        buf[..v.len().min(8)].copy_from_slice(&v[..v.len().min(8)]);
+        i64::from_le_bytes(buf).max(0) as u64
+    }))
+}
+
+/// Starts the energy counter of a store written before it existed: the
+/// sum over the sessions it holds, once (a store that has the counter is
+/// left alone). Runs at node start, before chargers are accepted. Returns
+/// how many sessions it counted (`None`: the store had the counter).
+pub fn count_energy_once(store: &dyn Store) -> Result<Option<usize>, RepoError> {
+    store.transact(|tx| {
+        if tx.get(&energy_total_key())?.is_some() {
+            return Ok(None);
+        }
+        let (b, e) = keys::tuple_range(&("session",));
+        let (mut total, mut sessions) = (0i64, 0);
+        for (_, v) in tx.get_range(&b, &e, 0, false)? {
+            let r: SessionRecord = serde_json::from_slice(&v).map_err(|e| RepoError::Corrupted(e.to_string()))?;
+            total += r.energy_wh() as i64;
+            sessions += 1;
+        }
+        tx.set(&energy_total_key(), &total.to_le_bytes())?;
+        Ok(Some(sessions))
+    })
+}
+
+/// The records of the sessions not ended (active or interrupted), from
+/// the open-session index: what a live view needs, without reading the
+/// ended history.
+pub fn open_session_records(store: &dyn Store) -> Result<Vec<SessionRecord>, RepoError> {
+    let (b, e) = keys::tuple_range(&("session-open",));
+    store.snapshot(|tx| {
+        let mut out = Vec::new();
+        for (k, _) in tx.get_range(&b, &e, 0, false)? {
+            let (_, _, id) =
+                keys::unpack::<(String, String, String)>(&k).map_err(|e| RepoError::Corrupted(format!("{e:?}")))?;
+            if let Some(r) = get::<SessionRecord>(tx, &session_key(&id))? {
+                out.push(r);
+            }
+        }
+        Ok(out)
     })
 }
 

@@ -98,6 +98,11 @@ fn a_run_leaves_the_store_and_the_answers_as_events_one_by_one_do() {
 
         assert_eq!(in_runs, one_by_one, "seed {seed}: the answers differ");
         assert_eq!(dump(&runs), dump(&alone), "seed {seed}: the stores differ");
+        // The energy counter each commit added to is the sessions' energy
+        // (registers going backwards and replays included).
+        let energy: u64 = repo::all_sessions(&runs).unwrap().iter().map(|s| s.energy_wh()).sum();
+        assert!(energy > 0);
+        assert_eq!(repo::energy_delivered_wh(&runs).unwrap(), energy, "seed {seed}");
         // And the script did what it says: the sessions ended, the foreign
         // claim was refused, the register going backwards was seen.
         assert!(one_by_one.iter().any(|a| a.starts_with("error")), "seed {seed}");

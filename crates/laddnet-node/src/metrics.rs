@@ -154,19 +154,21 @@ pub fn render(state: &NodeState) -> String {
         "Chargers attached to this node.",
         state.chargers.len(),
     );
-    let sessions = laddnet_actors::repo::all_sessions(state.store.as_ref()).unwrap_or_default();
-    let active = sessions.iter().filter(|s| s.status == SessionStatus::Active).count();
-    let power: u64 = sessions
+    // The open sessions' records and one counter: a scrape reads nothing
+    // of the ended history, however long it is.
+    let open = laddnet_actors::repo::open_session_records(state.store.as_ref()).unwrap_or_default();
+    let active = open.iter().filter(|s| s.status == SessionStatus::Active).count();
+    let power: u64 = open
         .iter()
         .filter(|s| s.status == SessionStatus::Active)
         .map(|s| u64::from(s.power_w))
         .sum();
-    let energy: u64 = sessions.iter().map(|s| s.energy_wh()).sum();
+    let energy = laddnet_actors::repo::energy_delivered_wh(state.store.as_ref()).unwrap_or_default();
     gauge(&mut out, "laddnet_sessions_active", "Sessions charging now.", active);
     gauge(&mut out, "laddnet_power_watts", "Power of the active sessions.", power);
     let _ = writeln!(
         out,
-        "# HELP laddnet_energy_delivered_wh_total Energy of the sessions held in the store.\n# TYPE laddnet_energy_delivered_wh_total counter\nladdnet_energy_delivered_wh_total {energy}"
+        "# HELP laddnet_energy_delivered_wh_total Energy of every session the store has recorded (kept across retention purges).\n# TYPE laddnet_energy_delivered_wh_total counter\nladdnet_energy_delivered_wh_total {energy}"
     );
     let m = &state.metrics;
     out.push_str("# HELP laddnet_charger_events_total Transaction events from chargers, by outcome.\n# TYPE laddnet_charger_events_total counter\n");

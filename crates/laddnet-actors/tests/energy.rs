@@ -1,0 +1,95 @@
+//! The store's energy counter and the open-session view: what a metrics
+//! scrape reads instead of every session the store has ever held.
+
+mod common;
+
+use common::event;
+use laddnet_actors::repo;
+use laddnet_core::charging::{SessionStatus, TxEventKind};
+use laddnet_store::{RedbStore, StoreExt, keys};
+
+/// A session of `CP-n` from 1,000 Wh, 1,500 Wh per reading; ended unless
+/// `open`.
+fn session(store: &RedbStore, charger: &str, tx: &str, start_ms: i64, open: bool) {
+    for seq in 0..3u64 {
+        let kind = match seq {
+            0 => TxEventKind::Started,
+            2 if !open => TxEventKind::Ended,
+            _ => TxEventKind::Updated,
+        };
+        let e = event(tx, seq, kind, start_ms + seq as i64 * 600_000, 1_000 + seq * 1_500);
+        repo::apply_event(store, charger, None, 22_000, &e).unwrap();
+    }
+}
+
+fn total_over_sessions(store: &RedbStore) -> u64 {
+    repo::all_sessions(store).unwrap().iter().map(|s| s.energy_wh()).sum()
+}
+
+#[test]
+fn the_counter_survives_retention() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = RedbStore::open(dir.path().join("s.redb")).unwrap();
+    let old = 1_700_000_000_000;
+    session(&store, "CP-1", "tx-old", old, false);
+    session(&store, "CP-2", "tx-new", old + 800 * 86_400_000, false);
+    assert_eq!(repo::energy_delivered_wh(&store).unwrap(), 6_000);
+    let defaults = laddnet_ledger::cdr::BillingDefaults { currency: "EUR".into() };
+    laddnet_ledger::cdr::bill_session(&store, "tx-old", &defaults).unwrap();
+    assert_eq!(repo::purge_ended_before(&store, old + 730 * 86_400_000).unwrap(), 1);
+    // The sessions held now have 3,000 Wh; the energy delivered is still
+    // 6,000 Wh (a counter does not go back when history is purged).
+    assert_eq!(total_over_sessions(&store), 3_000);
+    assert_eq!(repo::energy_delivered_wh(&store).unwrap(), 6_000);
+}
+
+#[test]
+fn a_store_from_before_the_counter_is_counted_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = RedbStore::open(dir.path().join("s.redb")).unwrap();
+    session(&store, "CP-1", "tx-1", 1_700_000_000_000, false);
+    session(&store, "CP-2", "tx-2", 1_700_000_000_000, true);
+    // As a store written before the counter existed.
+    store
+        .transact(|tx| tx.clear(&keys::pack(&("metric", "energy-wh"))))
+        .unwrap();
+    assert_eq!(repo::energy_delivered_wh(&store).unwrap(), 0);
+
+    assert_eq!(repo::count_energy_once(&store).unwrap(), Some(2));
+    assert_eq!(repo::energy_delivered_wh(&store).unwrap(), 6_000);
+    // Once only: a second start leaves it alone, and events add to it.
+    assert_eq!(repo::count_energy_once(&store).unwrap(), None);
+    let e = event("tx-2", 3, TxEventKind::Updated, 1_700_000_000_000 + 1_800_000, 5_500);
+    repo::apply_event(&store, "CP-2", None, 22_000, &e).unwrap();
+    assert_eq!(repo::energy_delivered_wh(&store).unwrap(), 7_500);
+    assert_eq!(repo::energy_delivered_wh(&store).unwrap(), total_over_sessions(&store));
+
+    // A new store starts at zero.
+    let fresh = RedbStore::open(dir.path().join("fresh.redb")).unwrap();
+    assert_eq!(repo::count_energy_once(&fresh).unwrap(), Some(0));
+    assert_eq!(repo::energy_delivered_wh(&fresh).unwrap(), 0);
+}
+
+#[test]
+fn the_open_view_holds_the_sessions_not_ended() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = RedbStore::open(dir.path().join("s.redb")).unwrap();
+    session(&store, "CP-1", "tx-ended", 1_700_000_000_000, false);
+    session(&store, "CP-1", "tx-live", 1_700_000_000_000, true);
+    session(&store, "CP-2", "tx-dropped", 1_700_000_000_000, true);
+    repo::interrupt_sessions(&store, "CP-2", 1_700_000_100).unwrap();
+
+    let mut open: Vec<(String, SessionStatus)> = repo::open_session_records(&store)
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.transaction_id, r.status))
+        .collect();
+    open.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        open,
+        [
+            ("tx-dropped".to_string(), SessionStatus::Interrupted),
+            ("tx-live".to_string(), SessionStatus::Active),
+        ]
+    );
+}
