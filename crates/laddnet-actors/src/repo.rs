@@ -284,7 +284,7 @@ impl Run {
     /// (or, once ended, its mark for billing), and adds the energy the run
     /// added to the store's total.
     fn finish(self, tx: &mut dyn Transaction) -> Result<(), RepoError> {
-        let mut energy = 0i64;
+        let (mut energy, mut wrote) = (0i64, false);
         for RunSession {
             tx_id,
             record,
@@ -296,6 +296,7 @@ impl Run {
                 continue;
             };
             energy += record.energy_wh() as i64 - energy_before as i64;
+            wrote = true;
             put_session(tx, &record)?;
             if record.status == SessionStatus::Ended {
                 tx.clear(&open_key(&record.charger_id, &tx_id))?;
@@ -309,7 +310,10 @@ impl Run {
                 tx.set(&open_key(&record.charger_id, &tx_id), b"")?;
             }
         }
-        if energy != 0 {
+        // Even when it adds nothing (a first reading): a store that has
+        // recorded a run then has the counter, and a node start never
+        // takes it for one from before the counter (and counts it).
+        if wrote {
             tx.atomic_add(&energy_total_key(), energy)?;
         }
         Ok(())
@@ -562,6 +566,9 @@ pub fn list_sessions(
 /// what it added to one counter in the same commit (an atomic add, so
 /// nodes writing at once do not conflict), so this is one read, whatever
 /// the history; a retention purge leaves it as it is (it is a counter).
+/// A meter anomaly that lowers a session's energy (a register going
+/// backwards, flagged on the session) lowers it too: it is the sessions'
+/// energy, not a sum of readings.
 pub fn energy_delivered_wh(store: &dyn Store) -> Result<u64, RepoError> {
     let v = store.snapshot(|tx| tx.get(&energy_total_key()))?;
     Ok(v.map_or(0, |v| {
@@ -576,6 +583,10 @@ pub fn energy_delivered_wh(store: &dyn Store) -> Result<u64, RepoError> {
 /// left alone). Runs at node start, before chargers are accepted. Returns
 /// how many sessions it counted (`None`: the store had the counter).
 pub fn count_energy_once(store: &dyn Store) -> Result<Option<usize>, RepoError> {
+    // Every start but the first finds it with a read, not a write.
+    if store.snapshot(|tx| tx.get(&energy_total_key()))?.is_some() {
+        return Ok(None);
+    }
     store.transact(|tx| {
         if tx.get(&energy_total_key())?.is_some() {
             return Ok(None);

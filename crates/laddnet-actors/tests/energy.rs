@@ -71,6 +71,20 @@ fn a_store_from_before_the_counter_is_counted_once() {
 }
 
 #[test]
+fn sessions_without_energy_yet_still_start_the_counter() {
+    // Only first readings: no energy, but the store has the counter, so a
+    // node start does not read every session to count it.
+    let dir = tempfile::tempdir().unwrap();
+    let store = RedbStore::open(dir.path().join("s.redb")).unwrap();
+    for i in 0..3 {
+        let e = event(&format!("tx-{i}"), 0, TxEventKind::Started, 1_700_000_000_000, 1_000);
+        repo::apply_event(&store, "CP-1", None, 22_000, &e).unwrap();
+    }
+    assert_eq!(repo::count_energy_once(&store).unwrap(), None);
+    assert_eq!(repo::energy_delivered_wh(&store).unwrap(), 0);
+}
+
+#[test]
 fn the_open_view_holds_the_sessions_not_ended() {
     let dir = tempfile::tempdir().unwrap();
     let store = RedbStore::open(dir.path().join("s.redb")).unwrap();

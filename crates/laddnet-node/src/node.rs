@@ -136,10 +136,16 @@ impl RunningNode {
             let (config, store, source, tickets) = (config.clone(), store.clone(), source.clone(), tickets.clone());
             tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
                 let ca = Ca::open(&files, policy, &source, store.clone(), clock).context("opening the CA")?;
-                if let Some(sessions @ 1..) =
-                    laddnet_actors::repo::count_energy_once(store.as_ref()).context("counting the sessions' energy")?
-                {
-                    tracing::info!(sessions, "energy counter started from the sessions in the store");
+                // Metrics only: a store it cannot count still serves.
+                match laddnet_actors::repo::count_energy_once(store.as_ref()) {
+                    Ok(Some(sessions @ 1..)) => {
+                        tracing::info!(sessions, "energy counter started from the sessions in the store")
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(
+                        error = %e,
+                        "could not count the stored sessions' energy; the counter starts from the next reading"
+                    ),
                 }
                 let subject = Subject::Node {
                     name: config.node.name.clone(),
