@@ -22,14 +22,20 @@ fn session(store: &RedbStore, charger: &str, tx: &str, start_ms: i64, open: bool
     }
 }
 
+/// An empty store on disk (the directory lives as long as the guard).
+fn open_store(name: &str) -> (tempfile::TempDir, RedbStore) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = RedbStore::open(dir.path().join(name)).unwrap();
+    (dir, store)
+}
+
 fn total_over_sessions(store: &RedbStore) -> u64 {
     repo::all_sessions(store).unwrap().iter().map(|s| s.energy_wh()).sum()
 }
 
 #[test]
 fn the_counter_survives_retention() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = RedbStore::open(dir.path().join("s.redb")).unwrap();
+    let (_dir, store) = open_store("s.redb");
     let old = 1_700_000_000_000;
     session(&store, "CP-1", "tx-old", old, false);
     session(&store, "CP-2", "tx-new", old + 800 * 86_400_000, false);
@@ -45,8 +51,7 @@ fn the_counter_survives_retention() {
 
 #[test]
 fn a_store_from_before_the_counter_is_counted_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = RedbStore::open(dir.path().join("s.redb")).unwrap();
+    let (_dir, store) = open_store("s.redb");
     session(&store, "CP-1", "tx-1", 1_700_000_000_000, false);
     session(&store, "CP-2", "tx-2", 1_700_000_000_000, true);
     // As a store written before the counter existed.
@@ -65,7 +70,7 @@ fn a_store_from_before_the_counter_is_counted_once() {
     assert_eq!(repo::energy_delivered_wh(&store).unwrap(), total_over_sessions(&store));
 
     // A new store starts at zero.
-    let fresh = RedbStore::open(dir.path().join("fresh.redb")).unwrap();
+    let (_fresh_dir, fresh) = open_store("fresh.redb");
     assert_eq!(repo::count_energy_once(&fresh).unwrap(), Some(0));
     assert_eq!(repo::energy_delivered_wh(&fresh).unwrap(), 0);
 }
@@ -74,8 +79,7 @@ fn a_store_from_before_the_counter_is_counted_once() {
 fn sessions_without_energy_yet_still_start_the_counter() {
     // Only first readings: no energy, but the store has the counter, so a
     // node start does not read every session to count it.
-    let dir = tempfile::tempdir().unwrap();
-    let store = RedbStore::open(dir.path().join("s.redb")).unwrap();
+    let (_dir, store) = open_store("s.redb");
     for i in 0..3 {
         let e = event(&format!("tx-{i}"), 0, TxEventKind::Started, 1_700_000_000_000, 1_000);
         repo::apply_event(&store, "CP-1", None, 22_000, &e).unwrap();
@@ -86,8 +90,7 @@ fn sessions_without_energy_yet_still_start_the_counter() {
 
 #[test]
 fn the_open_view_holds_the_sessions_not_ended() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = RedbStore::open(dir.path().join("s.redb")).unwrap();
+    let (_dir, store) = open_store("s.redb");
     session(&store, "CP-1", "tx-ended", 1_700_000_000_000, false);
     session(&store, "CP-1", "tx-live", 1_700_000_000_000, true);
     session(&store, "CP-2", "tx-dropped", 1_700_000_000_000, true);
