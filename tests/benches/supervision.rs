@@ -38,10 +38,12 @@ const BACKGROUND: usize = 20;
 const BACKGROUND_PER_S: u64 = 50;
 /// Seven pairs of (calm, injections), each side 1,000 round trips in
 /// turns of `PER_TURN` (about 5.5 s a side): a side's p99 is then its
-/// tenth slowest round trip. The samples go to `PHASES` bins, a pair's
-/// calm side and its injecting side.
+/// tenth slowest round trip. The samples go to two bins per pair run, its
+/// calm side and its injecting side. A pair that met a storm of the
+/// machine's stalls is set aside and another run (`stalls::Gate`, at
+/// most `2 * PAIRS` pairs in all).
 const PAIRS: usize = 7;
-const PHASES: usize = 2 * PAIRS;
+const PHASES: usize = 4 * PAIRS;
 const INJECTIONS_PER_PHASE: usize = 1_000;
 const PER_TURN: usize = 20;
 
@@ -122,28 +124,40 @@ fn main() {
             )));
         }
 
-        // Per pair of phases: the calm phase's inspect round trips, the
-        // injection phase's replacements.
-        let mut replaced = vec![Vec::new(); PAIRS];
-        let mut floor = vec![Vec::new(); PAIRS];
-        for turn in 0..PHASES * INJECTIONS_PER_PHASE / PER_TURN {
-            let (pair, inject) = (turn / (2 * INJECTIONS_PER_PHASE / PER_TURN), turn % 2 == 1);
-            let phase = 2 * pair + usize::from(inject);
-            phase_now.store(phase, Ordering::Relaxed);
-            for _ in 0..PER_TURN {
-                let (_, before) = handle.inspect().await.unwrap();
-                let t = Instant::now();
-                if inject {
-                    assert!(handle.inject_fault("tx-fault", SessionFault::Panic).await);
-                    while handle.inspect().await.unwrap().1 == before {}
-                    replaced[phase / 2].push((t, t.elapsed()));
-                } else {
-                    handle.inspect().await.unwrap();
-                    floor[phase / 2].push((t, t.elapsed()));
+        // Per pair run: the calm side's inspect round trips, the
+        // injecting side's replacements.
+        let (mut replaced, mut floor) = (Vec::new(), Vec::new());
+        let mut gate = stalls::Gate::new(PAIRS);
+        while gate.more() {
+            let pair = replaced.len();
+            let from = Instant::now();
+            let (mut rep, mut flo) = (Vec::new(), Vec::new());
+            for turn in 0..2 * INJECTIONS_PER_PHASE / PER_TURN {
+                let inject = turn % 2 == 1;
+                phase_now.store(2 * pair + usize::from(inject), Ordering::Relaxed);
+                for _ in 0..PER_TURN {
+                    let (_, before) = handle.inspect().await.unwrap();
+                    let t = Instant::now();
+                    if inject {
+                        assert!(handle.inject_fault("tx-fault", SessionFault::Panic).await);
+                        while handle.inspect().await.unwrap().1 == before {}
+                        rep.push((t, t.elapsed()));
+                    } else {
+                        handle.inspect().await.unwrap();
+                        flo.push((t, t.elapsed()));
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
                 }
-                tokio::time::sleep(Duration::from_millis(5)).await;
             }
+            let seen = probe.as_ref().map(|p| p.stalls()).unwrap_or_default();
+            let weather = stalls::per_second(&seen, from, Instant::now());
+            eprintln!("supervision pair {pair}: {weather:.1} stalls a second");
+            gate.record(weather);
+            replaced.push(rep);
+            floor.push(flo);
         }
+        // Past every pair run: no bin.
+        phase_now.store(usize::MAX, Ordering::Relaxed);
         stop.store(true, Ordering::Relaxed);
         for t in tasks {
             t.await.unwrap();
@@ -154,14 +168,21 @@ fn main() {
 
         let probed = probe.is_some();
         let stalls = probe.map(|p| p.finish()).unwrap_or_default();
+        let kept = gate.kept();
         let phases = samples.lock().await;
+        let keep = |sets: &[Vec<(Instant, Duration)>], bin: &dyn Fn(usize) -> usize| -> Vec<Vec<(Instant, Duration)>> {
+            kept.iter().map(|k| sets[bin(*k)].clone()).collect()
+        };
+        let (replaced, floor) = (keep(&replaced, &|k| k), keep(&floor, &|k| k));
+        let calm = keep(&phases, &|k| 2 * k);
+        let hit = keep(&phases, &|k| 2 * k + 1);
         // The `p` quantile of `samples`, clear of the machine's stalls.
         let pct = |samples: &[(Instant, Duration)], p: f64| stalls::quantile_clear(samples, &stalls, p).0;
         // Every figure's ratio is the median over the pairs (the injecting
         // side against the calm side it alternated with), so one pair the
         // virtual machine stalled moves one ratio of seven, not the figure.
         let median_ratio = |f: &dyn Fn(usize) -> f64| {
-            let mut r: Vec<f64> = (0..PAIRS).map(f).collect();
+            let mut r: Vec<f64> = (0..kept.len()).map(f).collect();
             r.sort_by(f64::total_cmp);
             r[r.len() / 2]
         };
@@ -169,13 +190,12 @@ fn main() {
         let ratio50 = median_ratio(&|k| us(pct(&replaced[k], 0.5)) / us(pct(&floor[k], 0.5)));
         let pooled = |sets: &[Vec<(Instant, Duration)>]| -> Vec<(Instant, Duration)> { sets.iter().flatten().copied().collect() };
         let (replaced, floor) = (pooled(&replaced), pooled(&floor));
-        let all: Vec<(Instant, Duration)> = replaced.iter().chain(&floor).chain(phases.iter().flatten()).copied().collect();
+        let all: Vec<(Instant, Duration)> =
+            replaced.iter().chain(&floor).chain(calm.iter().flatten()).chain(hit.iter().flatten()).copied().collect();
         let (_, left_out) = stalls::quantile_clear(&all, &stalls, 0.5);
-        let calm: Vec<Vec<(Instant, Duration)>> = phases.iter().step_by(2).cloned().collect();
-        let hit: Vec<Vec<(Instant, Duration)>> = phases.iter().skip(1).step_by(2).cloned().collect();
         // The others' p99 with the faults against their p99 without: each
-        // over all seven pairs' samples of its kind. A p99 per pair is its
-        // 55th slowest round trip, and the median of seven such ratios
+        // over all the kept pairs' samples of its kind. A p99 per pair is
+        // its 55th slowest round trip, and the median of seven such ratios
         // moved 23 % between two runs (of long phases).
         let (calm, hit) = (pct(&pooled(&calm), 0.99), pct(&pooled(&hit), 0.99));
         let ratio = us(hit) / us(calm);
@@ -210,7 +230,8 @@ fn main() {
         );
         let weather = if probed {
             format!(
-                "{} stalls (the longest {:.1} ms); {:.1} % of the round trips left out of the figures above",
+                "{}; {} stalls (the longest {:.1} ms); {:.1} % of the kept pairs' round trips left out of the figures above",
+                gate.summary(),
                 stalls.len(),
                 stalls.iter().map(|s| s.to - s.from).max().unwrap_or_default().as_secs_f64() * 1e3,
                 left_out as f64 / all.len().max(1) as f64 * 100.0

@@ -333,11 +333,18 @@ pub async fn reconnect(chargers: usize, concurrency: usize, pairs: usize) -> any
     fn fresh(fleet: &Fleet) -> anyhow::Result<Vec<(Arc<tokio_rustls::rustls::ClientConfig>, &servers::Creds)>> {
         fleet.chargers.iter().map(|c| Ok((fleet.client_tls(c)?, c))).collect()
     }
-    let (mut base, mut base_wall) = (Vec::new(), Vec::new());
-    let (mut full, mut full_ratios, mut full_wall) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut resumed, mut ratios, mut resumed_wall) = (Vec::new(), Vec::new(), Vec::new());
-    let mut wall_ratios = Vec::new();
-    for round in 0..pairs {
+    // The rounds' figures: raw per CPU-s and wall, node without tickets,
+    // node resuming. A round that met a storm of the machine's stalls is
+    // set aside (`stalls::Gate`): a stalled core's time is charged to
+    // whatever it ran, so a storm inflates CPU-seconds and wall time
+    // alike, and the three phases of a round, seconds apart, need not
+    // meet the same weather.
+    let probe = stalls::Probe::start(&probe_cores());
+    let mut gate = stalls::Gate::new(pairs);
+    let mut rounds = Vec::new();
+    let mut round = 0;
+    while gate.more() {
+        let from = Instant::now();
         // New client configurations: no charger holds a ticket.
         let configs = fresh(&fleet)?;
         let raw = servers::start_echo_with(&fleet, &["--handshake-only"])?;
@@ -349,9 +356,23 @@ pub async fn reconnect(chargers: usize, concurrency: usize, pairs: usize) -> any
         let node = servers::start_node(&fleet, &[])?;
         let (n, nw) = storm_once(&node, &configs, concurrency, false).await?;
         node.kill();
+        let stalls = probe.as_ref().map(|p| p.stalls()).unwrap_or_default();
+        let weather = stalls::per_second(&stalls, from, Instant::now());
+        gate.record(weather);
         eprintln!(
-            "reconnect round {round}: raw {b:.0}/CPU-s ({bw:.2} s), node without tickets {f:.0}/CPU-s ({fw:.2} s), node resuming {n:.0}/CPU-s ({nw:.2} s)"
+            "reconnect round {round}: raw {b:.0}/CPU-s ({bw:.2} s), node without tickets {f:.0}/CPU-s ({fw:.2} s), \
+             node resuming {n:.0}/CPU-s ({nw:.2} s); {weather:.1} stalls a second"
         );
+        rounds.push([b, bw, f, fw, n, nw]);
+        round += 1;
+    }
+    drop(probe.map(|p| p.finish()));
+    let (mut base, mut base_wall) = (Vec::new(), Vec::new());
+    let (mut full, mut full_ratios, mut full_wall) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut resumed, mut ratios, mut resumed_wall) = (Vec::new(), Vec::new(), Vec::new());
+    let mut wall_ratios = Vec::new();
+    for k in gate.kept() {
+        let [b, bw, f, fw, n, nw] = rounds[k];
         base.push(b);
         base_wall.push(bw);
         full.push(f);
@@ -362,6 +383,7 @@ pub async fn reconnect(chargers: usize, concurrency: usize, pairs: usize) -> any
         wall_ratios.push(nw / bw);
         ratios.push(n / b);
     }
+    let kept = gate.summary();
     let ratio = median(&mut ratios);
     let full_ratio = median(&mut full_ratios);
     let wall = median(&mut resumed_wall);
@@ -371,7 +393,7 @@ pub async fn reconnect(chargers: usize, concurrency: usize, pairs: usize) -> any
     Ok(vec![
         Row {
             figure: format!(
-                "reconnect storm: chargers admitted (TLS + boot accepted) per server CPU-second, after a node restart, resuming their session tickets ({concurrency} connecting at once)"
+                "reconnect storm: chargers admitted (TLS + boot accepted) per server CPU-second, after a node restart, resuming their session tickets ({concurrency} connecting at once; {kept})"
             ),
             laddnet: format!("{:.0}", median(&mut resumed)),
             baseline: raw.clone(),
@@ -721,37 +743,35 @@ pub async fn authorize(o: AuthorizeOpts) -> anyhow::Result<Vec<Row>> {
         }
     })
     .await??;
-    let cores: Vec<usize> = if servers::can_pin() {
-        vec![0, 1]
-    } else {
-        (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect()
-    };
+    let cores = probe_cores();
     let probe = stalls::Probe::start(&cores);
     if probe.is_none() {
         eprintln!("authorize: no real-time stall probe here (needs root or CAP_SYS_NICE); the p99s are raw");
     }
     let began = Instant::now();
     let steal_before = procfs::steal_ticks()?;
-    let mut clear = Tails::default();
-    let mut raw = Tails::default();
-    let (mut base50, mut ours50, mut ratios50) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut left_out, mut samples) = (0usize, 0usize);
-    for round in 0..o.pairs {
+    // Per pair run: (echo p99 clear, node p99 clear, echo p99 raw, node
+    // p99 raw, echo p50, node p50, round trips left out, round trips).
+    let mut runs = Vec::new();
+    let mut gate = stalls::Gate::new(o.pairs);
+    let mut round = 0;
+    while gate.more() {
         let steal_from = procfs::steal_ticks()?;
+        let from = Instant::now();
         let AuthorizePair { echo: b, node: n } = authorize_pair(&fleet, &cards, round, &o).await?;
         let stolen = procfs::stolen_share(steal_from, procfs::steal_ticks()?);
         let stalls = probe.as_ref().map(|p| p.stalls()).unwrap_or_default();
+        let weather = stalls::per_second(&stalls, from, Instant::now());
+        gate.record(weather);
         let (b99, b_out) = stalls::quantile_clear(&b, &stalls, 0.99);
         let (n99, n_out) = stalls::quantile_clear(&n, &stalls, 0.99);
         let (b99_raw, _) = stalls::quantile_clear(&b, &[], 0.99);
         let (n99_raw, _) = stalls::quantile_clear(&n, &[], 0.99);
         let (b50, _) = stalls::quantile_clear(&b, &[], 0.5);
         let (n50, _) = stalls::quantile_clear(&n, &[], 0.5);
-        left_out += b_out + n_out;
-        samples += b.len() + n.len();
         eprintln!(
             "authorize pair {round}: p99 clear of stalls echo {:.0} µs, node {:.0} µs ({b_out} and {n_out} round trips left out); \
-             raw echo {:.0} µs, node {:.0} µs; p50 echo {:.0} µs, node {:.0} µs; {:.2} % of the CPU stolen",
+             raw echo {:.0} µs, node {:.0} µs; p50 echo {:.0} µs, node {:.0} µs; {weather:.1} stalls a second; {:.2} % of the CPU stolen",
             us(b99),
             us(n99),
             us(b99_raw),
@@ -760,11 +780,22 @@ pub async fn authorize(o: AuthorizeOpts) -> anyhow::Result<Vec<Row>> {
             us(n50),
             stolen * 100.0
         );
+        runs.push((b99, n99, b99_raw, n99_raw, b50, n50, b_out + n_out, b.len() + n.len()));
+        round += 1;
+    }
+    let mut clear = Tails::default();
+    let mut raw = Tails::default();
+    let (mut base50, mut ours50, mut ratios50) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut left_out, mut samples) = (0usize, 0usize);
+    for k in gate.kept() {
+        let (b99, n99, b99_raw, n99_raw, b50, n50, out, all) = runs[k];
         clear.push(b99, n99);
         raw.push(b99_raw, n99_raw);
         base50.push(b50.as_secs_f64());
         ours50.push(n50.as_secs_f64());
         ratios50.push(n50.as_secs_f64() / b50.as_secs_f64());
+        left_out += out;
+        samples += all;
     }
     let stalls = probe.map(|p| p.finish());
     let elapsed = began.elapsed().as_secs_f64();
@@ -780,8 +811,9 @@ pub async fn authorize(o: AuthorizeOpts) -> anyhow::Result<Vec<Row>> {
         Some(st) => {
             let longest = st.iter().map(|s| s.to - s.from).max().unwrap_or_default();
             format!(
-                "{} stalls of {} cores ({:.1} a second, the longest {:.1} ms); {:.1} % of the round trips left out of the p99s; \
-                 {:.2} % of the CPU stolen (/proc/stat)",
+                "{}; {} stalls of {} cores ({:.1} a second, the longest {:.1} ms); {:.1} % of the kept pairs' round trips left out of \
+                 the p99s; {:.2} % of the CPU stolen (/proc/stat)",
+                gate.summary(),
                 st.len(),
                 cores.len(),
                 st.len() as f64 / elapsed,
@@ -843,6 +875,15 @@ pub async fn authorize(o: AuthorizeOpts) -> anyhow::Result<Vec<Row>> {
             met: true,
         },
     ])
+}
+
+/// The cores a stall probe watches: the server's and the load's.
+fn probe_cores() -> Vec<usize> {
+    if servers::can_pin() {
+        vec![0, 1]
+    } else {
+        (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect()
+    }
 }
 
 /// Per pair, the echo's and the node's p99 (seconds).

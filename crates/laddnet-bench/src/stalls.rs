@@ -124,6 +124,91 @@ fn realtime_on(core: usize) -> bool {
     }
 }
 
+/// Stalls a second (over every probed core) above which a pair met a
+/// storm. Calm stretches of this machine show 2–5, storms 12–25; the
+/// tails of a stormy pair are the machine's more than either server's
+/// (slices shorter than the probe's threshold, and the wider aftermath of
+/// the stalls it does see, pull both toward the same figure), so their
+/// ratio is not comparable from run to run.
+pub const STORMY_PER_S: f64 = 8.0;
+
+/// How many of `stalls` began between `from` and `to`, per second.
+pub fn per_second(stalls: &[Stall], from: Instant, to: Instant) -> f64 {
+    let secs = (to - from).as_secs_f64();
+    if secs <= 0.0 {
+        return 0.0;
+    }
+    stalls.iter().filter(|s| s.from >= from && s.from < to).count() as f64 / secs
+}
+
+/// Which pairs of a scenario to keep: pairs run until `want` of them met
+/// calm weather or twice as many have run, and the `want` calmest count.
+/// A pair run in a storm is set aside (and reported) rather than mixed
+/// into a median it would drag toward the machine's own tail; a storm
+/// that lasts the whole budget still yields `want` pairs, the calmest,
+/// and the summary says how stormy they were.
+#[derive(Debug, Default)]
+pub struct Gate {
+    want: usize,
+    /// Stalls a second of each pair run, in order.
+    weather: Vec<f64>,
+}
+
+impl Gate {
+    pub fn new(want: usize) -> Gate {
+        Gate {
+            want: want.max(1),
+            weather: Vec::new(),
+        }
+    }
+
+    /// Whether to run another pair.
+    pub fn more(&self) -> bool {
+        let calm = self.weather.iter().filter(|w| **w <= STORMY_PER_S).count();
+        calm < self.want && self.weather.len() < 2 * self.want
+    }
+
+    /// Records the weather of the pair just run (its stalls a second).
+    pub fn record(&mut self, per_second: f64) {
+        self.weather.push(per_second);
+    }
+
+    /// The indices (in the order run) of the pairs to keep: the `want`
+    /// calmest, ties to the earlier.
+    pub fn kept(&self) -> Vec<usize> {
+        let mut by_weather: Vec<usize> = (0..self.weather.len()).collect();
+        by_weather.sort_by(|a, b| self.weather[*a].total_cmp(&self.weather[*b]).then(a.cmp(b)));
+        by_weather.truncate(self.want);
+        by_weather.sort();
+        by_weather
+    }
+
+    /// What was kept and set aside, for a report.
+    pub fn summary(&self) -> String {
+        let kept = self.kept();
+        let aside: Vec<f64> = (0..self.weather.len())
+            .filter(|i| !kept.contains(i))
+            .map(|i| self.weather[i])
+            .collect();
+        let worst_kept = kept.iter().map(|i| self.weather[*i]).fold(0.0, f64::max);
+        let mut s = format!("{} pairs", kept.len());
+        if !aside.is_empty() {
+            let most = aside.iter().copied().fold(0.0, f64::max);
+            s.push_str(&format!(
+                " of {} run ({} set aside for storms, up to {most:.0} stalls a second)",
+                self.weather.len(),
+                aside.len()
+            ));
+        }
+        if worst_kept > STORMY_PER_S {
+            s.push_str(&format!(
+                "; storms throughout: kept pairs up to {worst_kept:.0} stalls a second"
+            ));
+        }
+        s
+    }
+}
+
 /// The `p` quantile of the round trips `(start, took)` that no stall hit,
 /// and how many were left out.
 pub fn quantile_clear(samples: &[(Instant, Duration)], stalls: &[Stall], p: f64) -> (Duration, usize) {
@@ -203,6 +288,50 @@ mod tests {
                 && s.to - s.from >= Duration::from_millis(18)),
             "the 20 ms hold was not seen: {seen:?}"
         );
+    }
+
+    #[test]
+    fn the_gate_keeps_the_calm_pairs_and_stops_at_twice_the_want() {
+        let mut g = Gate::new(3);
+        for w in [2.0, 20.0, 3.0, 15.0, 1.0] {
+            assert!(g.more());
+            g.record(w);
+        }
+        assert!(!g.more(), "three calm pairs are enough");
+        assert_eq!(g.kept(), vec![0, 2, 4]);
+        assert!(
+            g.summary()
+                .starts_with("3 pairs of 5 run (2 set aside for storms, up to 20"),
+            "{}",
+            g.summary()
+        );
+
+        // A storm all along: twice the want, then the calmest of them.
+        let mut g = Gate::new(2);
+        for w in [30.0, 12.0, 25.0, 9.0] {
+            assert!(g.more());
+            g.record(w);
+        }
+        assert!(!g.more(), "the budget is twice the want");
+        assert_eq!(g.kept(), vec![1, 3]);
+        assert!(
+            g.summary().contains("storms throughout: kept pairs up to 12"),
+            "{}",
+            g.summary()
+        );
+    }
+
+    #[test]
+    fn stalls_a_second_count_those_that_began_in_the_span() {
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        let at = |n: u64| Stall {
+            from: ms(n),
+            to: ms(n + 2),
+        };
+        let stalls = [at(100), at(900), at(1_500), at(2_500)];
+        assert_eq!(per_second(&stalls, ms(0), ms(2_000)), 1.5);
+        assert_eq!(per_second(&stalls, ms(2_000), ms(2_000)), 0.0);
     }
 
     #[test]
