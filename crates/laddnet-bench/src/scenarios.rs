@@ -502,19 +502,17 @@ pub async fn cold_start(sessions: usize, pairs: usize) -> anyhow::Result<Vec<Row
         let pristine = full.dir.path().join("pristine.redb");
         std::fs::copy(&full.store_path, &pristine)?;
         let (mut base, mut ours, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
-        // Each side of a pair is the best of three starts: a start is tens
-        // of milliseconds, and one descheduling of this virtual machine's
-        // vCPU is a large share of that; noise only ever adds.
-        let best = |fleet: &Fleet, pristine: Option<&std::path::Path>| -> anyhow::Result<f64> {
-            let mut v = Vec::with_capacity(3);
-            for _ in 0..3 {
-                v.push(time_start(fleet, pristine)?);
-            }
-            Ok(v.into_iter().fold(f64::INFINITY, f64::min))
-        };
+        // Each side of a pair is the best of `BEST` starts, the two sides'
+        // starts alternating: a start is tens of milliseconds, one
+        // descheduling of this virtual machine's vCPU is a large share of
+        // that, and noise only ever adds.
+        const BEST: usize = 5;
         for round in 0..pairs {
-            let b = best(&empty, None)?;
-            let n = best(&full, Some(&pristine))?;
+            let (mut b, mut n) = (f64::INFINITY, f64::INFINITY);
+            for _ in 0..BEST {
+                b = b.min(time_start(&empty, None)?);
+                n = n.min(time_start(&full, Some(&pristine))?);
+            }
             eprintln!(
                 "cold start pair {round}: empty store {:.0} ms, {sessions} open sessions {:.0} ms",
                 b * 1e3,
@@ -527,7 +525,7 @@ pub async fn cold_start(sessions: usize, pairs: usize) -> anyhow::Result<Vec<Row
         let took = median(&mut ours);
         Ok(vec![Row {
             figure: format!(
-                "cold start to accepting, store holding {sessions} open sessions (spawn to serving; best of 3 per side)"
+                "cold start to accepting, store holding {sessions} open sessions (spawn to serving; best of {BEST} per side, alternating)"
             ),
             laddnet: format!("{:.0} ms", took * 1e3),
             baseline: format!("same node, empty store: {:.0} ms", median(&mut base) * 1e3),
