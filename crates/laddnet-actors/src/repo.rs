@@ -11,6 +11,9 @@
 //! | `("session", transaction_id)` | [`SessionRecord`] |
 //! | `("session-event", transaction_id, seq)` | the [`TxEvent`] |
 //! | `("session-open", charger_id, transaction_id)` | empty: sessions not ended |
+//! | `("session-by-charger", charger_id, transaction_id)` | empty: every session of a charger (written when it is created) |
+//! | `("session-by-site", site_id, transaction_id)` | empty: every session recorded at a site |
+//! | `("migrated", "session-index")` | empty: every stored session is in the two indices above (see [`index_sessions_once`]) |
 //! | `("metric", "energy-wh")` | energy of every session recorded, in Wh (atomic add; see [`energy_delivered_wh`]) |
 
 use serde::de::DeserializeOwned;
@@ -108,6 +111,24 @@ fn open_key(charger_id: &str, tx_id: &str) -> Vec<u8> {
 }
 fn energy_total_key() -> Vec<u8> {
     keys::pack(&("metric", "energy-wh"))
+}
+fn by_charger_key(charger_id: &str, tx_id: &str) -> Vec<u8> {
+    keys::pack(&("session-by-charger", charger_id, tx_id))
+}
+fn by_site_key(site_id: &str, tx_id: &str) -> Vec<u8> {
+    keys::pack(&("session-by-site", site_id, tx_id))
+}
+fn indexed_marker() -> Vec<u8> {
+    keys::pack(&("migrated", "session-index"))
+}
+
+/// Adds a new session to the by-charger and by-site indices.
+fn index_session(tx: &mut dyn Transaction, r: &SessionRecord) -> Result<(), StoreError> {
+    tx.set(&by_charger_key(&r.charger_id, &r.transaction_id), b"")?;
+    if let Some(site) = &r.site_id {
+        tx.set(&by_site_key(site, &r.transaction_id), b"")?;
+    }
+    Ok(())
 }
 
 /// What became of an event.
@@ -208,6 +229,8 @@ struct RunSession {
     /// Its energy when the run read it.
     energy_before: u64,
     changed: bool,
+    /// The run creates it (it was not stored).
+    new: bool,
 }
 
 impl Run {
@@ -219,6 +242,7 @@ impl Run {
         self.sessions.push(RunSession {
             tx_id: tx_id.to_string(),
             energy_before: record.as_ref().map_or(0, SessionRecord::energy_wh),
+            new: record.is_none(),
             record,
             changed: false,
         });
@@ -281,15 +305,16 @@ impl Run {
     }
 
     /// Writes every record the run changed, and its open-session marker
-    /// (or, once ended, its mark for billing), and adds the energy the run
-    /// added to the store's total.
+    /// (or, once ended, its mark for billing), a new session's index
+    /// entries, and adds the energy the run added to the store's total.
     fn finish(self, tx: &mut dyn Transaction) -> Result<(), RepoError> {
-        let (mut energy, mut wrote) = (0i64, false);
+        let (mut energy, mut wrote, mut created) = (0i64, false, false);
         for RunSession {
             tx_id,
             record,
             energy_before,
             changed,
+            new,
         } in self.sessions
         {
             let Some(record) = record.filter(|_| changed) else {
@@ -298,6 +323,10 @@ impl Run {
             energy += record.energy_wh() as i64 - energy_before as i64;
             wrote = true;
             put_session(tx, &record)?;
+            if new {
+                index_session(tx, &record)?;
+                created = true;
+            }
             if record.status == SessionStatus::Ended {
                 tx.clear(&open_key(&record.charger_id, &tx_id))?;
                 // Billed by whoever gets there first: the session actor
@@ -315,6 +344,12 @@ impl Run {
         // takes it for one from before the counter (and counts it).
         if wrote {
             tx.atomic_add(&energy_total_key(), energy)?;
+        }
+        // Likewise: a store whose first session this version wrote has
+        // nothing to index at the next start (a store from before the
+        // indices is indexed at node start, before any run).
+        if created {
+            tx.set(&indexed_marker(), b"")?;
         }
         Ok(())
     }
@@ -557,9 +592,87 @@ pub fn list_sessions(
     after: Option<&str>,
     limit: usize,
 ) -> Result<(Vec<SessionRecord>, bool), RepoError> {
-    scan(store, "session", after, limit, |r: &SessionRecord| {
-        status.is_none_or(|s| s == r.status) && charger.is_none_or(|c| c == r.charger_id)
-    })
+    let keep = |r: &SessionRecord| status.is_none_or(|s| s == r.status) && charger.is_none_or(|c| c == r.charger_id);
+    if let Some(c) = charger {
+        // A charger's sessions, from its index: not the whole history.
+        return scan_index(store, "session-by-charger", c, after, limit, keep);
+    }
+    if matches!(status, Some(SessionStatus::Active | SessionStatus::Interrupted)) {
+        // Sessions not ended are in the open index (bounded by the fleet,
+        // not the history): read them all, then page in id order.
+        let mut open: Vec<SessionRecord> = open_session_records(store)?
+            .into_iter()
+            .filter(|r| keep(r) && after.is_none_or(|a| r.transaction_id.as_str() > a))
+            .collect();
+        open.sort_by(|a, b| a.transaction_id.cmp(&b.transaction_id));
+        let more = open.len() > limit;
+        open.truncate(limit);
+        return Ok((open, more));
+    }
+    scan(store, "session", after, limit, keep)
+}
+
+/// Every session `charger_id` recorded (its index; retention bounds it).
+pub fn sessions_of_charger(store: &dyn Store, charger_id: &str) -> Result<Vec<SessionRecord>, RepoError> {
+    Ok(scan_index(store, "session-by-charger", charger_id, None, usize::MAX, |_| true)?.0)
+}
+
+/// Every session recorded at `site_id` (its index; retention bounds it),
+/// whichever chargers are there now.
+pub fn sessions_at_site(store: &dyn Store, site_id: &str) -> Result<Vec<SessionRecord>, RepoError> {
+    Ok(scan_index(store, "session-by-site", site_id, None, usize::MAX, |_| true)?.0)
+}
+
+/// What [`index_sessions_once`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Indexed {
+    /// Sessions added to the indices.
+    pub sessions: usize,
+    /// Session records that did not decode: left out (no listing can show
+    /// them either), counted so the start can say so.
+    pub unreadable: usize,
+}
+
+/// Builds the by-charger and by-site indices of a store written before
+/// them, once: at node start, before chargers are accepted. Batches of
+/// sessions, each in a transaction of its own (the entries are idempotent,
+/// so a start cut short just does it again); the marker last. `None`: the
+/// store was indexed already.
+pub fn index_sessions_once(store: &dyn Store) -> Result<Option<Indexed>, RepoError> {
+    if store.snapshot(|tx| tx.get(&indexed_marker()))?.is_some() {
+        return Ok(None);
+    }
+    const BATCH: usize = 1_000;
+    let (begin, end) = keys::tuple_range(&("session",));
+    let mut from = begin;
+    let mut done = Indexed {
+        sessions: 0,
+        unreadable: 0,
+    };
+    loop {
+        let rows = store.snapshot(|tx| tx.get_range(&from, &end, BATCH, false))?;
+        let records: Vec<SessionRecord> = rows
+            .iter()
+            .filter_map(|(_, v)| serde_json::from_slice(v).ok())
+            .collect();
+        done.unreadable += rows.len() - records.len();
+        store.transact(|tx| {
+            for r in &records {
+                index_session(tx, r)?;
+            }
+            Ok::<_, RepoError>(())
+        })?;
+        done.sessions += records.len();
+        match rows.last() {
+            Some((k, _)) if rows.len() == BATCH => {
+                from = k.clone();
+                from.push(0);
+            }
+            _ => break,
+        }
+    }
+    store.transact(|tx| tx.set(&indexed_marker(), b""))?;
+    Ok(Some(done))
 }
 
 /// Energy of every session this store has recorded, in Wh: each run adds
@@ -608,20 +721,30 @@ pub fn count_energy_once(store: &dyn Store) -> Result<Option<usize>, RepoError> 
 /// ended history.
 pub fn open_session_records(store: &dyn Store) -> Result<Vec<SessionRecord>, RepoError> {
     let (b, e) = keys::tuple_range(&("session-open",));
-    store.snapshot(|tx| {
-        let mut out = Vec::new();
-        for (k, _) in tx.get_range(&b, &e, 0, false)? {
-            let (_, _, id) =
-                keys::unpack::<(String, String, String)>(&k).map_err(|e| RepoError::Corrupted(format!("{e:?}")))?;
-            if let Some(r) = get::<SessionRecord>(tx, &session_key(&id))? {
-                out.push(r);
-            }
-        }
-        Ok(out)
-    })
+    let rows = store.snapshot(|tx| tx.get_range(&b, &e, 0, false))?;
+    load_indexed(store, &rows)
 }
 
-/// Every session record (maintenance notices, exports). A full scan.
+/// The records an index's rows (`(index, owner, transaction_id)` keys)
+/// name, each read on its own: a listing needs no snapshot across
+/// sessions, and one that held hundreds of reads while those sessions
+/// took readings would conflict on a store that checks read-only
+/// transactions (the shared store does) and run again and again. A
+/// session gone meanwhile (purged) is passed over.
+fn load_indexed(store: &dyn Store, rows: &[(Vec<u8>, Vec<u8>)]) -> Result<Vec<SessionRecord>, RepoError> {
+    let mut out = Vec::with_capacity(rows.len());
+    for (k, _) in rows {
+        let (_, _, id) =
+            keys::unpack::<(String, String, String)>(k).map_err(|e| RepoError::Corrupted(format!("{e:?}")))?;
+        if let Some(r) = get_session(store, &id)? {
+            out.push(r);
+        }
+    }
+    Ok(out)
+}
+
+/// Every session record (exports). A full scan: listings by charger,
+/// site or open status read their indices instead.
 pub fn all_sessions(store: &dyn Store) -> Result<Vec<SessionRecord>, RepoError> {
     Ok(scan(store, "session", None, usize::MAX, |_: &SessionRecord| true)?.0)
 }
@@ -666,6 +789,10 @@ pub fn purge_ended_before(store: &dyn Store, cutoff_ms: i64) -> Result<usize, Re
         }
         store.transact(|tx| {
             tx.clear(&session_key(&r.transaction_id))?;
+            tx.clear(&by_charger_key(&r.charger_id, &r.transaction_id))?;
+            if let Some(site) = &r.site_id {
+                tx.clear(&by_site_key(site, &r.transaction_id))?;
+            }
             if let Some(d) = &r.driver_id {
                 tx.clear(&laddnet_drivers::key::history(d, &r.transaction_id))?;
             }
@@ -708,6 +835,52 @@ fn scan<T: DeserializeOwned>(
         }
         if exhausted {
             return Ok((out, false));
+        }
+    }
+}
+
+/// Like [`scan`], over the sessions an index (`("session-by-…", owner,
+/// transaction_id)`) lists: their records in transaction id order, after
+/// `after`, at most `limit`, and whether more match. An entry whose
+/// session is gone (purged meanwhile) is passed over.
+fn scan_index(
+    store: &dyn Store,
+    index: &str,
+    owner: &str,
+    after: Option<&str>,
+    limit: usize,
+    keep: impl Fn(&SessionRecord) -> bool,
+) -> Result<(Vec<SessionRecord>, bool), RepoError> {
+    const PAGE: usize = 512;
+    let (begin, end) = keys::tuple_range(&(index, owner));
+    let mut from = match after {
+        Some(a) => {
+            let mut k = keys::pack(&(index, owner, a));
+            k.push(0);
+            k
+        }
+        None => begin,
+    };
+    let mut out = Vec::new();
+    loop {
+        let rows = store.snapshot(|tx| tx.get_range(&from, &end, PAGE, false))?;
+        let next = (rows.len() == PAGE)
+            .then(|| rows.last().map(|(k, _)| k.clone()))
+            .flatten();
+        for r in load_indexed(store, &rows)? {
+            if keep(&r) {
+                if out.len() == limit {
+                    return Ok((out, true));
+                }
+                out.push(r);
+            }
+        }
+        match next {
+            Some(mut k) => {
+                k.push(0);
+                from = k;
+            }
+            None => return Ok((out, false)),
         }
     }
 }

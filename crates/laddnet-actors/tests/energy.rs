@@ -3,31 +3,10 @@
 
 mod common;
 
-use common::event;
+use common::{event, open_store, session};
 use laddnet_actors::repo;
 use laddnet_core::charging::{SessionStatus, TxEventKind};
 use laddnet_store::{RedbStore, StoreExt, keys};
-
-/// A session of `CP-n` from 1,000 Wh, 1,500 Wh per reading; ended unless
-/// `open`.
-fn session(store: &RedbStore, charger: &str, tx: &str, start_ms: i64, open: bool) {
-    for seq in 0..3u64 {
-        let kind = match seq {
-            0 => TxEventKind::Started,
-            2 if !open => TxEventKind::Ended,
-            _ => TxEventKind::Updated,
-        };
-        let e = event(tx, seq, kind, start_ms + seq as i64 * 600_000, 1_000 + seq * 1_500);
-        repo::apply_event(store, charger, None, 22_000, &e).unwrap();
-    }
-}
-
-/// An empty store on disk (the directory lives as long as the guard).
-fn open_store(name: &str) -> (tempfile::TempDir, RedbStore) {
-    let dir = tempfile::tempdir().unwrap();
-    let store = RedbStore::open(dir.path().join(name)).unwrap();
-    (dir, store)
-}
 
 fn total_over_sessions(store: &RedbStore) -> u64 {
     repo::all_sessions(store).unwrap().iter().map(|s| s.energy_wh()).sum()
@@ -37,8 +16,8 @@ fn total_over_sessions(store: &RedbStore) -> u64 {
 fn the_counter_survives_retention() {
     let (_dir, store) = open_store("s.redb");
     let old = 1_700_000_000_000;
-    session(&store, "CP-1", "tx-old", old, false);
-    session(&store, "CP-2", "tx-new", old + 800 * 86_400_000, false);
+    session(&store, "CP-1", None, "tx-old", old, false);
+    session(&store, "CP-2", None, "tx-new", old + 800 * 86_400_000, false);
     assert_eq!(repo::energy_delivered_wh(&store).unwrap(), 6_000);
     let defaults = laddnet_ledger::cdr::BillingDefaults { currency: "EUR".into() };
     laddnet_ledger::cdr::bill_session(&store, "tx-old", &defaults).unwrap();
@@ -52,8 +31,8 @@ fn the_counter_survives_retention() {
 #[test]
 fn a_store_from_before_the_counter_is_counted_once() {
     let (_dir, store) = open_store("s.redb");
-    session(&store, "CP-1", "tx-1", 1_700_000_000_000, false);
-    session(&store, "CP-2", "tx-2", 1_700_000_000_000, true);
+    session(&store, "CP-1", None, "tx-1", 1_700_000_000_000, false);
+    session(&store, "CP-2", None, "tx-2", 1_700_000_000_000, true);
     // As a store written before the counter existed.
     store
         .transact(|tx| tx.clear(&keys::pack(&("metric", "energy-wh"))))
@@ -91,9 +70,9 @@ fn sessions_without_energy_yet_still_start_the_counter() {
 #[test]
 fn the_open_view_holds_the_sessions_not_ended() {
     let (_dir, store) = open_store("s.redb");
-    session(&store, "CP-1", "tx-ended", 1_700_000_000_000, false);
-    session(&store, "CP-1", "tx-live", 1_700_000_000_000, true);
-    session(&store, "CP-2", "tx-dropped", 1_700_000_000_000, true);
+    session(&store, "CP-1", None, "tx-ended", 1_700_000_000_000, false);
+    session(&store, "CP-1", None, "tx-live", 1_700_000_000_000, true);
+    session(&store, "CP-2", None, "tx-dropped", 1_700_000_000_000, true);
     repo::interrupt_sessions(&store, "CP-2", 1_700_000_100).unwrap();
 
     let mut open: Vec<(String, SessionStatus)> = repo::open_session_records(&store)

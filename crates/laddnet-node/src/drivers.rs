@@ -447,14 +447,19 @@ pub async fn schedule_maintenance(
             targets.push(format!("site:{s}"));
         }
         let since_ms = (time::OffsetDateTime::now_utc().unix_timestamp() - 90 * 86_400) * 1000;
-        let users: Vec<String> = laddnet_actors::repo::all_sessions(st.store.as_ref())
-            .map_err(|e| e.to_string())?
+        // The drivers who charged there in the last 90 days, from the
+        // charger's and the site's session indices.
+        let store = st.store.as_ref();
+        let mut sessions = Vec::new();
+        if let Some(c) = &c2 {
+            sessions.extend(laddnet_actors::repo::sessions_of_charger(store, c).map_err(|e| e.to_string())?);
+        }
+        if let Some(s) = &s2 {
+            sessions.extend(laddnet_actors::repo::sessions_at_site(store, s).map_err(|e| e.to_string())?);
+        }
+        let users: Vec<String> = sessions
             .into_iter()
             .filter(|s| s.first.at_ms >= since_ms)
-            .filter(|s| {
-                c2.as_deref().is_some_and(|c| s.charger_id == c)
-                    || (s2.is_some() && s.site_id.as_deref() == s2.as_deref())
-            })
             .filter_map(|s| s.driver_id)
             .collect();
         Ok(drivers_for(&st, &targets, &users))

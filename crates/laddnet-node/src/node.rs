@@ -136,6 +136,21 @@ impl RunningNode {
             let (config, store, source, tickets) = (config.clone(), store.clone(), source.clone(), tickets.clone());
             tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
                 let ca = Ca::open(&files, policy, &source, store.clone(), clock).context("opening the CA")?;
+                // A store from before the session indices: index it before
+                // any listing reads them (once; a start cut short redoes it).
+                match laddnet_actors::repo::index_sessions_once(store.as_ref())
+                    .context("indexing the stored sessions")?
+                {
+                    Some(i) if i.unreadable > 0 => tracing::warn!(
+                        sessions = i.sessions,
+                        unreadable = i.unreadable,
+                        "sessions indexed by charger and site; records that do not decode were left out"
+                    ),
+                    Some(i) if i.sessions > 0 => {
+                        tracing::info!(sessions = i.sessions, "sessions indexed by charger and site")
+                    }
+                    _ => {}
+                }
                 // Metrics only: a store it cannot count still serves.
                 match laddnet_actors::repo::count_energy_once(store.as_ref()) {
                     Ok(Some(sessions @ 1..)) => {

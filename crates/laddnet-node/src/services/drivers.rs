@@ -588,10 +588,10 @@ impl DriverAdminService for DriverAdmin {
             let tz: chrono_tz::Tz = site.time_zone.parse().unwrap_or(chrono_tz::UTC);
             let to = now() * 1000;
             let from = to - i64::from(days) * 86_400_000;
-            let ids: Vec<String> = laddnet_actors::repo::all_sessions(store)
+            let ids: Vec<String> = laddnet_actors::repo::sessions_at_site(store, &r.site_id)
                 .map_err(|e| DriverError::Corrupted(e.to_string()))?
                 .into_iter()
-                .filter(|s| s.site_id.as_deref() == Some(r.site_id.as_str()) && s.last.at_ms >= from)
+                .filter(|s| s.last.at_ms >= from)
                 .map(|s| s.transaction_id)
                 .collect();
             let connectors: u32 = laddnet_actors::repo::chargers_at_site(store, &r.site_id)
