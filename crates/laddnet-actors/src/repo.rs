@@ -851,7 +851,10 @@ fn scan_index(
     limit: usize,
     keep: impl Fn(&SessionRecord) -> bool,
 ) -> Result<(Vec<SessionRecord>, bool), RepoError> {
-    const PAGE: usize = 512;
+    // A page of a listing reads no more records than it can return
+    // (and one to tell whether there are more), unless the filter
+    // leaves some out.
+    let page = limit.saturating_add(1).clamp(1, 512);
     let (begin, end) = keys::tuple_range(&(index, owner));
     let mut from = match after {
         Some(a) => {
@@ -863,8 +866,8 @@ fn scan_index(
     };
     let mut out = Vec::new();
     loop {
-        let rows = store.snapshot(|tx| tx.get_range(&from, &end, PAGE, false))?;
-        let next = (rows.len() == PAGE)
+        let rows = store.snapshot(|tx| tx.get_range(&from, &end, page, false))?;
+        let next = (rows.len() == page)
             .then(|| rows.last().map(|(k, _)| k.clone()))
             .flatten();
         for r in load_indexed(store, &rows)? {
