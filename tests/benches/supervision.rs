@@ -186,6 +186,15 @@ fn main() {
             r.sort_by(f64::total_cmp);
             r[r.len() / 2]
         };
+        for k in 0..kept.len() {
+            eprintln!(
+                "supervision kept pair {k}: replaced p99 {:.0} µs, floor p99 {:.0} µs, p50 {:.0} and {:.0} µs",
+                us(pct(&replaced[k], 0.99)),
+                us(pct(&floor[k], 0.99)),
+                us(pct(&replaced[k], 0.5)),
+                us(pct(&floor[k], 0.5))
+            );
+        }
         let ratio99 = median_ratio(&|k| us(pct(&replaced[k], 0.99)) / us(pct(&floor[k], 0.99)));
         let ratio50 = median_ratio(&|k| us(pct(&replaced[k], 0.5)) / us(pct(&floor[k], 0.5)));
         let pooled = |sets: &[Vec<(Instant, Duration)>]| -> Vec<(Instant, Duration)> { sets.iter().flatten().copied().collect() };

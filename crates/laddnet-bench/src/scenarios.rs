@@ -135,7 +135,7 @@ pub async fn ingest(o: IngestOpts) -> anyhow::Result<Vec<Row>> {
     .await??;
     let (mut base, mut ours, mut ratios, mut base_wall, mut ours_wall) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let mut wall_ratios = Vec::new();
+    let mut echo_busy = Vec::new();
     for round in 0..o.pairs {
         let echo = servers::start_echo(&fleet)?;
         let (b, bw) = ingest_once(&fleet, &echo, round, &o).await?;
@@ -145,7 +145,7 @@ pub async fn ingest(o: IngestOpts) -> anyhow::Result<Vec<Row>> {
         node.kill();
         eprintln!("ingest pair {round}: echo {b:.0}/CPU-s ({bw:.0}/s), node {n:.0}/CPU-s ({nw:.0}/s)");
         ratios.push(n / b);
-        wall_ratios.push(nw / bw);
+        echo_busy.push(bw / b);
         base.push(b);
         ours.push(n);
         base_wall.push(bw);
@@ -164,11 +164,19 @@ pub async fn ingest(o: IngestOpts) -> anyhow::Result<Vec<Row>> {
             target: "≥ 0.6×".into(),
             met: ratio >= 0.6,
         },
+        // No ratio: the echo does not fill its core (the load's core is
+        // what bounds it), so its wall rate is the load generator's, not
+        // the transport's, and a ratio to it moved with the machine's
+        // speed (0.071, 0.074, 0.084 in three runs).
         Row {
             figure: "ingest: acknowledged events per second of wall time (server on one core)".into(),
             laddnet: format!("{:.0}", median(&mut ours_wall)),
-            baseline: format!("echo: {:.0}", median(&mut base_wall)),
-            ratio: median(&mut wall_ratios),
+            baseline: format!(
+                "echo: {:.0}, its core {:.0} % busy: bound by the load's core, so no ratio",
+                median(&mut base_wall),
+                median(&mut echo_busy) * 100.0
+            ),
+            ratio: f64::NAN,
             target: "—".into(),
             met: true,
         },
