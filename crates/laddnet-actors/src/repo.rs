@@ -760,10 +760,33 @@ pub fn all_sessions(store: &dyn Store) -> Result<Vec<SessionRecord>, RepoError> 
 /// ends a session and only ever cleared, so a session seen billed here
 /// stays billed.
 pub fn purge_ended_before(store: &dyn Store, cutoff_ms: i64) -> Result<usize, RepoError> {
-    let old: Vec<SessionRecord> = scan(store, "session", None, usize::MAX, |r: &SessionRecord| {
-        r.status == SessionStatus::Ended && r.ended.is_some_and(|e| e.at_ms < cutoff_ms)
-    })?
-    .0;
+    // Not `scan`: one record that does not decode would stop every purge
+    // after it, and ended sessions (personal data among them) would be
+    // kept past their retention. It is passed over, and counted.
+    let (begin, end) = keys::tuple_range(&("session",));
+    let (mut from, mut old, mut unreadable) = (begin, Vec::new(), 0usize);
+    loop {
+        let rows = store.snapshot(|tx| tx.get_range(&from, &end, 512, false))?;
+        for (_, v) in &rows {
+            match serde_json::from_slice::<SessionRecord>(v) {
+                Ok(r) if r.status == SessionStatus::Ended && r.ended.is_some_and(|e| e.at_ms < cutoff_ms) => {
+                    old.push(r)
+                }
+                Ok(_) => {}
+                Err(_) => unreadable += 1,
+            }
+        }
+        match rows.last() {
+            Some((k, _)) if rows.len() == 512 => {
+                from = k.clone();
+                from.push(0);
+            }
+            _ => break,
+        }
+    }
+    if unreadable > 0 {
+        tracing::warn!(unreadable, "retention passed over session records that do not decode");
+    }
     let mut billed = Vec::with_capacity(old.len());
     for r in old {
         let marker = laddnet_ledger::cdr::unbilled_key(&r.transaction_id);

@@ -3,21 +3,9 @@
 
 mod common;
 
-use common::event;
+use common::session;
 use laddnet_actors::repo;
-use laddnet_core::charging::TxEventKind;
-use laddnet_store::RedbStore;
-
-fn session(store: &RedbStore, charger: &str, tx: &str, start_ms: i64) {
-    for (seq, kind) in [
-        (0, TxEventKind::Started),
-        (1, TxEventKind::Updated),
-        (2, TxEventKind::Ended),
-    ] {
-        let e = event(tx, seq, kind, start_ms + seq as i64 * 600_000, 1_000 + seq * 1_500);
-        repo::apply_event(store, charger, None, 22_000, &e).unwrap();
-    }
-}
+use laddnet_store::{RedbStore, StoreExt};
 
 #[test]
 fn retention_keeps_sessions_not_billed_yet() {
@@ -25,9 +13,9 @@ fn retention_keeps_sessions_not_billed_yet() {
     let store = RedbStore::open(dir.path().join("s.redb")).unwrap();
     let old = 1_700_000_000_000;
     let recent = old + 800 * 86_400_000;
-    session(&store, "CP-1", "tx-billed", old);
-    session(&store, "CP-2", "tx-unbilled", old);
-    session(&store, "CP-3", "tx-recent", recent);
+    session(&store, "CP-1", None, "tx-billed", old, false);
+    session(&store, "CP-2", None, "tx-unbilled", old, false);
+    session(&store, "CP-3", None, "tx-recent", recent, false);
     let defaults = laddnet_ledger::cdr::BillingDefaults { currency: "EUR".into() };
     laddnet_ledger::cdr::bill_session(&store, "tx-billed", &defaults).unwrap();
 
@@ -47,4 +35,23 @@ fn retention_keeps_sessions_not_billed_yet() {
     assert_eq!(repo::purge_ended_before(&store, cutoff).unwrap(), 1);
     assert!(repo::get_session(&store, "tx-unbilled").unwrap().is_none());
     assert_eq!(repo::purge_ended_before(&store, cutoff).unwrap(), 0);
+}
+
+#[test]
+fn a_record_that_does_not_decode_does_not_stop_retention() {
+    let (_dir, store) = common::open_store("s.redb");
+    let old = 1_700_000_000_000;
+    // Sorted before and after the planted record.
+    session(&store, "CP-1", None, "tx-a", old, false);
+    session(&store, "CP-2", None, "tx-z", old, false);
+    store
+        .transact(|tx| tx.set(&laddnet_store::keys::pack(&("session", "tx-m")), b"{not json"))
+        .unwrap();
+    let defaults = laddnet_ledger::cdr::BillingDefaults { currency: "EUR".into() };
+    for tx in ["tx-a", "tx-z"] {
+        laddnet_ledger::cdr::bill_session(&store, tx, &defaults).unwrap();
+    }
+    assert_eq!(repo::purge_ended_before(&store, old + 730 * 86_400_000).unwrap(), 2);
+    assert!(repo::get_session(&store, "tx-a").unwrap().is_none());
+    assert!(repo::get_session(&store, "tx-z").unwrap().is_none());
 }
