@@ -700,16 +700,32 @@ pub fn count_energy_once(store: &dyn Store) -> Result<Option<usize>, RepoError> 
     if store.snapshot(|tx| tx.get(&energy_total_key()))?.is_some() {
         return Ok(None);
     }
+    // Summed in batches, each its own snapshot: one transaction over every
+    // session would pass FoundationDB's 5 s and 10 MB limits on a large
+    // store (and fail at every start). Nothing of this node writes
+    // meanwhile (it accepts no charger yet); a node that does writes the
+    // counter, and then this one leaves it alone.
+    const BATCH: usize = 1_000;
+    let (begin, end) = keys::tuple_range(&("session",));
+    let (mut from, mut total, mut sessions) = (begin, 0i64, 0usize);
+    loop {
+        let rows = store.snapshot(|tx| tx.get_range(&from, &end, BATCH, false))?;
+        for (_, v) in &rows {
+            let r: SessionRecord = serde_json::from_slice(v).map_err(|e| RepoError::Corrupted(e.to_string()))?;
+            total += r.energy_wh() as i64;
+            sessions += 1;
+        }
+        match rows.last() {
+            Some((k, _)) if rows.len() == BATCH => {
+                from = k.clone();
+                from.push(0);
+            }
+            _ => break,
+        }
+    }
     store.transact(|tx| {
         if tx.get(&energy_total_key())?.is_some() {
             return Ok(None);
-        }
-        let (b, e) = keys::tuple_range(&("session",));
-        let (mut total, mut sessions) = (0i64, 0);
-        for (_, v) in tx.get_range(&b, &e, 0, false)? {
-            let r: SessionRecord = serde_json::from_slice(&v).map_err(|e| RepoError::Corrupted(e.to_string()))?;
-            total += r.energy_wh() as i64;
-            sessions += 1;
         }
         tx.set(&energy_total_key(), &total.to_le_bytes())?;
         Ok(Some(sessions))

@@ -152,3 +152,42 @@ fn retention_clears_the_purged_sessions_index_entries() {
     assert_eq!(entries(&store, "session-by-site", "site-2"), 1);
     assert_eq!(ids(&repo::sessions_at_site(&store, "site-2").unwrap()), vec!["tx-b2"]);
 }
+
+#[test]
+fn a_store_larger_than_a_batch_is_indexed_and_counted_whole() {
+    use laddnet_core::charging::TxEventKind;
+    let (_dir, store) = open_store("s.redb");
+    // 2,345 sessions of 2 readings each (500 Wh), written in one run.
+    let events: Vec<_> = (0..2_345)
+        .flat_map(|i| {
+            let tx = format!("tx-{i:05}");
+            [
+                common::event(&tx, 0, TxEventKind::Started, T0, 1_000),
+                common::event(&tx, 1, TxEventKind::Updated, T0 + 60_000, 1_500),
+            ]
+        })
+        .collect();
+    store
+        .transact(|tx| repo::apply_run_in(tx, "CP-A", Some("site-1"), 22_000, &events).map(|_| ()))
+        .unwrap();
+    // As a store from before the indices and the counter.
+    store
+        .transact(|tx| {
+            for index in ["session-by-charger", "session-by-site"] {
+                let (b, e) = keys::tuple_range(&(index,));
+                for (k, _) in tx.get_range(&b, &e, 0, false)? {
+                    tx.clear(&k)?;
+                }
+            }
+            tx.clear(&keys::pack(&("migrated", "session-index")))?;
+            tx.clear(&keys::pack(&("metric", "energy-wh")))
+        })
+        .unwrap();
+
+    let done = repo::index_sessions_once(&store).unwrap().expect("indexed");
+    assert_eq!((done.sessions, done.unreadable), (2_345, 0));
+    assert_eq!(entries(&store, "session-by-charger", "CP-A"), 2_345);
+    assert_eq!(entries(&store, "session-by-site", "site-1"), 2_345);
+    assert_eq!(repo::count_energy_once(&store).unwrap(), Some(2_345));
+    assert_eq!(repo::energy_delivered_wh(&store).unwrap(), 2_345 * 500);
+}
