@@ -94,18 +94,7 @@ fn the_active_listing_pages_over_the_open_sessions() {
 #[test]
 fn a_store_from_before_the_indices_is_indexed_once() {
     let (_dir, store) = fleet();
-    // As a store written before the indices existed.
-    store
-        .transact(|tx| {
-            for index in ["session-by-charger", "session-by-site"] {
-                let (b, e) = keys::tuple_range(&(index,));
-                for (k, _) in tx.get_range(&b, &e, 0, false)? {
-                    tx.clear(&k)?;
-                }
-            }
-            tx.clear(&keys::pack(&("migrated", "session-index")))
-        })
-        .unwrap();
+    forget_the_indices(&store);
     assert!(repo::sessions_of_charger(&store, "CP-A").unwrap().is_empty());
 
     let done = repo::index_sessions_once(&store).unwrap().expect("indexed");
@@ -129,6 +118,22 @@ fn a_store_from_before_the_indices_is_indexed_once() {
     let (_d, fresh) = open_store("fresh.redb");
     session(&fresh, "CP-A", None, "tx-1", T0, true);
     assert_eq!(repo::index_sessions_once(&fresh).unwrap(), None);
+}
+
+/// Makes `store` as one written before the session indices existed: no
+/// entries, no marker.
+fn forget_the_indices(store: &RedbStore) {
+    store
+        .transact(|tx| {
+            for index in ["session-by-charger", "session-by-site"] {
+                let (b, e) = keys::tuple_range(&(index,));
+                for (k, _) in tx.get_range(&b, &e, 0, false)? {
+                    tx.clear(&k)?;
+                }
+            }
+            tx.clear(&keys::pack(&("migrated", "session-index")))
+        })
+        .unwrap();
 }
 
 /// The index entries under `(index, owner)`, read raw.
@@ -171,17 +176,9 @@ fn a_store_larger_than_a_batch_is_indexed_and_counted_whole() {
         .transact(|tx| repo::apply_run_in(tx, "CP-A", Some("site-1"), 22_000, &events).map(|_| ()))
         .unwrap();
     // As a store from before the indices and the counter.
+    forget_the_indices(&store);
     store
-        .transact(|tx| {
-            for index in ["session-by-charger", "session-by-site"] {
-                let (b, e) = keys::tuple_range(&(index,));
-                for (k, _) in tx.get_range(&b, &e, 0, false)? {
-                    tx.clear(&k)?;
-                }
-            }
-            tx.clear(&keys::pack(&("migrated", "session-index")))?;
-            tx.clear(&keys::pack(&("metric", "energy-wh")))
-        })
+        .transact(|tx| tx.clear(&keys::pack(&("metric", "energy-wh"))))
         .unwrap();
 
     let done = repo::index_sessions_once(&store).unwrap().expect("indexed");
