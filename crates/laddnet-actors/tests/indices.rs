@@ -30,6 +30,17 @@ fn fleet() -> (tempfile::TempDir, RedbStore) {
     (dir, store)
 }
 
+/// The fleet's sessions are listed by charger and by site.
+fn assert_fleet_indexed(store: &RedbStore) {
+    for (charger, site, expected) in [
+        ("CP-A", "site-1", vec!["tx-a1", "tx-a2", "tx-a3"]),
+        ("CP-B", "site-2", vec!["tx-b1", "tx-b2"]),
+    ] {
+        assert_eq!(ids(&repo::sessions_of_charger(store, charger).unwrap()), expected);
+        assert_eq!(ids(&repo::sessions_at_site(store, site).unwrap()), expected);
+    }
+}
+
 fn ids(records: &[laddnet_core::charging::SessionRecord]) -> Vec<&str> {
     records.iter().map(|r| r.transaction_id.as_str()).collect()
 }
@@ -63,14 +74,7 @@ fn a_chargers_listing_reads_its_sessions_only_and_pages() {
 #[test]
 fn a_sites_sessions_come_from_its_index() {
     let (_dir, store) = fleet();
-    assert_eq!(
-        ids(&repo::sessions_at_site(&store, "site-1").unwrap()),
-        vec!["tx-a1", "tx-a2", "tx-a3"]
-    );
-    assert_eq!(
-        ids(&repo::sessions_at_site(&store, "site-2").unwrap()),
-        vec!["tx-b1", "tx-b2"]
-    );
+    assert_fleet_indexed(&store);
     assert!(repo::sessions_at_site(&store, "site-3").unwrap().is_empty());
 }
 
@@ -103,14 +107,7 @@ fn a_store_from_before_the_indices_is_indexed_once() {
         (5, 1),
         "the planted record is counted, not indexed"
     );
-    assert_eq!(
-        ids(&repo::sessions_of_charger(&store, "CP-A").unwrap()),
-        vec!["tx-a1", "tx-a2", "tx-a3"]
-    );
-    assert_eq!(
-        ids(&repo::sessions_at_site(&store, "site-2").unwrap()),
-        vec!["tx-b1", "tx-b2"]
-    );
+    assert_fleet_indexed(&store);
     // Once: the next start reads the marker.
     assert_eq!(repo::index_sessions_once(&store).unwrap(), None);
 
