@@ -14,6 +14,11 @@ load=()
 if command -v taskset >/dev/null && [ "$(grep -c ^processor /proc/cpuinfo)" -ge 2 ]; then load=(taskset -c 1); fi
 run() { echo "running: laddnet-bench $*" >&2; "${load[@]}" "$bench" "$@"; }
 rows() { grep '^| [^f-]' || true; }
+# The machine's speed on the server core, before the suite and after it:
+# these machines change speed from hour to hour, and user-space work (the
+# node's share is large, the echo's small) slows most (see speed.rs).
+speed() { echo "running: laddnet-bench speed" >&2; taskset -c 0 "$bench" speed 2>/dev/null || "$bench" speed; }
+speed_before=$(speed)
 ingest=$(run ingest)
 sigkill=$(run sigkill | rows)
 density=$(run density | rows)
@@ -24,6 +29,9 @@ echo "running: cargo bench -p laddnet-tests --bench money" >&2
 money=$(cargo bench -q -p laddnet-tests --bench money 2>/dev/null | grep '^|')
 echo "running: cargo bench -p laddnet-tests --bench supervision" >&2
 supervision=$(cargo bench -q -p laddnet-tests --bench supervision 2>/dev/null | grep '^|')
+speed_after=$(speed)
+# The previous run's speed line, for the reproducibility section.
+previous_speed=$(grep -o 'Machine speed: [^.]*took [0-9.]* ms before the suite and [0-9.]* ms after it' docs/performance.md 2>/dev/null || true)
 # The ratio column of every row of a performance.md (before its own
 # reproducibility table): figure <TAB> ratio <TAB> kind. A row with a
 # target (in its target column, or named in the row) is a figure the
@@ -67,6 +75,8 @@ between runs on shared machines: compare the ratios.
 HEAD
   echo "Machine: $machine. Date: $(date -u +%Y-%m-%d)."
   echo
+  echo "Machine speed: \`laddnet-bench speed\` (a fixed user-space workload on the server core, best of 5) took $speed_before ms before the suite and $speed_after ms after it. These machines change speed from hour to hour, and user-space work slows most: the node's ratios to the echo fall in a slow hour (see Reproducibility)."
+  echo
   cat <<'HEAD'
 ## Against the transport: `laddnet-bench`
 
@@ -91,7 +101,8 @@ Commands (each alone: `taskset -c 1 target/release/laddnet-bench <scenario>`):
 
 - `ingest`: 50 chargers each keep 16 meter events in flight on their
   Attach stream (one session each, 11 kW); events acknowledged in 5 s of
-  steady state per second of the server's CPU. The node acknowledges an
+  steady state per second of the server's CPU; 9 pairs (the node's rate
+  moves ±15 % from one process to the next). The node acknowledges an
   event only once it is durable: the events a charger has sent ahead are
   stored as a run (one store transaction), and the store's writer commits
   every run waiting in one durable flush. The per-charger message limit is
@@ -126,8 +137,8 @@ Commands (each alone: `taskset -c 1 target/release/laddnet-bench <scenario>`):
   whose weather was a storm is set aside for another).
 - `cold-start`: spawn to "serving" with 100,000 open sessions in the store,
   left active as after a crash, against the same node on an empty store
-  (9 pairs, each side the best of 3 starts: both are tens of
-  milliseconds, and scheduling noise only adds).
+  (9 pairs, each side the best of 5 starts, the two sides alternating:
+  both are tens of milliseconds, and scheduling noise only adds).
 
 NOTES
   echo "## In process"
@@ -150,6 +161,8 @@ NOTES
   echo "(the run before this one); the issue asks for 15 % or less. A"
   echo "figure with a target is one the issue's table asks for; context is a"
   echo "row beside one (a raw or p50 figure, a throughput) with no target."
+  echo
+  echo "The machine under the two runs: ${previous_speed:-the previous run did not time it}; this run's took $speed_before ms before and $speed_after ms after."
   echo
   echo "| figure | kind | previous run | this run | change |"
   echo "|---|---|---|---|---|"
