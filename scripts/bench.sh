@@ -31,7 +31,7 @@ echo "running: cargo bench -p laddnet-tests --bench supervision" >&2
 supervision=$(cargo bench -q -p laddnet-tests --bench supervision 2>/dev/null | grep '^|')
 speed_after=$(speed)
 # The previous run's speed line, for the reproducibility section.
-previous_speed=$(grep -o 'Machine speed: [^.]*took [0-9.]* ms before the suite and [0-9.]* ms after it' docs/performance.md 2>/dev/null || true)
+previous_speed=$(sed -n 's/^Machine speed: .* took \([0-9.]*\) ms before the suite and \([0-9.]*\) ms after it.*/\1 ms before and \2 ms after/p' docs/performance.md 2>/dev/null || true)
 # The ratio column of every row of a performance.md (before its own
 # reproducibility table): figure <TAB> ratio <TAB> kind. A row with a
 # target (in its target column, or named in the row) is a figure the
@@ -162,7 +162,7 @@ NOTES
   echo "figure with a target is one the issue's table asks for; context is a"
   echo "row beside one (a raw or p50 figure, a throughput) with no target."
   echo
-  echo "The machine under the two runs: ${previous_speed:-the previous run did not time it}; this run's took $speed_before ms before and $speed_after ms after."
+  echo "The machine under the two runs (\`laddnet-bench speed\`, lower is quicker): the previous run's workload took ${previous_speed:-(not timed)}; this run's took $speed_before ms before and $speed_after ms after."
   echo
   echo "| figure | kind | previous run | this run | change |"
   echo "|---|---|---|---|---|"
