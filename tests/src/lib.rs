@@ -753,11 +753,16 @@ impl NodeProcess {
     /// Enrolls `charger_id` as a charger does: a token from `admin`, a new
     /// key, a CSR to the enrollment listener.
     pub async fn enroll(&self, root_pem: &str, admin: &Creds, charger_id: &str) -> Creds {
+        self.enroll_at(root_pem, admin, charger_id, "").await
+    }
+
+    /// [`Self::enroll`], the charger placed at `site_id` by its token.
+    pub async fn enroll_at(&self, root_pem: &str, admin: &Creds, charger_id: &str, site_id: &str) -> Creds {
         let token = v1::pki_service_client::PkiServiceClient::new(self.channel(root_pem, admin).await)
             .create_enrollment_token(v1::CreateEnrollmentTokenRequest {
                 charger_id: charger_id.into(),
                 ttl_seconds: 0,
-                site_id: String::new(),
+                site_id: site_id.into(),
             })
             .await
             .expect("token")

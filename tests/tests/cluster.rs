@@ -10,6 +10,7 @@ use laddnet_proto::v1::TransactionEventType as T;
 use laddnet_proto::v1::billing_service_client::BillingServiceClient;
 use laddnet_proto::v1::charger_message::Payload as In;
 use laddnet_proto::v1::cluster_service_client::ClusterServiceClient;
+use laddnet_proto::v1::fleet_service_client::FleetServiceClient;
 use laddnet_proto::v1::operator_service_client::OperatorServiceClient;
 use laddnet_sim::{Identity, Profile, SimHandle};
 use laddnet_tests::cluster::Cluster;
@@ -119,6 +120,50 @@ async fn a_command_sent_to_node_1_reaches_a_charger_on_node_3_and_the_reply_come
     let again = op.send_command(remote_start("SIM-R")).await.unwrap().into_inner();
     assert_eq!(again.status, v1::CommandStatus::Rejected as i32);
     assert_eq!(again.detail, "connector busy or unknown");
+
+    // Node 1 says where the charger is: connected, to node 3.
+    let seen = op
+        .get_charger(v1::GetChargerRequest {
+            charger_id: "SIM-R".into(),
+        })
+        .await
+        .expect("node 1 reads the charger")
+        .into_inner();
+    assert!(seen.connected, "{seen:?}");
+    assert_eq!(seen.node_id, "node-3");
+    assert!(!seen.connected_since.is_empty(), "{seen:?}");
+
+    // Diagnostics asked of node 1: node 3 has the charger upload them,
+    // and the bundle comes back through node 1.
+    let bundle = FleetServiceClient::new(c.admin_channel(0).await)
+        .request_diagnostics(v1::RequestDiagnosticsRequest {
+            charger_id: "SIM-R".into(),
+            timeout_s: 30,
+        })
+        .await
+        .expect("node 1 routes the diagnostics request")
+        .into_inner();
+    let text = String::from_utf8_lossy(&bundle.content);
+    assert!(text.starts_with("laddnet-sim diagnostics\ncharger SIM-R\n"), "{text}");
+    assert_eq!(bundle.size as usize, bundle.content.len());
+
+    // Node 2 watches the sessions: the session on node 3 is in its stream.
+    let mut watch = OperatorServiceClient::new(c.admin_channel(1).await)
+        .watch_sessions(v1::WatchSessionsRequest::default())
+        .await
+        .expect("node 2 watches")
+        .into_inner();
+    let watched = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(s) = watch.message().await.expect("the watch stream") {
+            if s.charger_id == "SIM-R" {
+                return s;
+            }
+        }
+        panic!("the watch stream ended")
+    })
+    .await
+    .expect("the session on node 3 is watched through node 2");
+    assert_eq!(watched.status, "active");
 
     // A charger connected nowhere is named as such, from any node.
     let err = op
@@ -449,6 +494,152 @@ async fn a_killed_node_s_chargers_reconnect_and_their_sessions_continue() {
         back_in,
         live.len(),
         v.cdrs
+    );
+    for s in &sims {
+        s.stop();
+    }
+}
+
+/// The site's power as its chargers deliver it, and its running sessions.
+fn site_power(sims: &[SimHandle]) -> (u32, u32) {
+    sims.iter().fold((0, 0), |(p, n), s| {
+        let st = s.status.borrow();
+        (p + st.power_w, n + st.active_sessions)
+    })
+}
+
+/// Watches the site from the chargers' side until `sessions` sessions have
+/// run together for `settled`: every excursion above `limit` must end within
+/// `reaction`. Returns the longest excursion.
+async fn hold_limit(sims: &[SimHandle], limit: u32, sessions: u32, settled: Duration, within: Duration) -> Duration {
+    let mut over_since: Option<Instant> = None;
+    let mut worst = Duration::ZERO;
+    let mut together_since: Option<Instant> = None;
+    let deadline = Instant::now() + within;
+    loop {
+        let (power, running) = site_power(sims);
+        let now = Instant::now();
+        if power > limit {
+            worst = worst.max(now - *over_since.get_or_insert(now));
+        } else {
+            over_since = None;
+        }
+        if running >= sessions {
+            if now - *together_since.get_or_insert(now) > settled {
+                return worst;
+            }
+        } else {
+            together_since = None;
+        }
+        assert!(now < deadline, "{sessions} sessions never ran together ({running} did)");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn site_load(c: &Cluster, node: usize, site: &str) -> v1::SiteLoadResponse {
+    FleetServiceClient::new(c.admin_channel(node).await)
+        .site_load(v1::SiteLoadRequest { site_id: site.into() })
+        .await
+        .expect("site load")
+        .into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_s_grid_limit_is_shared_by_its_chargers_on_three_nodes_and_survives_its_manager_s_death() {
+    const LIMIT: u32 = 30_000;
+    const SITE: &str = "S-SHARED";
+    let mut c = Cluster::start(3, 3_000);
+    OperatorServiceClient::new(c.admin_channel(0).await)
+        .create_site(v1::CreateSiteRequest {
+            site: Some(v1::Site {
+                site_id: SITE.into(),
+                name: SITE.into(),
+                time_zone: "UTC".into(),
+                grid_limit_w: LIMIT,
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect("site created");
+    // Six 22 kW chargers at the site, two starting on each node (132 kW
+    // wanted of 30 kW): each node alone would give its two the whole limit.
+    let mut sims = Vec::new();
+    for i in 0..6 {
+        let id = format!("SIM-S{i}");
+        let creds = c.node(i % 3).enroll_at(&c.root_pem, &c.admin, &id, SITE).await;
+        let mut p = Profile::fleet_member(0);
+        p.charger_id = id;
+        p.connectors = 1;
+        p.max_power_w = 22_000;
+        p.sample_every = Duration::from_millis(200);
+        p.mean_idle = Duration::from_millis(300);
+        p.first_car_within = Duration::from_secs(1);
+        p.stay = Some(Duration::from_secs(3_600));
+        sims.push(laddnet_sim::spawn(c.sim_endpoints(i % 3), identity(creds), p));
+    }
+    let reaction = Duration::from_millis(2_500);
+    let worst = hold_limit(&sims, LIMIT, 6, Duration::from_secs(6), Duration::from_secs(60)).await;
+    assert!(
+        worst <= reaction,
+        "the site stayed above {LIMIT} W for {worst:?}: {:?}",
+        site_power(&sims)
+    );
+    // The chargers are spread over the three nodes.
+    let mut op = OperatorServiceClient::new(c.admin_channel(0).await);
+    let mut nodes = std::collections::BTreeSet::new();
+    for i in 0..6 {
+        let ch = op
+            .get_charger(v1::GetChargerRequest {
+                charger_id: format!("SIM-S{i}"),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        nodes.insert(ch.node_id);
+    }
+    assert_eq!(nodes.len(), 3, "chargers on {nodes:?}");
+    // Every node answers for the site with one plan of all six sessions,
+    // made by one manager.
+    let mut managers = std::collections::BTreeSet::new();
+    for n in 0..3 {
+        let load = site_load(&c, n, SITE).await;
+        assert_eq!(load.sessions.len(), 6, "through node {}: {load:#?}", n + 1);
+        let planned: u32 = load.sessions.iter().map(|s| s.limit_w).sum();
+        assert!(planned <= LIMIT, "limits add up to {planned} W");
+        assert!(load.sessions.iter().all(|s| s.limit_w > 0), "{load:#?}");
+        managers.insert(load.managed_by);
+    }
+    assert_eq!(managers.len(), 1, "one manager: {managers:?}");
+    let manager = managers.into_iter().next().unwrap();
+    let killed: usize = manager.trim_start_matches("node-").parse::<usize>().unwrap() - 1;
+
+    // The manager dies: its chargers move, another node takes the site
+    // over, and the limit holds again.
+    c.kill(killed);
+    let survivor = (killed + 1) % 3;
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let taken = loop {
+        let load = FleetServiceClient::new(c.admin_channel(survivor).await)
+            .site_load(v1::SiteLoadRequest { site_id: SITE.into() })
+            .await;
+        if let Ok(l) = load
+            && !l.get_ref().managed_by.is_empty()
+            && l.get_ref().managed_by != manager
+            && l.get_ref().sessions.len() == 6
+        {
+            break l.into_inner();
+        }
+        assert!(Instant::now() < deadline, "no node took the site over from {manager}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        taken.sessions.iter().map(|s| s.limit_w).sum::<u32>() <= LIMIT,
+        "{taken:#?}"
+    );
+    let worst = hold_limit(&sims, LIMIT, 6, Duration::from_secs(5), Duration::from_secs(40)).await;
+    assert!(
+        worst <= reaction,
+        "after the takeover the site stayed above {LIMIT} W for {worst:?}"
     );
     for s in &sims {
         s.stop();

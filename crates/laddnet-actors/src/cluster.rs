@@ -6,6 +6,7 @@
 //! | `("cluster", "member", node)` | [`MemberRecord`]: incarnation, address, lease |
 //! | `("cluster", "owner", charger)` | [`OwnerRecord`]: node, incarnation, epoch |
 //! | `("cluster", "owned", node, incarnation, charger)` | empty: what a node incarnation holds |
+//! | `("cluster", "site", site)` | [`SiteOwner`]: the node managing the site's load, epoch |
 //!
 //! - A node registers at start with the next incarnation of its name and
 //!   renews its lease every third of `lease_ms`. A renewal that finds its
@@ -26,6 +27,13 @@
 //!   each charger it still owned is released with a higher epoch and its
 //!   active sessions marked interrupted, until the charger reconnects
 //!   (anywhere) and its events resume them.
+//!
+//! - A site's load is managed by one node at a time: the first node that
+//!   needs the site's manager takes the site ([`hold_site`]) unless a live
+//!   member holds it; the epoch goes up with every change of hands, and the
+//!   holder checks it is still the holder ([`holds_site`]) before it sends
+//!   chargers new limits, so a node that was paused and resumes does not
+//!   plan over the new manager.
 //!
 //! Leases compare wall clocks of different nodes: keep them in sync (NTP),
 //! with skew well under `lease_ms`. Fencing does not depend on clocks.
@@ -286,6 +294,35 @@ pub fn locate(store: &dyn Store, charger: &str, now_ms: i64) -> Result<Option<(O
     })?)
 }
 
+/// Where each of `chargers` is connected now ([`locate`] for many: the
+/// members are read once, each owner record on its own). Chargers
+/// connected nowhere are left out.
+pub fn locate_many(
+    store: &dyn Store,
+    chargers: &[String],
+    now_ms: i64,
+) -> Result<std::collections::HashMap<String, (OwnerRecord, MemberRecord)>, RepoError> {
+    let live: std::collections::HashMap<String, MemberRecord> = members(store)?
+        .into_iter()
+        .filter(|m| m.alive(now_ms))
+        .map(|m| (m.node.clone(), m))
+        .collect();
+    let mut out = std::collections::HashMap::new();
+    if live.is_empty() {
+        return Ok(out);
+    }
+    for c in chargers {
+        if let Some(o) = get_owner(store, c)?
+            && !o.released
+            && let Some(m) = live.get(&o.node)
+            && m.incarnation == o.incarnation
+        {
+            out.insert(c.clone(), (o, m.clone()));
+        }
+    }
+    Ok(out)
+}
+
 /// The outcome of an attach's ownership transaction.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Takeover {
@@ -488,6 +525,80 @@ pub fn owned_counts(store: &dyn Store) -> Result<std::collections::HashMap<(Stri
     Ok(counts)
 }
 
+/// Who manages a site's load: a node incarnation under an epoch.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SiteOwner {
+    pub node: String,
+    pub incarnation: u64,
+    pub epoch: u64,
+    pub since_ms: i64,
+}
+
+/// The answer of [`hold_site`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SiteHolder {
+    /// This node manages the site, under this epoch.
+    Mine(u64),
+    /// A live member manages it.
+    Other(MemberRecord),
+}
+
+fn site_key(site: &str) -> Vec<u8> {
+    keys::pack(&("cluster", "site", site))
+}
+
+/// The site's manager: the live member that holds it, or `me`, which then
+/// takes it (a higher epoch) when it was free or held by a member that is
+/// dead, gone or of an earlier incarnation.
+pub fn hold_site(store: &dyn Store, site: &str, me: &MemberRecord, now_ms: i64) -> Result<SiteHolder, RepoError> {
+    Ok(store.transact(|tx| {
+        let prev: Option<SiteOwner> = get_json(tx, &site_key(site))?;
+        if let Some(o) = &prev {
+            if o.node == me.node && o.incarnation == me.incarnation {
+                return Ok::<_, StoreError>(SiteHolder::Mine(o.epoch));
+            }
+            let holder: Option<MemberRecord> = get_json(tx, &member_key(&o.node))?;
+            if let Some(h) = holder
+                && h.incarnation == o.incarnation
+                && h.alive(now_ms)
+            {
+                return Ok(SiteHolder::Other(h));
+            }
+        }
+        let epoch = prev.map_or(0, |o| o.epoch) + 1;
+        let rec = SiteOwner {
+            node: me.node.clone(),
+            incarnation: me.incarnation,
+            epoch,
+            since_ms: now_ms,
+        };
+        put_json(tx, &site_key(site), &rec)?;
+        Ok(SiteHolder::Mine(epoch))
+    })?)
+}
+
+/// Whether `me` still manages `site` under `epoch`.
+pub fn holds_site(store: &dyn Store, site: &str, me: &MemberRecord, epoch: u64) -> Result<bool, RepoError> {
+    let o: Option<SiteOwner> = store.snapshot(|tx| get_json(tx, &site_key(site)))?;
+    Ok(o.is_some_and(|o| o.node == me.node && o.incarnation == me.incarnation && o.epoch == epoch))
+}
+
+/// The live member managing `site`, if any (a read: nothing is taken).
+pub fn site_manager(
+    store: &dyn Store,
+    site: &str,
+    now_ms: i64,
+) -> Result<Option<(SiteOwner, MemberRecord)>, RepoError> {
+    Ok(store.snapshot(|tx| {
+        let Some(o) = get_json::<SiteOwner>(tx, &site_key(site))? else {
+            return Ok::<_, StoreError>(None);
+        };
+        let m: Option<MemberRecord> = get_json(tx, &member_key(&o.node))?;
+        Ok(m.filter(|m| m.incarnation == o.incarnation && m.alive(now_ms))
+            .map(|m| (o, m)))
+    })?)
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -556,5 +667,46 @@ mod tests {
         let a2 = register(s.as_ref(), "a", ("x:1", "x"), 1_000, 3_000).unwrap();
         assert_eq!(a2.incarnation, 2);
         assert!(matches!(take(s.as_ref(), "CP-1", &a2, 3_000).unwrap(), Takeover::Taken(f) if f.epoch == 3));
+    }
+
+    #[test]
+    fn a_site_is_managed_by_one_live_member_and_moves_with_a_higher_epoch() {
+        let (_d, s) = store();
+        let a = register(s.as_ref(), "a", ("x:1", "x"), 1_000, 0).unwrap();
+        let b = register(s.as_ref(), "b", ("x:2", "x"), 1_000, 0).unwrap();
+        assert_eq!(site_manager(s.as_ref(), "S-1", 10).unwrap(), None, "nobody yet");
+        assert_eq!(hold_site(s.as_ref(), "S-1", &a, 10).unwrap(), SiteHolder::Mine(1));
+        assert_eq!(
+            hold_site(s.as_ref(), "S-1", &a, 20).unwrap(),
+            SiteHolder::Mine(1),
+            "kept, same epoch"
+        );
+        assert!(matches!(hold_site(s.as_ref(), "S-1", &b, 20).unwrap(), SiteHolder::Other(m) if m.node == "a"));
+        assert_eq!(
+            site_manager(s.as_ref(), "S-1", 20)
+                .unwrap()
+                .map(|(o, m)| (o.epoch, m.node)),
+            Some((1, "a".into()))
+        );
+        assert!(holds_site(s.as_ref(), "S-1", &a, 1).unwrap());
+        assert!(!holds_site(s.as_ref(), "S-1", &b, 1).unwrap());
+        // a's lease lapses: b takes the site, and a no longer holds it.
+        assert!(renew(s.as_ref(), &b, 5_000, 900).unwrap());
+        assert_eq!(
+            site_manager(s.as_ref(), "S-1", 1_500).unwrap(),
+            None,
+            "its manager is dead"
+        );
+        assert_eq!(hold_site(s.as_ref(), "S-1", &b, 1_500).unwrap(), SiteHolder::Mine(2));
+        assert!(
+            !holds_site(s.as_ref(), "S-1", &a, 1).unwrap(),
+            "a paused manager finds it lost the site"
+        );
+        // a comes back as a new incarnation: b keeps the site.
+        let a2 = register(s.as_ref(), "a", ("x:1", "x"), 1_000, 2_000).unwrap();
+        assert!(matches!(hold_site(s.as_ref(), "S-1", &a2, 2_000).unwrap(), SiteHolder::Other(m) if m.node == "b"));
+        // b leaves at shutdown: the site is free at once.
+        leave(s.as_ref(), &b).unwrap();
+        assert_eq!(hold_site(s.as_ref(), "S-1", &a2, 2_001).unwrap(), SiteHolder::Mine(3));
     }
 }

@@ -551,6 +551,7 @@ fn charger_json(c: &v1::Charger) -> Value {
         "charger_id": c.charger_id, "connected": c.connected, "vendor": c.vendor, "model": c.model,
         "firmware_version": c.firmware_version, "connected_since": c.connected_since, "last_heartbeat": c.last_heartbeat,
         "last_seen": c.last_seen, "certificate_serial": c.certificate_serial, "site_id": c.site_id,
+        "node_id": c.node_id,
         "connectors": c.connectors.iter().map(|k| json!({
             "connector_id": k.connector_id,
             "type": enum_name(v1::ConnectorType::try_from(k.r#type).map(|t| t.as_str_name()), "CONNECTOR_TYPE_"),
@@ -1223,10 +1224,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             emit(
                 out,
-                json!({"chargers": all.iter().map(|c| json!({"charger_id": c.charger_id, "connected": c.connected, "vendor": c.vendor, "model": c.model, "firmware_version": c.firmware_version, "connected_since": c.connected_since, "last_heartbeat": c.last_heartbeat, "certificate_serial": c.certificate_serial, "site_id": c.site_id})).collect::<Vec<_>>(), "next_page_token": token}),
+                json!({"chargers": all.iter().map(|c| json!({"charger_id": c.charger_id, "connected": c.connected, "vendor": c.vendor, "model": c.model, "firmware_version": c.firmware_version, "connected_since": c.connected_since, "last_heartbeat": c.last_heartbeat, "certificate_serial": c.certificate_serial, "site_id": c.site_id, "node_id": c.node_id})).collect::<Vec<_>>(), "next_page_token": token}),
                 &[
                     "CHARGER",
                     "SITE",
+                    "NODE",
                     "VENDOR",
                     "MODEL",
                     "FIRMWARE",
@@ -1238,6 +1240,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         vec![
                             c.charger_id.clone(),
                             c.site_id.clone(),
+                            c.node_id.clone(),
                             c.vendor.clone(),
                             c.model.clone(),
                             c.firmware_version.clone(),

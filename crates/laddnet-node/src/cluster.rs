@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
-use laddnet_actors::cluster::{self as ownership, MemberRecord};
+use laddnet_actors::cluster::{self as ownership, MemberRecord, OwnerRecord};
 use laddnet_proto::v1;
 use laddnet_proto::v1::cluster_service_client::ClusterServiceClient;
 use tokio::sync::oneshot;
@@ -44,7 +44,7 @@ impl Cluster {
         *self.me.write().unwrap_or_else(|p| p.into_inner()) = Some(m);
     }
 
-    async fn channel(&self, m: &MemberRecord) -> Result<Channel, Status> {
+    pub(crate) async fn channel(&self, m: &MemberRecord) -> Result<Channel, Status> {
         let key = format!("{}#{}", m.address, m.incarnation);
         if let Some(c) = self.channels.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
             return Ok(c.clone());
@@ -160,6 +160,8 @@ pub async fn heartbeat(state: Arc<NodeState>, shutdown: CancellationToken) {
                 tracing::error!(node = %me.node, incarnation = me.incarnation, "this node was declared dead (its lease lapsed); dropping its chargers and joining again");
                 let n = state.chargers.close_all(&state.conns);
                 tracing::warn!(chargers = n, "connections closed after losing membership");
+                // The sites it managed may have moved too.
+                state.load.stop_all();
                 if let Err(e) = join(&state, me.address.clone()).await {
                     tracing::error!(error = %e, "joining the cluster again failed");
                 }
@@ -203,19 +205,7 @@ pub async fn command(
     if state.chargers.outbound(charger).is_some() {
         return deliver_local(state, charger, command, wait_reply).await;
     }
-    let (store, id) = (state.store.clone(), charger.to_string());
-    let located = blocking(move || ownership::locate(store.as_ref(), &id, now_ms())).await?;
-    let Some((owner, member)) = located else {
-        return Err(NodeError::Precondition(format!("charger {charger} is not connected")).into());
-    };
-    let me = state.cluster.me();
-    if me
-        .as_ref()
-        .is_some_and(|m| m.node == member.node && m.incarnation == member.incarnation)
-    {
-        // Owned here but its stream is gone (it is detaching right now).
-        return Err(NodeError::Precondition(format!("charger {charger} is not connected")).into());
-    }
+    let (owner, member) = remote_owner(state, charger).await?;
     let ch = state.cluster.channel(&member).await?;
     tracing::info!(charger_id = %charger, to = %member.node, "forwarding a command to the charger's node");
     let mut client = ClusterServiceClient::new(ch);
@@ -228,6 +218,52 @@ pub async fn command(
     });
     req.set_timeout(Duration::from_millis(state.config.sessions.command_timeout_ms + 2_000));
     Ok(client.forward_command(req).await?.into_inner())
+}
+
+/// Has `charger` upload a diagnostics bundle, wherever it is connected:
+/// here, or through the node that owns it (which stores the bundle).
+/// Returns the stored bundle's id.
+pub async fn diagnostics(
+    state: &Arc<NodeState>,
+    charger: &str,
+    wait: Duration,
+    on_behalf_of: &str,
+) -> Result<String, Status> {
+    if state.chargers.outbound(charger).is_some() {
+        return crate::diagnostics::request_here(state, charger, wait).await;
+    }
+    let (_, member) = remote_owner(state, charger).await?;
+    let ch = state.cluster.channel(&member).await?;
+    tracing::info!(charger_id = %charger, to = %member.node, "forwarding a diagnostics request to the charger's node");
+    let mut req = tonic::Request::new(v1::ForwardDiagnosticsRequest {
+        charger_id: charger.to_string(),
+        timeout_s: wait.as_secs() as u32,
+        on_behalf_of: on_behalf_of.to_string(),
+    });
+    req.set_timeout(wait + Duration::from_secs(2));
+    Ok(ClusterServiceClient::new(ch)
+        .forward_diagnostics(req)
+        .await?
+        .into_inner()
+        .bundle_id)
+}
+
+/// The live member (not this node) a charger is connected to.
+async fn remote_owner(state: &Arc<NodeState>, charger: &str) -> Result<(OwnerRecord, MemberRecord), Status> {
+    let (store, id) = (state.store.clone(), charger.to_string());
+    let located = blocking(move || ownership::locate(store.as_ref(), &id, now_ms())).await?;
+    let Some((owner, member)) = located else {
+        return Err(NodeError::Precondition(format!("charger {charger} is not connected")).into());
+    };
+    if state
+        .cluster
+        .me()
+        .is_some_and(|m| m.node == member.node && m.incarnation == member.incarnation)
+    {
+        // Owned here but its stream is gone (it is detaching right now).
+        return Err(NodeError::Precondition(format!("charger {charger} is not connected")).into());
+    }
+    Ok((owner, member))
 }
 
 /// Delivers `command` to a charger connected to this node. Without

@@ -5,7 +5,8 @@
 //! (content in chunks, [`crate::blobs`]; the metadata last).
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use laddnet_proto::v1;
 use laddnet_store::{Store, StoreExt, keys};
@@ -14,6 +15,7 @@ use sha2::{Digest, Sha256};
 
 use crate::blobs::{list_json, put_json, read_chunks, write_chunks};
 use crate::now_ms;
+use crate::state::NodeState;
 use crate::status::NodeError;
 
 pub const MAX_BUNDLE: usize = 16 * 1024 * 1024;
@@ -129,4 +131,70 @@ pub fn load(store: &dyn Store, charger: &str, id: Option<&str>) -> Result<(Bundl
     .ok_or_else(|| NodeError::NotFound(format!("no diagnostics bundle for charger {charger}")))?;
     let content = read_chunks(store, b.chunks, |i| data_key(&b.id, i))?;
     Ok((b, content))
+}
+
+/// Asks `charger`, connected to this node, for a bundle and waits up to
+/// `wait` for the whole upload; returns the stored bundle's id.
+pub async fn request_here(state: &Arc<NodeState>, charger: &str, wait: Duration) -> Result<String, tonic::Status> {
+    let outbound = state
+        .chargers
+        .outbound(charger)
+        .ok_or_else(|| tonic::Status::from(NodeError::Precondition(format!("charger {charger} is not connected"))))?;
+    let request = format!("diag-{charger}-{}", now_ms());
+    outbound.uploads.requested(&request);
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
+    state
+        .diag_waiters
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(request.clone(), done_tx);
+    outbound
+        .pending
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(request.clone(), reply_tx);
+    let forget = || {
+        state
+            .diag_waiters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&request);
+    };
+    let cmd = v1::Command {
+        command_id: request.clone(),
+        kind: Some(v1::command::Kind::GetDiagnostics(v1::GetDiagnostics {})),
+    };
+    if !outbound.send_command(cmd).await {
+        forget();
+        return Err(NodeError::Precondition(format!("charger {charger} disconnected")).into());
+    }
+    let deadline = tokio::time::Instant::now() + wait;
+    match tokio::time::timeout_at(deadline, reply_rx).await {
+        Ok(Ok(reply)) if reply.status == v1::CommandStatus::Accepted as i32 => {}
+        Ok(Ok(reply)) => {
+            forget();
+            return Err(NodeError::Precondition(format!(
+                "charger {charger} refused to upload diagnostics: {}",
+                reply.detail
+            ))
+            .into());
+        }
+        _ => {
+            forget();
+            return Err(tonic::Status::deadline_exceeded(format!(
+                "charger {charger} did not answer in time"
+            )));
+        }
+    }
+    match tokio::time::timeout_at(deadline, done_rx).await {
+        Ok(Ok(bundle)) => Ok(bundle.id),
+        _ => {
+            forget();
+            Err(tonic::Status::deadline_exceeded(format!(
+                "charger {charger} did not finish its upload within {} s",
+                wait.as_secs()
+            )))
+        }
+    }
 }

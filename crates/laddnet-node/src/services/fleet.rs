@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use laddnet_core::{ChargerId, Role};
 use laddnet_proto::v1;
+use laddnet_proto::v1::cluster_service_client::ClusterServiceClient;
 use laddnet_proto::v1::fleet_service_server::FleetService;
-use tokio::sync::oneshot;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{blocking, invalid, require_role, rfc3339};
@@ -22,6 +22,34 @@ pub struct Fleet {
 
 fn at(ms: i64) -> String {
     rfc3339(ms.div_euclid(1000))
+}
+
+/// A site's load as its actor sees it, for the wire.
+pub(crate) fn load_proto(state: &NodeState, site_id: String, l: crate::load::SiteLoad) -> v1::SiteLoadResponse {
+    v1::SiteLoadResponse {
+        site_id,
+        managed_by: state.config.node.name.clone(),
+        grid_limit_w: l.grid_limit_w,
+        power_w: l.power_w,
+        planned_at: if l.planned_at_ms > 0 {
+            at(l.planned_at_ms)
+        } else {
+            String::new()
+        },
+        sessions: l
+            .sessions
+            .into_iter()
+            .map(|(r, limit, dep)| v1::SessionAllocation {
+                transaction_id: r.transaction_id,
+                charger_id: r.charger_id,
+                connector_id: r.connector_id,
+                max_w: r.max_w,
+                limit_w: limit.unwrap_or(0),
+                power_w: r.power_w,
+                departure: dep.map(at).unwrap_or_default(),
+            })
+            .collect(),
+    }
 }
 
 fn image_info(i: &Image) -> v1::FirmwareImage {
@@ -229,7 +257,7 @@ impl FleetService for Fleet {
         &self,
         req: Request<v1::RequestDiagnosticsRequest>,
     ) -> Result<Response<v1::DiagnosticsBundle>, Status> {
-        require_role(&self.state, &req, "request diagnostics", Role::can_operate)?;
+        let (identity, _) = require_role(&self.state, &req, "request diagnostics", Role::can_operate)?;
         let r = req.into_inner();
         let id = ChargerId::new(r.charger_id).map_err(invalid)?;
         let wait = Duration::from_secs(if r.timeout_s == 0 {
@@ -237,73 +265,11 @@ impl FleetService for Fleet {
         } else {
             u64::from(r.timeout_s.min(3_600))
         });
-        let outbound = self
-            .state
-            .chargers
-            .outbound(id.as_str())
-            .ok_or_else(|| Status::from(NodeError::Precondition(format!("charger {id} is not connected"))))?;
-        let request = format!("diag-{id}-{}", crate::now_ms());
-        outbound.uploads.requested(&request);
-        let (done_tx, done_rx) = oneshot::channel();
-        let (reply_tx, reply_rx) = oneshot::channel();
-        self.state
-            .diag_waiters
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(request.clone(), done_tx);
-        outbound
-            .pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(request.clone(), reply_tx);
-        let forget = || {
-            self.state
-                .diag_waiters
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&request);
-        };
-        let cmd = v1::Command {
-            command_id: request.clone(),
-            kind: Some(v1::command::Kind::GetDiagnostics(v1::GetDiagnostics {})),
-        };
-        if !outbound.send_command(cmd).await {
-            forget();
-            return Err(NodeError::Precondition(format!("charger {id} disconnected")).into());
-        }
-        let deadline = tokio::time::Instant::now() + wait;
-        match tokio::time::timeout_at(deadline, reply_rx).await {
-            Ok(Ok(reply)) if reply.status == v1::CommandStatus::Accepted as i32 => {}
-            Ok(Ok(reply)) => {
-                forget();
-                return Err(NodeError::Precondition(format!(
-                    "charger {id} refused to upload diagnostics: {}",
-                    reply.detail
-                ))
-                .into());
-            }
-            _ => {
-                forget();
-                return Err(Status::deadline_exceeded(format!(
-                    "charger {id} did not answer in time"
-                )));
-            }
-        }
-        match tokio::time::timeout_at(deadline, done_rx).await {
-            Ok(Ok(bundle)) => {
-                let (store, charger, bid) = (self.state.store.clone(), id.to_string(), bundle.id.clone());
-                let (b, content) =
-                    blocking(move || crate::diagnostics::load(store.as_ref(), &charger, Some(&bid))).await?;
-                Ok(Response::new(bundle_info(&b, content)))
-            }
-            _ => {
-                forget();
-                Err(Status::deadline_exceeded(format!(
-                    "charger {id} did not finish its upload within {} s",
-                    wait.as_secs()
-                )))
-            }
-        }
+        let bundle_id = crate::cluster::diagnostics(&self.state, id.as_str(), wait, &identity.actor()).await?;
+        let (store, charger) = (self.state.store.clone(), id.to_string());
+        let (b, content) =
+            blocking(move || crate::diagnostics::load(store.as_ref(), &charger, Some(&bundle_id))).await?;
+        Ok(Response::new(bundle_info(&b, content)))
     }
 
     async fn get_diagnostics(
@@ -338,29 +304,30 @@ impl FleetService for Fleet {
         let site_id = req.into_inner().site_id;
         laddnet_core::SiteId::new(site_id.clone()).map_err(invalid)?;
         if let Some(l) = self.state.load.site_load(&site_id).await {
-            return Ok(Response::new(v1::SiteLoadResponse {
-                site_id,
-                grid_limit_w: l.grid_limit_w,
-                power_w: l.power_w,
-                planned_at: if l.planned_at_ms > 0 {
-                    at(l.planned_at_ms)
-                } else {
-                    String::new()
-                },
-                sessions: l
-                    .sessions
-                    .into_iter()
-                    .map(|(r, limit, dep)| v1::SessionAllocation {
-                        transaction_id: r.transaction_id,
-                        charger_id: r.charger_id,
-                        connector_id: r.connector_id,
-                        max_w: r.max_w,
-                        limit_w: limit.unwrap_or(0),
-                        power_w: r.power_w,
-                        departure: dep.map(at).unwrap_or_default(),
-                    })
-                    .collect(),
-            }));
+            return Ok(Response::new(load_proto(&self.state, site_id, l)));
+        }
+        // Managed by another node of the cluster: ask it.
+        let (store, s2) = (self.state.store.clone(), site_id.clone());
+        let manager = blocking(move || {
+            laddnet_actors::cluster::site_manager(store.as_ref(), &s2, crate::now_ms())
+                .map_err(|e| NodeError::Unavailable(e.to_string()))
+        })
+        .await?;
+        let me = self.state.cluster.me();
+        if let Some((_, m)) = manager
+            && !me.is_some_and(|me| me.node == m.node && me.incarnation == m.incarnation)
+        {
+            let ch = self.state.cluster.channel(&m).await?;
+            let mut r = Request::new(v1::SiteLoadRequest {
+                site_id: site_id.clone(),
+            });
+            r.set_timeout(Duration::from_secs(5));
+            match ClusterServiceClient::new(ch).site_load(r).await {
+                Ok(load) => return Ok(load),
+                // It let the site go meanwhile: answer from the store.
+                Err(e) if e.code() == tonic::Code::NotFound => {}
+                Err(e) => return Err(e),
+            }
         }
         let (store, s2) = (self.state.store.clone(), site_id.clone());
         let site = blocking(move || {

@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures::Stream;
+use laddnet_actors::cluster::{self, MemberRecord, OwnerRecord};
 use laddnet_actors::repo::{self, ChargerRecord, RepoError, SiteRecord};
 use laddnet_core::charging::{ConnectorStatus, ConnectorType, SessionRecord, SessionStatus};
 use laddnet_core::{ChargerId, Role, SiteId};
@@ -50,15 +51,31 @@ fn status_proto(s: ConnectorStatus) -> v1::ConnectorStatus {
     }
 }
 
-pub(crate) fn charger_proto(state: &NodeState, r: &ChargerRecord) -> v1::Charger {
+/// Where chargers are connected in the cluster, by charger id.
+type Placements = std::collections::HashMap<String, (OwnerRecord, MemberRecord)>;
+
+/// The view of a charger: connected here (with its connection's details),
+/// to another node of the cluster (`placed`), or nowhere.
+pub(crate) fn charger_proto(state: &NodeState, r: &ChargerRecord, placed: &Placements) -> v1::Charger {
     let conn = state.chargers.connection(&r.charger_id);
+    let elsewhere = placed.get(&r.charger_id).filter(|_| conn.is_none());
+    let node_id = match (&conn, elsewhere) {
+        (Some(_), _) => state.config.node.name.clone(),
+        (None, Some((_, m))) => m.node.clone(),
+        (None, None) => String::new(),
+    };
     v1::Charger {
         charger_id: r.charger_id.clone(),
-        connected: conn.is_some(),
+        connected: conn.is_some() || elsewhere.is_some(),
+        node_id,
         vendor: r.vendor.clone(),
         model: r.model.clone(),
         firmware_version: r.firmware_version.clone(),
-        connected_since: conn.as_ref().map(|c| rfc3339(c.0)).unwrap_or_default(),
+        connected_since: match (&conn, elsewhere) {
+            (Some(c), _) => rfc3339(c.0),
+            (None, Some((o, _))) => ms_to_rfc3339(o.since_ms),
+            (None, None) => String::new(),
+        },
         last_heartbeat: conn.as_ref().map(|c| rfc3339(c.1)).unwrap_or_default(),
         certificate_serial: conn.map(|c| c.2).unwrap_or_else(|| r.certificate_serial.clone()),
         site_id: r.site_id.clone().unwrap_or_default(),
@@ -167,10 +184,16 @@ impl OperatorService for Operator {
         require_role(&self.state, &req, "list chargers", |_| true)?;
         let (limit, after) = page(&self.state, req.get_ref().page.as_ref())?;
         let store = self.state.store.clone();
-        let (rows, more) = blocking(move || repo::list_chargers(store.as_ref(), after.as_deref(), limit)).await?;
+        let (rows, more, placed) = blocking(move || {
+            let (rows, more) = repo::list_chargers(store.as_ref(), after.as_deref(), limit)?;
+            let ids: Vec<String> = rows.iter().map(|r| r.charger_id.clone()).collect();
+            let placed = cluster::locate_many(store.as_ref(), &ids, now_ms())?;
+            Ok::<_, RepoError>((rows, more, placed))
+        })
+        .await?;
         Ok(Response::new(v1::ListChargersResponse {
             next_page_token: page_token(rows.last().map(|c| c.charger_id.as_str()), more),
-            chargers: rows.iter().map(|r| charger_proto(&self.state, r)).collect(),
+            chargers: rows.iter().map(|r| charger_proto(&self.state, r, &placed)).collect(),
         }))
     }
 
@@ -179,9 +202,14 @@ impl OperatorService for Operator {
         let id = ChargerId::new(req.into_inner().charger_id).map_err(invalid)?;
         let store = self.state.store.clone();
         let key = id.to_string();
-        let rec = blocking(move || repo::get_charger(store.as_ref(), &key)).await?;
+        let (rec, placed) = blocking(move || {
+            let rec = repo::get_charger(store.as_ref(), &key)?;
+            let placed = cluster::locate_many(store.as_ref(), &[key], now_ms())?;
+            Ok::<_, RepoError>((rec, placed))
+        })
+        .await?;
         let rec = rec.ok_or_else(|| crate::status::to_status(RepoError::NotFound(format!("charger {id}"))))?;
-        Ok(Response::new(charger_proto(&self.state, &rec)))
+        Ok(Response::new(charger_proto(&self.state, &rec, &placed)))
     }
 
     async fn set_charger_site(&self, req: Request<v1::SetChargerSiteRequest>) -> Result<Response<v1::Charger>, Status> {
@@ -190,8 +218,13 @@ impl OperatorService for Operator {
         let id = ChargerId::new(r.charger_id).map_err(invalid)?;
         let site = SiteId::new(r.site_id).map_err(invalid)?;
         let store = self.state.store.clone();
-        let rec = blocking(move || repo::set_charger_site(store.as_ref(), id.as_str(), site.as_str())).await?;
-        Ok(Response::new(charger_proto(&self.state, &rec)))
+        let (rec, placed) = blocking(move || {
+            let rec = repo::set_charger_site(store.as_ref(), id.as_str(), site.as_str())?;
+            let placed = cluster::locate_many(store.as_ref(), std::slice::from_ref(&rec.charger_id), now_ms())?;
+            Ok::<_, RepoError>((rec, placed))
+        })
+        .await?;
+        Ok(Response::new(charger_proto(&self.state, &rec, &placed)))
     }
 
     async fn send_command(&self, req: Request<v1::SendCommandRequest>) -> Result<Response<v1::CommandReply>, Status> {
@@ -371,10 +404,34 @@ impl OperatorService for Operator {
                     }
                 })
                 .await;
-                let rows = match rows {
+                let mut rows = match rows {
                     Ok(Ok(rows)) => rows,
                     _ => break,
                 };
+                // Sessions that left the active listing since the last
+                // look: their last state (ended, interrupted) once.
+                let gone: Vec<String> = last
+                    .keys()
+                    .filter(|k| !rows.iter().any(|r| &r.transaction_id == *k))
+                    .cloned()
+                    .collect();
+                if !gone.is_empty() {
+                    let store2 = store.clone();
+                    let ended = tokio::task::spawn_blocking(move || {
+                        gone.iter()
+                            .filter_map(|id| repo::get_session(store2.as_ref(), id).ok().flatten())
+                            .collect::<Vec<_>>()
+                    })
+                    .await
+                    .unwrap_or_default();
+                    for r in ended {
+                        if r.status == SessionStatus::Active {
+                            continue;
+                        }
+                        last.remove(&r.transaction_id);
+                        rows.push(r);
+                    }
+                }
                 let now = now_ms();
                 let (store2, views) = (
                     store.clone(),
@@ -390,7 +447,11 @@ impl OperatorService for Operator {
                 for p in views {
                     let key = (p.energy_wh, p.power_w, p.status.clone(), p.duration_s);
                     if last.get(&p.transaction_id) != Some(&key) {
-                        last.insert(p.transaction_id.clone(), key);
+                        // Watching all: a session no longer active is sent
+                        // once and no longer followed.
+                        if p.status == "active" || !only.is_empty() {
+                            last.insert(p.transaction_id.clone(), key);
+                        }
                         if tx.send(Ok(p)).await.is_err() {
                             return;
                         }
