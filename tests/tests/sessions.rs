@@ -665,3 +665,45 @@ async fn meter_updates_sent_ahead_are_stored_in_runs_and_answered_in_order() {
     );
     assert_eq!(m.events_duplicate.load(std::sync::atomic::Ordering::Relaxed), 1);
 }
+
+async fn next(watch: &mut tonic::Streaming<v1::Session>) -> v1::Session {
+    tokio::time::timeout(Duration::from_secs(20), watch.message())
+        .await
+        .expect("the watch sends within 20 s")
+        .expect("the watch stream")
+        .expect("the watch stream goes on")
+}
+
+#[tokio::test]
+async fn watching_sessions_shows_each_change_and_a_session_s_end_once() {
+    let node = TestNode::start().await;
+    let mut watch = node
+        .operator_client()
+        .await
+        .watch_sessions(v1::WatchSessionsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let (_, mut cp) = node.charger("CP-W").await;
+    assert!(cp.event(tx_event("tx-w", 0, T::Started, 1_000, 0)).await.unwrap());
+    assert!(cp.event(tx_event("tx-w", 1, T::Updated, 1_500, 1)).await.unwrap());
+    let mut s = next(&mut watch).await;
+    while s.energy_wh < 500 {
+        s = next(&mut watch).await;
+    }
+    assert_eq!((s.transaction_id.as_str(), s.status.as_str()), ("tx-w", "active"));
+    assert!(cp.event(tx_event("tx-w", 2, T::Ended, 2_000, 2)).await.unwrap());
+    // The end comes through once, with the session's last figures.
+    let mut s = next(&mut watch).await;
+    while s.status == "active" {
+        s = next(&mut watch).await;
+    }
+    assert_eq!(
+        (s.transaction_id.as_str(), s.status.as_str(), s.energy_wh),
+        ("tx-w", "ended", 1_000)
+    );
+    // Then nothing more of it: the next message is another session's.
+    assert!(cp.event(tx_event("tx-w2", 0, T::Started, 5_000, 3)).await.unwrap());
+    let s = next(&mut watch).await;
+    assert_eq!(s.transaction_id, "tx-w2", "the ended session was sent once");
+}

@@ -109,6 +109,18 @@ fn put_json<T: Serialize>(tx: &mut dyn Transaction, key: &[u8], v: &T) -> Result
     tx.set(key, &bytes)
 }
 
+/// `node`'s member record when it is still incarnation `incarnation` and
+/// alive at `now_ms`: whether what that incarnation holds is still held.
+fn live_member(
+    tx: &mut dyn Transaction,
+    node: &str,
+    incarnation: u64,
+    now_ms: i64,
+) -> Result<Option<MemberRecord>, StoreError> {
+    let m: Option<MemberRecord> = get_json(tx, &member_key(node))?;
+    Ok(m.filter(|m| m.incarnation == incarnation && m.alive(now_ms)))
+}
+
 /// Fails with [`StoreError::Fenced`] unless `fence` still owns its charger.
 pub fn check_fence(tx: &mut dyn Transaction, fence: &Fence) -> Result<(), StoreError> {
     let owner: Option<OwnerRecord> = get_json(tx, &owner_key(&fence.charger_id))?;
@@ -288,9 +300,7 @@ pub fn locate(store: &dyn Store, charger: &str, now_ms: i64) -> Result<Option<(O
         if o.released {
             return Ok(None);
         }
-        let m: Option<MemberRecord> = get_json(tx, &member_key(&o.node))?;
-        Ok(m.filter(|m| m.incarnation == o.incarnation && m.alive(now_ms))
-            .map(|m| (o, m)))
+        Ok(live_member(tx, &o.node, o.incarnation, now_ms)?.map(|m| (o, m)))
     })?)
 }
 
@@ -373,18 +383,13 @@ pub fn take_in(
     if let Some(o) = &prev
         && !o.released
         && o.node != me.node
+        && let Some(h) = live_member(tx, &o.node, o.incarnation, now_ms)?
     {
-        let holder: Option<MemberRecord> = get_json(tx, &member_key(&o.node))?;
-        if let Some(h) = holder
-            && h.incarnation == o.incarnation
-            && h.alive(now_ms)
-        {
-            return Ok(Takeover::HeldBy {
-                until_ms: h.lease_expires_ms,
-                node: h.node,
-                address: h.address,
-            });
-        }
+        return Ok(Takeover::HeldBy {
+            until_ms: h.lease_expires_ms,
+            node: h.node,
+            address: h.address,
+        });
     }
     if let Some(o) = &prev
         && !o.released
@@ -557,11 +562,7 @@ pub fn hold_site(store: &dyn Store, site: &str, me: &MemberRecord, now_ms: i64) 
             if o.node == me.node && o.incarnation == me.incarnation {
                 return Ok::<_, StoreError>(SiteHolder::Mine(o.epoch));
             }
-            let holder: Option<MemberRecord> = get_json(tx, &member_key(&o.node))?;
-            if let Some(h) = holder
-                && h.incarnation == o.incarnation
-                && h.alive(now_ms)
-            {
+            if let Some(h) = live_member(tx, &o.node, o.incarnation, now_ms)? {
                 return Ok(SiteHolder::Other(h));
             }
         }
@@ -593,9 +594,7 @@ pub fn site_manager(
         let Some(o) = get_json::<SiteOwner>(tx, &site_key(site))? else {
             return Ok::<_, StoreError>(None);
         };
-        let m: Option<MemberRecord> = get_json(tx, &member_key(&o.node))?;
-        Ok(m.filter(|m| m.incarnation == o.incarnation && m.alive(now_ms))
-            .map(|m| (o, m)))
+        Ok(live_member(tx, &o.node, o.incarnation, now_ms)?.map(|m| (o, m)))
     })?)
 }
 

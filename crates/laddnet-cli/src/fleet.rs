@@ -292,10 +292,15 @@ pub async fn site_load(cfg: Option<&Path>, out: Output, site_id: String) -> anyh
         })
         .collect();
     let value = json!({"site_id": r.site_id, "grid_limit_w": r.grid_limit_w, "power_w": r.power_w,
-                       "planned_at": r.planned_at, "sessions": sessions});
+                       "planned_at": r.planned_at, "managed_by": r.managed_by, "sessions": sessions});
     if out == Output::Table {
+        let by = if r.managed_by.is_empty() {
+            String::new()
+        } else {
+            format!(", managed by {}", r.managed_by)
+        };
         println!(
-            "site {}: {} W of {} W (planned {})",
+            "site {}: {} W of {} W (planned {}{by})",
             r.site_id, r.power_w, r.grid_limit_w, r.planned_at
         );
     }
