@@ -13,6 +13,7 @@
 //! | `("session-open", charger_id, transaction_id)` | empty: sessions not ended |
 //! | `("session-by-charger", charger_id, transaction_id)` | empty: every session of a charger (written when it is created) |
 //! | `("session-by-site", site_id, transaction_id)` | empty: every session recorded at a site |
+//! | `("session-open-at-site", site_id, transaction_id)` | empty: a site's sessions not ended (written when one is created; sessions from before it are not in it) |
 //! | `("migrated", "session-index")` | empty: every stored session is in the two indices above (see [`index_sessions_once`]) |
 //! | `("metric", "energy-wh")` | energy of every session recorded, in Wh (atomic add; see [`energy_delivered_wh`]) |
 
@@ -115,6 +116,19 @@ fn energy_total_key() -> Vec<u8> {
 fn by_charger_key(charger_id: &str, tx_id: &str) -> Vec<u8> {
     keys::pack(&("session-by-charger", charger_id, tx_id))
 }
+fn open_at_site_key(site_id: &str, tx_id: &str) -> Vec<u8> {
+    keys::pack(&("session-open-at-site", site_id, tx_id))
+}
+
+/// The session is no longer open: out of both open indices.
+fn clear_open(tx: &mut dyn Transaction, r: &SessionRecord) -> Result<(), StoreError> {
+    tx.clear(&open_key(&r.charger_id, &r.transaction_id))?;
+    if let Some(site) = &r.site_id {
+        tx.clear(&open_at_site_key(site, &r.transaction_id))?;
+    }
+    Ok(())
+}
+
 fn by_site_key(site_id: &str, tx_id: &str) -> Vec<u8> {
     keys::pack(&("session-by-site", site_id, tx_id))
 }
@@ -328,7 +342,7 @@ impl Run {
                 created = true;
             }
             if record.status == SessionStatus::Ended {
-                tx.clear(&open_key(&record.charger_id, &tx_id))?;
+                clear_open(tx, &record)?;
                 // Billed by whoever gets there first: the session actor
                 // now, or the billing sweeper after a crash. The CDR
                 // clears this.
@@ -337,6 +351,11 @@ impl Run {
                 }
             } else {
                 tx.set(&open_key(&record.charger_id, &tx_id), b"")?;
+                // Once, when the session is created: a site's load manager
+                // reads it when it starts, and no meter event pays for it.
+                if new && let Some(site) = &record.site_id {
+                    tx.set(&open_at_site_key(site, &tx_id), b"")?;
+                }
             }
         }
         // Even when it adds nothing (a first reading): a store that has
@@ -559,7 +578,7 @@ pub fn close_interrupted(store: &dyn Store, timeout_s: i64, now: i64) -> Result<
             .collect::<Result<Vec<_>, RepoError>>()
     })?;
     let mut closed = Vec::new();
-    for (charger, id) in open {
+    for (_, id) in open {
         let did = store.transact(|tx| {
             let Some(mut r): Option<SessionRecord> = get(tx, &session_key(&id))? else {
                 return Ok(false);
@@ -570,7 +589,7 @@ pub fn close_interrupted(store: &dyn Store, timeout_s: i64, now: i64) -> Result<
                     r.ended = Some(r.last);
                     r.stop_reason = "interrupted".into();
                     put_session(tx, &r)?;
-                    tx.clear(&open_key(&charger, &id))?;
+                    clear_open(tx, &r)?;
                     tx.set(&laddnet_ledger::cdr::unbilled_key(&id), b"")?;
                     Ok::<_, RepoError>(true)
                 }
@@ -621,6 +640,14 @@ pub fn sessions_of_charger(store: &dyn Store, charger_id: &str) -> Result<Vec<Se
 /// whichever chargers are there now.
 pub fn sessions_at_site(store: &dyn Store, site_id: &str) -> Result<Vec<SessionRecord>, RepoError> {
     Ok(scan_index(store, "session-by-site", site_id, None, usize::MAX, |_| true)?.0)
+}
+
+/// The sessions at `site_id` that have not ended (its open index: a
+/// site's load manager starts from them).
+pub fn open_sessions_at_site(store: &dyn Store, site_id: &str) -> Result<Vec<SessionRecord>, RepoError> {
+    let (b, e) = keys::tuple_range(&("session-open-at-site", site_id));
+    let rows = store.snapshot(|tx| tx.get_range(&b, &e, 0, false))?;
+    load_indexed(store, &rows)
 }
 
 /// What [`index_sessions_once`] did.

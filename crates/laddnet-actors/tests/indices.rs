@@ -185,3 +185,35 @@ fn a_store_larger_than_a_batch_is_indexed_and_counted_whole() {
     assert_eq!(repo::count_energy_once(&store).unwrap(), Some(2_345));
     assert_eq!(repo::energy_delivered_wh(&store).unwrap(), 2_345 * 500);
 }
+
+#[test]
+fn a_sites_open_sessions_come_from_its_open_index() {
+    let (_dir, store) = fleet();
+    // Written when a session is created, cleared when it ends.
+    assert_eq!(
+        ids(&repo::open_sessions_at_site(&store, "site-1").unwrap()),
+        vec!["tx-a3"]
+    );
+    assert_eq!(
+        ids(&repo::open_sessions_at_site(&store, "site-2").unwrap()),
+        vec!["tx-b2"]
+    );
+    session(&store, "CP-A", Some("site-1"), "tx-a4", T0 + 3 * 86_400_000, true);
+    assert_eq!(
+        ids(&repo::open_sessions_at_site(&store, "site-1").unwrap()),
+        vec!["tx-a3", "tx-a4"]
+    );
+    // An interrupted session stays open until it is closed for good.
+    let now_s = T0 / 1000 + 4 * 86_400;
+    assert_eq!(repo::interrupt_sessions(&store, "CP-A", now_s).unwrap().len(), 2);
+    assert_eq!(repo::open_sessions_at_site(&store, "site-1").unwrap().len(), 2);
+    assert_eq!(repo::close_interrupted(&store, 60, now_s + 61).unwrap().len(), 2);
+    assert!(repo::open_sessions_at_site(&store, "site-1").unwrap().is_empty());
+    // The other site is untouched, and a session without a site is in neither.
+    session(&store, "CP-C", None, "tx-c1", T0, true);
+    assert_eq!(
+        ids(&repo::open_sessions_at_site(&store, "site-2").unwrap()),
+        vec!["tx-b2"]
+    );
+    assert!(repo::open_sessions_at_site(&store, "site-3").unwrap().is_empty());
+}

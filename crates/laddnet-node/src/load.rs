@@ -23,8 +23,9 @@
 //! the next reading finds the new manager. When the managing node dies, the
 //! next reading anywhere takes the site over with a higher epoch.
 //!
-//! The actor knows what the chargers report; after a restart or a change
-//! of hands it learns the sessions again from their next readings.
+//! The actor starts from the site's active sessions in the store (their
+//! last power; the limits it then sends cover them all) and follows them
+//! by their readings.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, Weak};
@@ -194,17 +195,12 @@ impl Actor for SiteActor {
         let mut sessions = BTreeMap::new();
         if let Some(node) = self.node.upgrade() {
             let (store, id) = (node.store.clone(), site_id.clone());
-            let open = tokio::task::spawn_blocking(move || {
-                laddnet_actors::repo::open_session_records(store.as_ref()).map(|all| {
-                    all.into_iter()
-                        .filter(|r| r.status == SessionStatus::Active && r.site_id.as_deref() == Some(id.as_str()))
-                        .collect::<Vec<_>>()
-                })
-            })
-            .await;
+            let open =
+                tokio::task::spawn_blocking(move || laddnet_actors::repo::open_sessions_at_site(store.as_ref(), &id))
+                    .await;
             match open {
                 Ok(Ok(open)) => {
-                    for r in open {
+                    for r in open.into_iter().filter(|r| r.status == SessionStatus::Active) {
                         sessions.insert(
                             r.transaction_id.clone(),
                             Live {
