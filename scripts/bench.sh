@@ -29,6 +29,22 @@ echo "running: cargo bench -p laddnet-tests --bench money" >&2
 money=$(cargo bench -q -p laddnet-tests --bench money 2>/dev/null | grep '^|')
 echo "running: cargo bench -p laddnet-tests --bench supervision" >&2
 supervision=$(cargo bench -q -p laddnet-tests --bench supervision 2>/dev/null | grep '^|')
+# A storm that outlasts the authorize pairs' budget still leaves stormy
+# pairs in its tail ratio (its weather row says how many stalls a second
+# the kept pairs saw; calm runs see 1-5). Run it once more, at the end of
+# the suite, and keep the calmer of the two.
+storm_rate() { printf '%s\n' "$1" | sed -n "/machine's weather/s/.*(\([0-9.]*\) a second.*/\1/p" | head -1 || true; }
+authorize_note=""
+first_rate=$(storm_rate "$authorize")
+if [ -n "$first_rate" ] && awk -v r="$first_rate" 'BEGIN { exit !(r > 8) }'; then
+  echo "authorize met a storm ($first_rate stalls a second): running it again" >&2
+  again=$(run authorize | rows)
+  second_rate=$(storm_rate "$again")
+  if [ -n "$second_rate" ] && awk -v a="$second_rate" -v b="$first_rate" 'BEGIN { exit !(a < b) }'; then
+    authorize="$again"
+  fi
+  authorize_note="The authorize pairs met a storm ($first_rate stalls a second over the kept pairs); the scenario ran again at the end of the suite ($second_rate a second) and the calmer run is shown."
+fi
 speed_after=$(speed)
 # The previous run's speed line, for the reproducibility section.
 previous_speed=$(sed -n 's/^Machine speed: .* took \([0-9.]*\) ms before the suite and \([0-9.]*\) ms after it.*/\1 ms before and \2 ms after/p' docs/performance.md 2>/dev/null || true)
@@ -96,6 +112,10 @@ HEAD
     echo "$t" | rows
   done
   echo
+  if [ -n "$authorize_note" ]; then
+    echo "$authorize_note"
+    echo
+  fi
   cat <<'NOTES'
 Commands (each alone: `taskset -c 1 target/release/laddnet-bench <scenario>`):
 
