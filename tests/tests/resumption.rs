@@ -113,3 +113,82 @@ async fn without_session_tickets_every_handshake_is_full() {
     );
     assert_eq!(handshakes(&node), (1, 0));
 }
+
+/// Counts the TLS 1.3 tickets a client is given (and keeps them, as the
+/// default store does).
+#[derive(Debug)]
+struct CountingTickets {
+    inner: Arc<dyn rustls::client::ClientSessionStore>,
+    tickets: std::sync::atomic::AtomicUsize,
+}
+
+impl rustls::client::ClientSessionStore for CountingTickets {
+    fn set_kx_hint(&self, s: rustls_pki_types::ServerName<'static>, g: rustls::NamedGroup) {
+        self.inner.set_kx_hint(s, g)
+    }
+    fn kx_hint(&self, s: &rustls_pki_types::ServerName<'_>) -> Option<rustls::NamedGroup> {
+        self.inner.kx_hint(s)
+    }
+    fn set_tls12_session(&self, s: rustls_pki_types::ServerName<'static>, v: rustls::client::Tls12ClientSessionValue) {
+        self.inner.set_tls12_session(s, v)
+    }
+    fn tls12_session(&self, s: &rustls_pki_types::ServerName<'_>) -> Option<rustls::client::Tls12ClientSessionValue> {
+        self.inner.tls12_session(s)
+    }
+    fn remove_tls12_session(&self, s: &rustls_pki_types::ServerName<'static>) {
+        self.inner.remove_tls12_session(s)
+    }
+    fn insert_tls13_ticket(
+        &self,
+        s: rustls_pki_types::ServerName<'static>,
+        v: rustls::client::Tls13ClientSessionValue,
+    ) {
+        self.tickets.fetch_add(1, Ordering::SeqCst);
+        self.inner.insert_tls13_ticket(s, v)
+    }
+    fn take_tls13_ticket(
+        &self,
+        s: &rustls_pki_types::ServerName<'static>,
+    ) -> Option<rustls::client::Tls13ClientSessionValue> {
+        self.inner.take_tls13_ticket(s)
+    }
+}
+
+/// A handshake runs TLS 1.3 with AES-128-GCM over SHA-256 (its key
+/// schedule in hardware where SHA-384's is not) whatever order the client
+/// offers, and gives the charger one ticket, not rustls's default two.
+#[tokio::test]
+async fn a_charger_gets_aes_128_over_sha_256_and_one_ticket_per_connection() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let node = TestNode::start().await;
+    let creds = node.enroll("CP-SUITE").await;
+    let mut cfg = (*node.tls(Some(&creds))).clone();
+    let store = Arc::new(CountingTickets {
+        inner: Arc::new(rustls::client::ClientSessionMemoryCache::new(8)),
+        tickets: Default::default(),
+    });
+    cfg.resumption = rustls::client::Resumption::store(store.clone());
+    // The client prefers AES-256 (rustls's own default order does).
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    let tcp = tokio::net::TcpStream::connect(node.node().mtls_addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = connector.connect(name, tcp).await.expect("mutual TLS handshake");
+    let suite = tls.get_ref().1.negotiated_cipher_suite().map(|s| s.suite());
+    assert_eq!(suite, Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256));
+    // HTTP/2's preface and an empty SETTINGS frame; the node's SETTINGS
+    // come after its tickets, so once they are read every ticket is in.
+    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    let mut head = [0u8; 9];
+    tokio::time::timeout(Duration::from_secs(10), tls.read_exact(&mut head))
+        .await
+        .expect("the node's SETTINGS within 10 s")
+        .unwrap();
+    assert_eq!(head[3], 0x4, "the node's first frame is SETTINGS");
+    assert_eq!(
+        store.tickets.load(Ordering::SeqCst),
+        1,
+        "tickets given on one connection"
+    );
+}

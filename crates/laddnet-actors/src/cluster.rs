@@ -435,6 +435,14 @@ pub fn release(store: &dyn Store, fence: &Fence, now_s: i64) -> Result<Vec<Strin
     })
 }
 
+/// Stale ownership entries released in one transaction by [`reap`].
+const REAP_CHUNK: usize = 128;
+
+fn unpack_owned(k: &[u8]) -> Result<(String, String, String, i64, String), StoreError> {
+    keys::unpack::<(String, String, String, i64, String)>(k)
+        .map_err(|e| StoreError::Corrupted(format!("owned index: {e:?}")))
+}
+
 /// What one reaping pass did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Reaped {
@@ -464,53 +472,62 @@ pub fn reap(store: &dyn Store, now_ms: i64, batch: usize) -> Result<Reaped, Repo
         }
     }
     // Ownership index entries of incarnations that are not the live one.
+    // The index is ordered by node and incarnation, so one read finds
+    // each incarnation's first entry and a live one's whole range is
+    // stepped over: the reads grow with incarnations and the batch, not
+    // with the chargers the live members hold (a pass runs every quarter
+    // lease).
     let live: std::collections::HashMap<String, (u64, bool)> = members(store)?
         .into_iter()
         .map(|m| (m.node.clone(), (m.incarnation, m.alive(now_ms))))
         .collect();
-    let (b, e) = keys::tuple_range(&("cluster", "owned"));
-    let entries: Vec<(String, u64, String)> = store.snapshot(|tx| {
-        tx.get_range(&b, &e, 0, false)?
-            .into_iter()
-            .map(|(k, _)| {
-                keys::unpack::<(String, String, String, i64, String)>(&k)
-                    .map(|t| (t.2, t.3 as u64, t.4))
-                    .map_err(|e| StoreError::Corrupted(format!("owned index: {e:?}")))
-            })
-            .collect::<Result<Vec<_>, _>>()
-    })?;
-    for (node, inc, charger) in entries {
-        if out.chargers.len() >= batch {
-            break;
-        }
-        let stale = match live.get(&node) {
-            Some((live_inc, alive)) => *live_inc != inc || !alive,
-            None => true,
-        };
-        if !stale {
-            continue;
-        }
-        let now_s = now_ms.div_euclid(1000);
-        let ids = store.transact(|tx| {
-            tx.clear(&owned_key(&node, inc, &charger))?;
-            match get_json::<OwnerRecord>(tx, &owner_key(&charger))? {
-                Some(o) if !o.released && o.node == node && o.incarnation == inc => {
-                    let ids = crate::repo::interrupt_sessions_in(tx, &charger, now_s)?;
-                    let rec = OwnerRecord {
-                        epoch: o.epoch + 1,
-                        released: true,
-                        since_ms: now_ms,
-                        ..o
-                    };
-                    put_json(tx, &owner_key(&charger), &rec)?;
-                    Ok::<_, RepoError>(Some(ids))
+    let stale = store.snapshot(|tx| {
+        let mut stale: Vec<(String, u64, String)> = Vec::new();
+        let (mut from, end) = keys::tuple_range(&("cluster", "owned"));
+        while stale.len() < batch {
+            let Some((k, _)) = tx.get_range(&from, &end, 1, false)?.into_iter().next() else {
+                break;
+            };
+            let (_, _, node, inc, _) = unpack_owned(&k)?;
+            let (group, group_end) = keys::tuple_range(&("cluster", "owned", node.as_str(), inc));
+            let current = matches!(live.get(&node), Some((live_inc, alive)) if *live_inc == inc as u64 && *alive);
+            if !current {
+                for (k, _) in tx.get_range(&group, &group_end, batch - stale.len(), false)? {
+                    let (_, _, node, inc, charger) = unpack_owned(&k)?;
+                    stale.push((node, inc as u64, charger));
                 }
-                _ => Ok(None),
             }
-        })?;
-        if let Some(ids) = ids {
-            out.chargers.push((charger, ids));
+            from = group_end;
         }
+        Ok::<_, StoreError>(stale)
+    })?;
+    // Released a chunk per transaction: a restarted node's earlier
+    // incarnation may leave thousands, and one durable commit each would
+    // compete with their reconnect storm for the disk and the core.
+    let now_s = now_ms.div_euclid(1000);
+    for chunk in stale.chunks(REAP_CHUNK) {
+        let released = store.transact(|tx| {
+            let mut released = Vec::new();
+            for (node, inc, charger) in chunk {
+                tx.clear(&owned_key(node, *inc, charger))?;
+                match get_json::<OwnerRecord>(tx, &owner_key(charger))? {
+                    Some(o) if !o.released && o.node == *node && o.incarnation == *inc => {
+                        let ids = crate::repo::interrupt_sessions_in(tx, charger, now_s)?;
+                        let rec = OwnerRecord {
+                            epoch: o.epoch + 1,
+                            released: true,
+                            since_ms: now_ms,
+                            ..o
+                        };
+                        put_json(tx, &owner_key(charger), &rec)?;
+                        released.push((charger.clone(), ids));
+                    }
+                    _ => {}
+                }
+            }
+            Ok::<_, RepoError>(released)
+        })?;
+        out.chargers.extend(released);
     }
     Ok(out)
 }
@@ -666,6 +683,121 @@ mod tests {
         let a2 = register(s.as_ref(), "a", ("x:1", "x"), 1_000, 3_000).unwrap();
         assert_eq!(a2.incarnation, 2);
         assert!(matches!(take(s.as_ref(), "CP-1", &a2, 3_000).unwrap(), Takeover::Taken(f) if f.epoch == 3));
+    }
+
+    /// The store, counting the rows range reads return and the commits.
+    struct Counting {
+        inner: SharedStore,
+        rows: std::sync::atomic::AtomicUsize,
+        commits: std::sync::atomic::AtomicUsize,
+    }
+
+    struct CountingTx<'a>(&'a mut dyn Transaction, &'a std::sync::atomic::AtomicUsize);
+
+    impl Transaction for CountingTx<'_> {
+        fn get(&mut self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+            self.0.get(key)
+        }
+        fn set(&mut self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+            self.0.set(key, value)
+        }
+        fn clear(&mut self, key: &[u8]) -> Result<(), StoreError> {
+            self.0.clear(key)
+        }
+        fn get_range(
+            &mut self,
+            begin: &[u8],
+            end: &[u8],
+            limit: usize,
+            reverse: bool,
+        ) -> Result<Vec<laddnet_store::KeyValue>, StoreError> {
+            let rows = self.0.get_range(begin, end, limit, reverse)?;
+            self.1.fetch_add(rows.len(), std::sync::atomic::Ordering::Relaxed);
+            Ok(rows)
+        }
+        fn atomic_add(&mut self, key: &[u8], delta: i64) -> Result<(), StoreError> {
+            self.0.atomic_add(key, delta)
+        }
+    }
+
+    impl Store for Counting {
+        fn run(&self, f: &mut dyn FnMut(&mut dyn Transaction) -> Result<(), StoreError>) -> Result<(), StoreError> {
+            self.commits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.inner.run(&mut |tx| f(&mut CountingTx(tx, &self.rows)))
+        }
+        fn read(&self, f: &mut dyn FnMut(&mut dyn Transaction) -> Result<(), StoreError>) -> Result<(), StoreError> {
+            self.inner.read(&mut |tx| f(&mut CountingTx(tx, &self.rows)))
+        }
+        fn watch(&self, key: &[u8], seen: Option<&[u8]>, timeout: std::time::Duration) -> Result<bool, StoreError> {
+            self.inner.watch(key, seen, timeout)
+        }
+        fn backend(&self) -> &'static str {
+            "counting"
+        }
+    }
+
+    #[test]
+    fn reaping_reads_only_stale_incarnations_and_releases_them_a_chunk_per_commit() {
+        let (_d, s) = store();
+        let a1 = register(s.as_ref(), "a", ("x:1", "x"), 1_000, 0).unwrap();
+        let b = register(s.as_ref(), "b", ("x:2", "x"), 1_000_000, 0).unwrap();
+        let take_all = |me: &MemberRecord, prefix: &str, n: usize| {
+            s.transact(|tx| {
+                for i in 0..n {
+                    assert!(matches!(
+                        take_in(tx, &format!("{prefix}-{i:04}"), me, 0)?,
+                        Takeover::Taken(_)
+                    ));
+                }
+                Ok::<_, StoreError>(())
+            })
+            .unwrap()
+        };
+        take_all(&a1, "A", 700);
+        take_all(&b, "B", 2_000);
+        // a restarts: a new incarnation, and the old one's 700 are stale.
+        let a2 = register(s.as_ref(), "a", ("x:1", "x"), 1_000_000, 10).unwrap();
+        assert_eq!(a2.incarnation, 2);
+        let counting = Counting {
+            inner: s.clone(),
+            rows: Default::default(),
+            commits: Default::default(),
+        };
+        let mut released = std::collections::BTreeSet::new();
+        for pass in 0.. {
+            counting.rows.store(0, std::sync::atomic::Ordering::Relaxed);
+            counting.commits.store(0, std::sync::atomic::Ordering::Relaxed);
+            let r = reap(&counting, 20, 300).unwrap();
+            let (rows, commits) = (
+                counting.rows.load(std::sync::atomic::Ordering::Relaxed),
+                counting.commits.load(std::sync::atomic::Ordering::Relaxed),
+            );
+            // Members (2) twice, the first entry of each incarnation met,
+            // and the stale entries of this batch: b's 2,000 are stepped
+            // over, not read.
+            assert!(rows <= 4 + 3 + 300, "pass {pass}: {rows} rows read");
+            assert!(
+                commits <= 3,
+                "pass {pass}: {commits} commits for {} chargers",
+                r.chargers.len()
+            );
+            assert!(r.chargers.len() <= 300);
+            if r.chargers.is_empty() {
+                break;
+            }
+            for (c, _) in r.chargers {
+                assert!(c.starts_with("A-"), "{c}: a live member's charger released");
+                assert!(released.insert(c), "released twice");
+            }
+        }
+        assert_eq!(released.len(), 700);
+        assert!(get_owner(s.as_ref(), "A-0000").unwrap().unwrap().released);
+        let kept = get_owner(s.as_ref(), "B-1999").unwrap().unwrap();
+        assert!(!kept.released && kept.node == "b");
+        assert_eq!(
+            owned_counts(s.as_ref()).unwrap().get(&("b".to_string(), b.incarnation)),
+            Some(&2_000)
+        );
     }
 
     #[test]
