@@ -153,7 +153,7 @@ Commands (each alone: `taskset -c 1 target/release/laddnet-bench <scenario>`):
   stalls. A real-time probe on each core records the stalls (a wake-up
   every 0.5 ms later than 1.5 ms), and the headline p99s leave out, on
   both sides alike, the round trips one overlapped; the raw p99s follow.
-  The ratios are the medians of the 12 kept pairs' ratios (a pair
+  The ratios are the medians of the 24 kept pairs' ratios (a pair
   whose weather was a storm is set aside for another).
 - `cold-start`: spawn to "serving" with 100,000 open sessions in the store,
   left active as after a crash, against the same node on an empty store
