@@ -245,9 +245,27 @@ fn load(tx: &mut dyn Transaction, id: &str) -> Result<Incident, IncidentError> {
     serde_json::from_slice(&v).map_err(|e| IncidentError::Corrupted(e.to_string()))
 }
 
+/// The active index: the incidents whose condition holds now, by kind, so
+/// counting them (every metrics scrape) reads those and not the history.
+fn active_key(kind: AlarmKind, id: &str) -> Vec<u8> {
+    keys::pack(&("incident-active", kind.as_str(), id))
+}
+/// Set once every incident stored before the active index is in it.
+fn active_indexed_key() -> Vec<u8> {
+    keys::pack(&("incident-active-indexed",))
+}
+
+/// Every write of an incident goes through here, and keeps the active
+/// index in step with it.
 fn save(tx: &mut dyn Transaction, i: &Incident) -> Result<(), IncidentError> {
     let v = serde_json::to_vec(i).map_err(|e| IncidentError::Corrupted(e.to_string()))?;
-    Ok(tx.set(&incident_key(&i.id), &v)?)
+    tx.set(&incident_key(&i.id), &v)?;
+    if i.active {
+        tx.set(&active_key(i.kind, &i.id), b"")?;
+    } else {
+        tx.clear(&active_key(i.kind, &i.id))?;
+    }
+    Ok(())
 }
 
 fn push(i: &mut Incident, at_ms: i64, what: &str, by: &str, detail: &str) {
@@ -448,13 +466,71 @@ pub const KINDS: [AlarmKind; 10] = [
     AlarmKind::SiteOverload,
 ];
 
-/// Incidents whose condition holds now, by kind.
+/// Incidents whose condition holds now, by kind: a range of the active
+/// index per kind. A store whose incidents were never indexed (a node of
+/// this version has not started on it yet) is counted the old way, from
+/// every incident.
 pub fn active_counts(store: &dyn Store) -> Result<std::collections::BTreeMap<AlarmKind, u64>, IncidentError> {
     let mut out = std::collections::BTreeMap::new();
-    for i in list(store, None, 0)? {
-        if i.active {
-            *out.entry(i.kind).or_default() += 1;
+    let indexed = store.snapshot(|tx| {
+        if tx.get(&active_indexed_key())?.is_none() {
+            return Ok::<_, IncidentError>(false);
+        }
+        for kind in KINDS {
+            let (b, e) = keys::tuple_range(&("incident-active", kind.as_str()));
+            let n = tx.get_range(&b, &e, 0, false)?.len() as u64;
+            if n > 0 {
+                out.insert(kind, n);
+            }
+        }
+        Ok(true)
+    })?;
+    if !indexed {
+        out.clear();
+        for i in list(store, None, 0)? {
+            if i.active {
+                *out.entry(i.kind).or_default() += 1;
+            }
         }
     }
     Ok(out)
+}
+
+/// Adds the incidents stored before the active index to it, once (a start
+/// cut short does it again: each batch sets the entries from the records
+/// as they are then). Batches of 500 incidents, each its own transaction.
+/// Returns how many incidents were read (0 when already done).
+pub fn index_active_once(store: &dyn Store) -> Result<usize, IncidentError> {
+    if store.snapshot(|tx| tx.get(&active_indexed_key()))?.is_some() {
+        return Ok(0);
+    }
+    let (begin, end) = keys::tuple_range(&("incident",));
+    let mut from = begin;
+    let mut read = 0;
+    loop {
+        let (n, next) = store.transact(|tx| {
+            let rows = tx.get_range(&from, &end, 500, false)?;
+            let mut next = None;
+            for (k, v) in &rows {
+                match serde_json::from_slice::<Incident>(v) {
+                    Ok(i) if i.active => tx.set(&active_key(i.kind, &i.id), b"")?,
+                    Ok(i) => tx.clear(&active_key(i.kind, &i.id))?,
+                    Err(e) => tracing::warn!(error = %e, "an incident record that does not decode was not indexed"),
+                }
+                let mut k = k.clone();
+                k.push(0);
+                next = Some(k);
+            }
+            if rows.len() < 500 {
+                tx.set(&active_indexed_key(), b"")?;
+                next = None;
+            }
+            Ok::<_, IncidentError>((rows.len(), next))
+        })?;
+        read += n;
+        match next {
+            Some(k) => from = k,
+            None => return Ok(read),
+        }
+    }
 }

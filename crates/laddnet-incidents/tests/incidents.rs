@@ -118,3 +118,55 @@ fn a_flapping_condition_keeps_a_bounded_timeline() {
     assert!(all[0].timeline.len() <= 200);
     assert_eq!(all[0].timeline[0].what, "opened");
 }
+
+#[test]
+fn active_incidents_are_counted_from_their_index_built_once_for_older_stores() {
+    let (_d, s) = store();
+    for c in 1..=5 {
+        raise(&s, AlarmKind::Offline, &format!("charger:CP-{c}"), 1_000);
+    }
+    for c in 1..=3 {
+        raise(&s, AlarmKind::ChargerFault, &format!("connector:CP-{c}/1"), 1_000);
+    }
+    clear(&s, AlarmKind::Offline, "charger:CP-1", 2_000);
+    clear(&s, AlarmKind::Offline, "charger:CP-2", 2_000);
+    raise(&s, AlarmKind::Offline, "charger:CP-2", 3_000); // reopened
+    let (fault, _) = raise(&s, AlarmKind::ChargerFault, "connector:CP-3/1", 1_000);
+    resolve(s.as_ref(), &fault.id, "operator:Ada", "replaced the contactor", 4_000).unwrap();
+    let expected = std::collections::BTreeMap::from([(AlarmKind::Offline, 4), (AlarmKind::ChargerFault, 2)]);
+
+    // A store from before the index (as every store is until a node of
+    // this version starts on it) holding a record that does not decode:
+    // counting walks every incident, and that one stops it.
+    let garbage = |s: &SharedStore| {
+        s.transact(|tx| {
+            tx.set(&laddnet_store::keys::pack(&("incident", "inc-garbage")), b"not json")?;
+            tx.set(
+                &laddnet_store::keys::pack(&("incident-by-time", 5_000i64, "inc-garbage")),
+                b"",
+            )
+        })
+        .unwrap()
+    };
+    garbage(&s);
+    assert!(active_counts(s.as_ref()).is_err(), "the old count reads every record");
+
+    // Indexed once (the bad record passed over), then counted from the index.
+    assert_eq!(index_active_once(s.as_ref()).unwrap(), 9);
+    assert_eq!(index_active_once(s.as_ref()).unwrap(), 0, "once");
+    assert_eq!(active_counts(s.as_ref()).unwrap(), expected);
+
+    // Every later change keeps the index in step.
+    clear(&s, AlarmKind::Offline, "charger:CP-3", 6_000);
+    raise(&s, AlarmKind::Overload, "connector:CP-9/1", 6_000);
+    let (fault, _) = raise(&s, AlarmKind::ChargerFault, "connector:CP-1/1", 6_000);
+    resolve(s.as_ref(), &fault.id, "operator:Ada", "", 7_000).unwrap();
+    assert_eq!(
+        active_counts(s.as_ref()).unwrap(),
+        std::collections::BTreeMap::from([
+            (AlarmKind::Offline, 3),
+            (AlarmKind::ChargerFault, 1),
+            (AlarmKind::Overload, 1)
+        ])
+    );
+}

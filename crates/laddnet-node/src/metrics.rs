@@ -214,18 +214,17 @@ pub fn render(state: &NodeState) -> String {
             counts.get(&kind).copied().unwrap_or(0)
         );
     }
+    // A range of the expiry index: a scrape reads the certificates of
+    // the next 30 days, not every certificate the CA ever issued.
     let now = state.ca.now();
     let soon = state
         .ca
-        .list(
-            &laddnet_pki::CertFilter {
-                status: Some("valid".into()),
-                ..Default::default()
-            },
-            None,
-            usize::MAX,
-        )
-        .map(|(v, _)| v.iter().filter(|c| c.not_after - now < 30 * 86_400).count())
+        .expiring_between(now, now + 30 * 86_400)
+        .map(|v| {
+            v.iter()
+                .filter(|c| c.status(now) == laddnet_pki::CertStatus::Valid)
+                .count()
+        })
         .unwrap_or(0);
     gauge(
         &mut out,

@@ -162,6 +162,13 @@ impl RunningNode {
                         "could not count the stored sessions' energy; the counter starts from the next reading"
                     ),
                 }
+                // Metrics only too: until it is done, a scrape counts the
+                // active incidents from every incident, as before.
+                match laddnet_incidents::index_active_once(store.as_ref()) {
+                    Ok(n @ 1..) => tracing::info!(incidents = n, "active incidents indexed"),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "could not index the active incidents; counted from every incident meanwhile"),
+                }
                 let subject = Subject::Node {
                     name: config.node.name.clone(),
                     sans: config.tls.server_names.clone(),

@@ -22,8 +22,8 @@ use laddnet_vault::{KeySource, SealedBox, Secret};
 use crate::audit::{self, AuditKind};
 use crate::inspect::{CheckedCsr, check_csr};
 use crate::records::{
-    CertRecord, CertStatus, CrlRecord, Revocation, RevocationReason, TokenRecord, cert_key, crl_key, get_json,
-    put_json, revoked_key, subject_key, token_key,
+    CertRecord, CertStatus, CrlRecord, Revocation, RevocationReason, TokenRecord, cert_key, crl_key,
+    expiry_indexed_key, expiry_key, get_json, put_json, revoked_key, subject_key, token_key,
 };
 use crate::{KeyAlgorithm, PkiError, Policy, Profile};
 
@@ -295,7 +295,10 @@ pub fn init(
                 report.root_serial, report.intermediate_serial
             ),
         )
-        .map(|_| ())
+        .map(|_| ())?;
+        // A new CA has no certificate to index.
+        tx.set(&expiry_indexed_key(), b"")?;
+        Ok::<(), PkiError>(())
     })?;
     tracing::info!(root = %report.root_serial, intermediate = %report.intermediate_serial, "CA created");
     Ok(report)
@@ -352,6 +355,7 @@ impl Ca {
         if ca.crl_record()?.is_none() {
             ca.refresh_crl("system")?;
         }
+        ca.index_expiry_once()?;
         Ok(ca)
     }
 
@@ -487,6 +491,7 @@ impl Ca {
         record.renewed_from = renewed_from.map(str::to_string);
         put_json(tx, &cert_key(&record.serial), &record)?;
         tx.set(&subject_key(record.profile, &record.subject, &record.serial), b"")?;
+        tx.set(&expiry_key(record.not_after, &record.serial), b"")?;
         Ok(Issued { record, chain_pem })
     }
 
@@ -821,6 +826,71 @@ impl Ca {
                 return Ok((out, false));
             }
         }
+    }
+
+    /// Adds the certificates stored before the expiry index to it, once (a
+    /// start cut short does it again: the entries are idempotent). Batches
+    /// of 500 certificates, each its own transaction. Returns how many were
+    /// indexed (0 when already done).
+    pub fn index_expiry_once(&self) -> Result<usize, PkiError> {
+        if self.store.snapshot(|tx| tx.get(&expiry_indexed_key()))?.is_some() {
+            return Ok(0);
+        }
+        let (begin, end) = keys::tuple_range(&("pki", "cert"));
+        let mut from = begin;
+        let mut indexed = 0;
+        loop {
+            let (n, next) = self.store.transact(|tx| {
+                let rows = tx.get_range(&from, &end, 500, false)?;
+                let mut next = None;
+                for (k, v) in &rows {
+                    // A record that does not decode is left out (and
+                    // logged): it could not be listed as expiring anyway.
+                    match serde_json::from_slice::<CertRecord>(v) {
+                        Ok(rec) => tx.set(&expiry_key(rec.not_after, &rec.serial), b"")?,
+                        Err(e) => tracing::warn!(error = %e, "a certificate record that does not decode was not indexed by expiry"),
+                    }
+                    let mut k = k.clone();
+                    k.push(0);
+                    next = Some(k);
+                }
+                if rows.len() < 500 {
+                    tx.set(&expiry_indexed_key(), b"")?;
+                    next = None;
+                }
+                Ok::<_, PkiError>((rows.len(), next))
+            })?;
+            indexed += n;
+            match next {
+                Some(k) => from = k,
+                None => break,
+            }
+        }
+        if indexed > 0 {
+            tracing::info!(certificates = indexed, "certificates indexed by expiry");
+        }
+        Ok(indexed)
+    }
+
+    /// Certificates whose `not_after` is in `[from, to)`, by expiry (a
+    /// range of the expiry index: what a scrape or a check reads does not
+    /// grow with the certificates outside the window).
+    pub fn expiring_between(&self, from: i64, to: i64) -> Result<Vec<CertRecord>, PkiError> {
+        let (b, e) = (
+            keys::pack(&("pki", "by-expiry", from)),
+            keys::pack(&("pki", "by-expiry", to)),
+        );
+        self.store.snapshot(|tx| {
+            let mut out = Vec::new();
+            for (k, _) in tx.get_range(&b, &e, 0, false)? {
+                let (_, _, _, serial): (String, String, i64, String) =
+                    keys::unpack(&k).map_err(|e| PkiError::Corrupted(format!("expiry index: {e:?}")))?;
+                if let Some(rec) = get_json::<CertRecord>(tx, &cert_key(&serial))? {
+                    out.push(rec);
+                }
+            }
+            Ok(out)
+        })
     }
 
     /// Serials of every revoked certificate, for the node's live check.

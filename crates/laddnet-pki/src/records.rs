@@ -23,6 +23,15 @@ pub(crate) fn cert_key(serial: &str) -> Vec<u8> {
 pub(crate) fn subject_key(profile: Profile, subject: &str, serial: &str) -> Vec<u8> {
     keys::pack(&("pki", "by-subject", profile.as_str(), subject, serial))
 }
+/// The expiry index: every certificate by its `not_after`, so what expires
+/// in a window is a range read, not a walk over every certificate.
+pub(crate) fn expiry_key(not_after: i64, serial: &str) -> Vec<u8> {
+    keys::pack(&("pki", "by-expiry", not_after, serial))
+}
+/// Set once every certificate stored before the expiry index is in it.
+pub(crate) fn expiry_indexed_key() -> Vec<u8> {
+    keys::pack(&("pki", "by-expiry-indexed"))
+}
 pub(crate) fn revoked_key(serial: &str) -> Vec<u8> {
     keys::pack(&("pki", "revoked", serial))
 }
