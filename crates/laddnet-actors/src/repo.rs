@@ -666,40 +666,20 @@ pub struct Indexed {
 /// so a start cut short just does it again); the marker last. `None`: the
 /// store was indexed already.
 pub fn index_sessions_once(store: &dyn Store) -> Result<Option<Indexed>, RepoError> {
-    if store.snapshot(|tx| tx.get(&indexed_marker()))?.is_some() {
-        return Ok(None);
-    }
-    const BATCH: usize = 1_000;
-    let (begin, end) = keys::tuple_range(&("session",));
-    let mut from = begin;
-    let mut done = Indexed {
-        sessions: 0,
-        unreadable: 0,
-    };
-    loop {
-        let rows = store.snapshot(|tx| tx.get_range(&from, &end, BATCH, false))?;
-        let records: Vec<SessionRecord> = rows
-            .iter()
-            .filter_map(|(_, v)| serde_json::from_slice(v).ok())
-            .collect();
-        done.unreadable += rows.len() - records.len();
-        store.transact(|tx| {
-            for r in &records {
-                index_session(tx, r)?;
-            }
-            Ok::<_, RepoError>(())
-        })?;
-        done.sessions += records.len();
-        match rows.last() {
-            Some((k, _)) if rows.len() == BATCH => {
-                from = k.clone();
-                from.push(0);
-            }
-            _ => break,
-        }
-    }
-    store.transact(|tx| tx.set(&indexed_marker(), b""))?;
-    Ok(Some(done))
+    let done = laddnet_store::backfill_once::<StoreError>(
+        store,
+        &indexed_marker(),
+        keys::tuple_range(&("session",)),
+        1_000,
+        |tx, _, v| match serde_json::from_slice::<SessionRecord>(v) {
+            Ok(r) => index_session(tx, &r).map(|()| true),
+            Err(_) => Ok(false),
+        },
+    )?;
+    Ok(done.map(|d| Indexed {
+        sessions: d.indexed,
+        unreadable: d.unreadable,
+    }))
 }
 
 /// Energy of every session this store has recorded, in Wh: each run adds

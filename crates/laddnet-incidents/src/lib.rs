@@ -498,39 +498,27 @@ pub fn active_counts(store: &dyn Store) -> Result<std::collections::BTreeMap<Ala
 
 /// Adds the incidents stored before the active index to it, once (a start
 /// cut short does it again: each batch sets the entries from the records
-/// as they are then). Batches of 500 incidents, each its own transaction.
-/// Returns how many incidents were read (0 when already done).
+/// as they are then), 500 a transaction. Returns how many incidents were
+/// read (0 when already done); a record that does not decode is passed
+/// over and logged.
 pub fn index_active_once(store: &dyn Store) -> Result<usize, IncidentError> {
-    if store.snapshot(|tx| tx.get(&active_indexed_key()))?.is_some() {
-        return Ok(0);
+    let done = laddnet_store::backfill_once(
+        store,
+        &active_indexed_key(),
+        keys::tuple_range(&("incident",)),
+        500,
+        |tx, _, v| match serde_json::from_slice::<Incident>(v) {
+            Ok(i) if i.active => tx.set(&active_key(i.kind, &i.id), b"").map(|()| true),
+            Ok(i) => tx.clear(&active_key(i.kind, &i.id)).map(|()| true),
+            Err(_) => Ok(false),
+        },
+    )?;
+    let Some(done) = done else { return Ok(0) };
+    if done.unreadable > 0 {
+        tracing::warn!(
+            unreadable = done.unreadable,
+            "incident records that do not decode were not indexed"
+        );
     }
-    let (begin, end) = keys::tuple_range(&("incident",));
-    let mut from = begin;
-    let mut read = 0;
-    loop {
-        let (n, next) = store.transact(|tx| {
-            let rows = tx.get_range(&from, &end, 500, false)?;
-            let mut next = None;
-            for (k, v) in &rows {
-                match serde_json::from_slice::<Incident>(v) {
-                    Ok(i) if i.active => tx.set(&active_key(i.kind, &i.id), b"")?,
-                    Ok(i) => tx.clear(&active_key(i.kind, &i.id))?,
-                    Err(e) => tracing::warn!(error = %e, "an incident record that does not decode was not indexed"),
-                }
-                let mut k = k.clone();
-                k.push(0);
-                next = Some(k);
-            }
-            if rows.len() < 500 {
-                tx.set(&active_indexed_key(), b"")?;
-                next = None;
-            }
-            Ok::<_, IncidentError>((rows.len(), next))
-        })?;
-        read += n;
-        match next {
-            Some(k) => from = k,
-            None => return Ok(read),
-        }
-    }
+    Ok(done.indexed + done.unreadable)
 }

@@ -829,47 +829,32 @@ impl Ca {
     }
 
     /// Adds the certificates stored before the expiry index to it, once (a
-    /// start cut short does it again: the entries are idempotent). Batches
-    /// of 500 certificates, each its own transaction. Returns how many were
-    /// indexed (0 when already done).
+    /// start cut short does it again: the entries are idempotent), 500 a
+    /// transaction. Returns how many were indexed (0 when already done). A
+    /// record that does not decode is passed over and logged: it could not
+    /// be listed as expiring anyway.
     pub fn index_expiry_once(&self) -> Result<usize, PkiError> {
-        if self.store.snapshot(|tx| tx.get(&expiry_indexed_key()))?.is_some() {
-            return Ok(0);
+        let done = laddnet_store::backfill_once(
+            self.store.as_ref(),
+            &expiry_indexed_key(),
+            keys::tuple_range(&("pki", "cert")),
+            500,
+            |tx, _, v| match serde_json::from_slice::<CertRecord>(v) {
+                Ok(rec) => tx.set(&expiry_key(rec.not_after, &rec.serial), b"").map(|()| true),
+                Err(_) => Ok(false),
+            },
+        )?;
+        let Some(done) = done else { return Ok(0) };
+        if done.unreadable > 0 {
+            tracing::warn!(
+                unreadable = done.unreadable,
+                "certificate records that do not decode were not indexed by expiry"
+            );
         }
-        let (begin, end) = keys::tuple_range(&("pki", "cert"));
-        let mut from = begin;
-        let mut indexed = 0;
-        loop {
-            let (n, next) = self.store.transact(|tx| {
-                let rows = tx.get_range(&from, &end, 500, false)?;
-                let mut next = None;
-                for (k, v) in &rows {
-                    // A record that does not decode is left out (and
-                    // logged): it could not be listed as expiring anyway.
-                    match serde_json::from_slice::<CertRecord>(v) {
-                        Ok(rec) => tx.set(&expiry_key(rec.not_after, &rec.serial), b"")?,
-                        Err(e) => tracing::warn!(error = %e, "a certificate record that does not decode was not indexed by expiry"),
-                    }
-                    let mut k = k.clone();
-                    k.push(0);
-                    next = Some(k);
-                }
-                if rows.len() < 500 {
-                    tx.set(&expiry_indexed_key(), b"")?;
-                    next = None;
-                }
-                Ok::<_, PkiError>((rows.len(), next))
-            })?;
-            indexed += n;
-            match next {
-                Some(k) => from = k,
-                None => break,
-            }
+        if done.indexed > 0 {
+            tracing::info!(certificates = done.indexed, "certificates indexed by expiry");
         }
-        if indexed > 0 {
-            tracing::info!(certificates = indexed, "certificates indexed by expiry");
-        }
-        Ok(indexed)
+        Ok(done.indexed)
     }
 
     /// Certificates whose `not_after` is in `[from, to)`, by expiry (a

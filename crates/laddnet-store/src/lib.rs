@@ -354,6 +354,66 @@ fn settle<T, E: From<StoreError>>(result: Result<(), StoreError>, out: Option<Re
     }
 }
 
+/// What [`backfill_once`] did: rows `index` took, and rows it passed over
+/// (a record that does not decode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Backfilled {
+    pub indexed: usize,
+    pub unreadable: usize,
+}
+
+/// Builds an index over the rows of `[begin, end)` once per store: each
+/// batch of `batch` rows is read and indexed in one transaction (`index`
+/// gets each row's key and value and says whether it took it), and
+/// `marker` is set with the last batch. A store that has `marker` is left
+/// alone (`None`). A pass cut short runs again from the start, so `index`
+/// must be idempotent; rows written meanwhile keep their index entries
+/// through the ordinary writes.
+pub fn backfill_once<E: From<StoreError>>(
+    store: &dyn Store,
+    marker: &[u8],
+    (begin, end): (Vec<u8>, Vec<u8>),
+    batch: usize,
+    mut index: impl FnMut(&mut dyn Transaction, &[u8], &[u8]) -> Result<bool, E>,
+) -> Result<Option<Backfilled>, E> {
+    if store.snapshot(|tx| tx.get(marker))?.is_some() {
+        return Ok(None);
+    }
+    let mut done = Backfilled::default();
+    let mut from = begin;
+    loop {
+        let (took, next) = store.transact(|tx| {
+            let rows = tx.get_range(&from, &end, batch, false)?;
+            let mut took = Backfilled::default();
+            for (k, v) in &rows {
+                if index(tx, k, v)? {
+                    took.indexed += 1;
+                } else {
+                    took.unreadable += 1;
+                }
+            }
+            let next = match rows.last() {
+                Some((k, _)) if rows.len() == batch => {
+                    let mut k = k.clone();
+                    k.push(0);
+                    Some(k)
+                }
+                _ => {
+                    tx.set(marker, b"")?;
+                    None
+                }
+            };
+            Ok::<_, E>((took, next))
+        })?;
+        done.indexed += took.indexed;
+        done.unreadable += took.unreadable;
+        match next {
+            Some(k) => from = k,
+            None => return Ok(Some(done)),
+        }
+    }
+}
+
 /// [`Store::submit`] with a typed closure, like [`StoreExt::transact`]:
 /// `done` gets the closure's result once the transaction is committed, or
 /// the error.
